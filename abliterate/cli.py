@@ -1,0 +1,164 @@
+"""Command line: parse options, call the library, report. No logic of its own."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .archs import COMPONENTS
+
+
+def parse_size(value: str) -> int:
+    """'256MB', '1G', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size; write e.g. 256MB or 1GB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def parse_layers(value: str | None) -> range | None:
+    """'8:20' (start inclusive, end exclusive), '8:' or ':20', or one layer '12'."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*))?\s*", value)
+    if not m or (m.group(2) is None and not m.group(1)):
+        raise click.BadParameter(f"{value!r} is not a layer range; write START:END (END excluded), e.g. 8:20")
+    start = int(m.group(1) or 0)
+    if m.group(2) is None:
+        return range(start, start + 1)
+    return range(start, int(m.group(2)) if m.group(2) else 1 << 30)
+
+
+def parse_components(value: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in value.split(",") if p.strip())
+    bad = [p for p in parts if p not in COMPONENTS]
+    if bad or not parts:
+        raise click.BadParameter(f"{value!r}: choose from {','.join(COMPONENTS)}")
+    return parts
+
+
+class Main(click.Group):
+    """Turns library errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from .errors import AbliterateError
+
+        try:
+            return super().invoke(ctx)
+        except AbliterateError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            click.echo(f"error: {e.strerror or e} ({e.filename or 'I/O'}); no output was written", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="abliterate")
+def cli() -> None:
+    """Remove (or add) the refusal direction of an open-weight chat model, exactly and on little memory."""
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
+              help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--scale", default=1.0, show_default=True,
+              help="1 removes the direction fully, 0.5 half; negative values amplify it.")
+@click.option("--layers", default=None, help="Decoder layers to edit, START:END (END excluded). Default: all.")
+@click.option("--components", default=",".join(COMPONENTS), show_default=True, callback=lambda c, p, v: parse_components(v),
+              help="Which writers to edit: embed (token/position embeddings), attn (attention output), mlp "
+              "(MLP / MoE expert / shared expert outputs).")
+@click.option("--targets", multiple=True, help="Regex (full match) of tensor names to edit instead of the "
+              "architecture table; repeatable. Orientation is read from the shape ([d, in] assumed when square).")
+@click.option("--keep-tied", is_flag=True, help="With tied embeddings, edit the shared matrix instead of writing "
+              "an untied lm_head with the original; the output layer then also stops reading the direction.")
+@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
+              help="Memory budget for tensor chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layers: str | None,
+          components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
+          overwrite: bool, quiet: bool) -> None:
+    """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
+
+    Edits the token embedding, each attention output projection, each MLP output projection (every
+    MoE expert and shared expert) and their biases: W' = W - s r (r^T W). Everything else is copied
+    byte for byte; shards keep their names, order and dtypes. Works tensor by tensor within
+    --max-memory, whatever the model size. The result is exactly the original model with the
+    direction removed from the output of each edited module.
+
+    Gemma 2, Gemma 3 and OLMo 2 normalise attention and MLP outputs before adding them to the
+    residual stream: there the edit removes the direction from those outputs before the norm, which
+    is not removing it from the residual stream (the norm's gain can bring a component back).
+
+    With tied input/output embeddings the output layer is kept as it was (an untied lm_head holding
+    the original matrix is written and tie_word_embeddings set to false), unless --keep-tied.
+    """
+    from .checkpoint import Checkpoint
+    from .direction_file import load_direction
+    from .edit import apply_edit
+    from .plan import EditOptions, plan_edit
+
+    ckpt = Checkpoint.open(checkpoint)
+    direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
+                          keep_tied=keep_tied)
+    plan = plan_edit(ckpt, options)
+    result = apply_edit(ckpt, plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.skipped_files:
+        click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
+                   err=True)
+    click.echo(f"edited {result.edited} tensors; wrote {result.out}")
+
+
+@cli.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("edited", type=click.Path(path_type=Path))
+@click.option("--direction", "direction_path", type=click.Path(path_type=Path),
+              help="Direction file. Default: the copy `apply` wrote into EDITED.")
+@click.option("--from-options", is_flag=True, help="Ignore EDITED's abliterate.json; expect the edit that the "
+              "options below describe (defaults: full removal from every writer).")
+@click.option("--scale", default=1.0, show_default=True)
+@click.option("--layers", default=None)
+@click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
+@click.option("--max-memory", default="256MB", callback=lambda c, p, v: parse_size(v))
+def verify(original: Path, edited: Path, direction_path: Path | None, from_options: bool, scale: float,
+           layers: str | None, components: tuple[str, ...], max_memory: int) -> None:
+    """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
+
+    Edited tensors must match the projection recomputed from ORIGINAL (within one rounding step of
+    their dtype) and keep at most 1e-6 |W| along the direction (float32; eps(dtype) |W| for 16-bit);
+    every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
+    """
+    from .checkpoint import Checkpoint
+    from .direction_file import load_direction
+    from .edit import DIRECTION_NAME
+    from .plan import EditOptions
+    from .verify import verify as run_verify
+
+    ckpt = Checkpoint.open(original)
+    direction = load_direction(direction_path or edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
+                               num_layers=ckpt.num_layers)
+    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None
+    report = run_verify(original, edited, direction, options, max_memory=max_memory)
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    click.echo(f"checked {report.tensors_checked} tensors ({report.edited_checked} edited; largest residual along "
+               f"the direction {report.max_relative_residual:.2e} |W|): "
+               + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    sys.exit(0 if report.ok else 1)
+
+
+def main() -> None:
+    cli(prog_name="abliterate")
