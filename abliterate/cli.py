@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -74,7 +75,8 @@ def cli() -> None:
 @click.option("--scale", default=1.0, show_default=True,
               help="1 removes the direction fully, 0.5 half; negative values amplify it.")
 @click.option("--layers", default=None, help="Decoder layers to edit, START:END (END excluded). Default: all.")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True, callback=lambda c, p, v: parse_components(v),
+@click.option("--components", default=",".join(COMPONENTS), show_default=True,
+              callback=lambda c, p, v: parse_components(v),
               help="Which writers to edit: embed (token/position embeddings), attn (attention output), mlp "
               "(MLP / MoE expert / shared expert outputs).")
 @click.option("--targets", multiple=True, help="Regex (full match) of tensor names to edit instead of the "
@@ -160,5 +162,27 @@ def verify(original: Path, edited: Path, direction_path: Path | None, from_optio
     sys.exit(0 if report.ok else 1)
 
 
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where to put the demo's files (default: a temporary folder, removed afterwards).")
+def demo(workdir: Path | None) -> None:
+    """Run the whole job on a tiny model built on the spot (no downloads, a few seconds)."""
+    import tempfile
+
+    from .demo import run_demo
+
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_demo(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix="abliterate-demo-") as tmp:
+        run_demo(Path(tmp))
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: temporary output is removed
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="abliterate")

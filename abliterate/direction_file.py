@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from .errors import AbliterateError
 from .safetensors_io import read_header
@@ -26,7 +26,7 @@ DIRECTION_KEY = "direction"
 class Direction:
     """Unit direction(s) in float32, one row per residual stream position when per-layer."""
 
-    vectors: torch.Tensor  # [d] or [num_layers + 1, d]
+    vectors: np.ndarray  # [d] or [num_layers + 1, d]
     metadata: dict[str, str]
     path: Path | None = None
 
@@ -38,27 +38,35 @@ class Direction:
     def per_layer(self) -> bool:
         return self.vectors.ndim == 2
 
-    def for_layer(self, layer: int | None) -> torch.Tensor:
+    def for_layer(self, layer: int | None) -> np.ndarray:
         """The unit direction for what `layer` writes (None: the embeddings)."""
         if not self.per_layer:
             return self.vectors
         return self.vectors[0 if layer is None else layer + 1]
 
 
-def normalise(vectors: torch.Tensor) -> torch.Tensor:
+def normalise(vectors: np.ndarray) -> np.ndarray:
     """Unit rows, normalised in float64 so that |r| = 1 to float32 precision."""
-    v = vectors.to(torch.float64)
-    return (v / v.norm(dim=-1, keepdim=True)).to(torch.float32)
+    v = np.asarray(vectors, dtype=np.float64)
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def save_direction(path: str | Path, vectors: torch.Tensor, metadata: dict[str, object],
-                   extra: dict[str, torch.Tensor] | None = None) -> None:
+def as_numpy(t: object) -> np.ndarray:
+    """Accept numpy arrays and torch tensors alike (torch is not imported here)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().float().numpy()  # type: ignore[attr-defined]
+    return np.ascontiguousarray(t)
+
+
+def save_direction(path: str | Path, vectors: object, metadata: dict[str, object],
+                   extra: dict[str, object] | None = None) -> None:
     """Write atomically (temp file, then rename) so a killed run never leaves a half file."""
     path = Path(path)
+    vectors = as_numpy(vectors).astype(np.float32)
     meta = {k: str(v) for k, v in metadata.items() if v is not None}
     meta.setdefault("hidden_size", str(vectors.shape[-1]))
-    tensors = {DIRECTION_KEY: vectors.detach().to(torch.float32).contiguous().cpu()}
-    tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra or {}).items()})
+    tensors = {DIRECTION_KEY: vectors}
+    tensors.update({k: as_numpy(v) for k, v in (extra or {}).items()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -77,14 +85,14 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
             f"{path} has no tensor named {DIRECTION_KEY!r} (found: {', '.join(names) or 'none'}); "
             "pass a file written by `abliterate extract`"
         )
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(DIRECTION_KEY)
     metadata = dict(header.metadata or {})
     if vectors.ndim not in (1, 2) or vectors.shape[-1] == 0:
         raise AbliterateError(f"{path}: direction has shape {list(vectors.shape)}; expected [d] or [layers + 1, d]")
-    if not vectors.is_floating_point() or not torch.isfinite(vectors).all():
+    if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
         raise AbliterateError(f"{path}: direction contains NaN/inf or is not floating point; re-extract it")
-    if (vectors.to(torch.float64).norm(dim=-1) == 0).any():
+    if (np.linalg.norm(vectors.astype(np.float64), axis=-1) == 0).any():
         raise AbliterateError(f"{path}: direction has a zero row; re-extract it")
     source = f" (extracted from {metadata['model']})" if "model" in metadata else ""
     if hidden_size is not None and vectors.shape[-1] != hidden_size:

@@ -8,26 +8,29 @@ folder that is renamed into place only when everything is written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import queue
 import shlex
 import shutil
 import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
+import numpy as np
+from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint
 from .direction_file import Direction
 from .errors import AbliterateError
 from .plan import EditPlan, TensorEdit
-from .projection import iter_edited_chunks
-from .safetensors_io import atomic_folder, copy_range, encode_header, pwrite_all, tensor_bytes
+from .projection import NonFiniteError, Scratch, iter_edited_chunks
+from .safetensors_io import atomic_folder, copy_range, encode_header, pwrite_all
 
 MANIFEST_NAME = "abliterate.json"
 DIRECTION_NAME = "refusal_direction.safetensors"
@@ -62,9 +65,8 @@ def apply_edit(
     total = sum(layout.size for layout in layouts.values())
     with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
-    ) as bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as copier:
-        for shard, layout in layouts.items():
-            _write_shard(ckpt, layout, direction, tmp / shard, max_memory, copier, bar.update)
+    ) as bar:
+        _write_shards(ckpt, layouts, direction, tmp, max_memory, bar.update)  # type: ignore[arg-type]
         _write_index(ckpt, plan, tmp)
         _write_config(ckpt, plan, tmp)
         for rel in copied:
@@ -132,57 +134,106 @@ def _shard_layout(ckpt: Checkpoint, plan: EditPlan, shard: str) -> _ShardOut:
     return _ShardOut(header, size, tuple(segments))
 
 
-def _write_shard(ckpt: Checkpoint, layout: _ShardOut, direction: Direction, dst: Path, max_memory: int,
-                 copier: ThreadPoolExecutor, progress: Callable[[int], object]) -> None:
-    """Copies run on the copier thread while this thread computes the edited tensors."""
-    fds: dict[str, int] = {}
-    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    pending: list[Future] = []
+class _Writer:
+    """One thread does every write, like `cp`: two kernel writers only contend. Edited chunks go
+    before queued copies (a computed chunk's buffer is freed only once written), copies run in
+    64 MB pieces in between, so the computing thread never waits for the copying."""
 
-    def src_fd(shard: str) -> int:
-        if shard not in fds:
-            fds[shard] = os.open(ckpt.root / shard, os.O_RDONLY)
-        return fds[shard]
+    EDIT, COPY = 0, 1
 
-    try:
-        os.ftruncate(dst_fd, layout.size)
-        pwrite_all(dst_fd, memoryview(len(layout.header).to_bytes(8, "little") + layout.header), 0)
-        progress(8 + len(layout.header))
-        for seg in layout.segments:
-            if isinstance(seg, _Copy):
-                fd = src_fd(seg.shard)
-                pending.append(copier.submit(_copy_and_report, fd, dst_fd, seg.src, seg.dst, seg.size, progress))
-            else:
-                _edit_tensor(src_fd(seg.edit.shard), dst_fd, seg.edit, direction, seg.dst, max_memory, progress)
-        for f in pending:
-            f.result()
-    finally:
-        for f in pending:
-            f.cancel()
-        for f in pending:
-            if not f.cancelled():
-                f.exception()  # wait: never close a descriptor a running copy still uses
-        for fd in [*fds.values(), dst_fd]:
-            os.close(fd)
+    def __init__(self, progress: Callable[[int], object]) -> None:
+        self._tasks: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._progress = progress
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="abliterate-writer", daemon=True)
+        self._thread.start()
+
+    def copy(self, src_fd: int, dst_fd: int, src: int, dst: int, size: int) -> None:
+        for off in range(0, size, 64 << 20):
+            n = min(64 << 20, size - off)
+            self._put(self.COPY, lambda o=off, n=n: (copy_range(src_fd, dst_fd, src + o, dst + o, n), n)[1])
+
+    def write(self, dst_fd: int, data: memoryview, offset: int, done: Callable[[], None]) -> None:
+        def task() -> int:
+            try:
+                pwrite_all(dst_fd, data, offset)
+                return len(data)
+            finally:
+                done()
+        self._put(self.EDIT, task)
+
+    def finish(self) -> None:
+        """Wait for every queued write; re-raise the first failure."""
+        self._tasks.put((2, next(self._seq), None))
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        self._error = self._error or KeyboardInterrupt()
+        self.finish() if self._thread.is_alive() else None
+
+    def _put(self, priority: int, task: Callable[[], int]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._tasks.put((priority, next(self._seq), task))
+
+    def _run(self) -> None:
+        while True:
+            _, _, task = self._tasks.get()
+            if task is None:
+                return
+            if self._error is not None:
+                continue  # after a failure, only drain (edit tasks still free their buffers)
+            try:
+                self._progress(task())
+            except BaseException as e:
+                self._error = e
 
 
-def _copy_and_report(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, progress) -> None:
-    step = 64 << 20  # report progress as the copy goes
-    for off in range(0, n, step):
-        m = min(step, n - off)
-        copy_range(src_fd, dst_fd, src_off + off, dst_off + off, m)
-        progress(m)
+def _write_shards(ckpt: Checkpoint, layouts: dict[str, _ShardOut], direction: Direction, tmp: Path,
+                  max_memory: int, progress: Callable[[int], object]) -> None:
+    """This thread computes the edited tensors while the writer thread writes: the copies of all
+    untouched ranges (queued up front) and each edited chunk (double-buffered)."""
+    with ExitStack() as stack:
+        src = {shard: os.open(ckpt.root / shard, os.O_RDONLY) for shard in ckpt.shards}
+        dst = {shard: os.open(tmp / shard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for shard in layouts}
+        for fd in [*src.values(), *dst.values()]:
+            stack.callback(os.close, fd)
+        writer = _Writer(progress)
+        stack.callback(writer.abort)  # runs first: no descriptor closes under a running write
+        for shard, layout in layouts.items():
+            os.ftruncate(dst[shard], layout.size)
+            pwrite_all(dst[shard], memoryview(len(layout.header).to_bytes(8, "little") + layout.header), 0)
+            progress(8 + len(layout.header))
+            for seg in layout.segments:
+                if isinstance(seg, _Copy):
+                    writer.copy(src[seg.shard], dst[shard], seg.src, seg.dst, seg.size)
+        free: queue.SimpleQueue[Scratch] = queue.SimpleQueue()
+        for _ in range(2):
+            free.put(Scratch())
+        for shard, layout in layouts.items():
+            for seg in layout.segments:
+                if isinstance(seg, _Edit):
+                    _edit_tensor(src[seg.edit.shard], dst[shard], seg, direction, max_memory // 2, writer, free)
+        writer.finish()
 
 
-def _edit_tensor(src_fd: int, dst_fd: int, edit: TensorEdit, direction: Direction, dst_start: int,
-                 max_memory: int, progress: Callable[[int], object]) -> None:
+def _edit_tensor(src_fd: int, dst_fd: int, seg: _Edit, direction: Direction, budget: int, writer: _Writer,
+                 free: queue.SimpleQueue) -> None:
+    """Compute one tensor's chunks; the writer frees each chunk's buffers once it is written."""
+    edit = seg.edit
     r = direction.for_layer(edit.layer)
-    for chunk, values in iter_edited_chunks(src_fd, edit.info, r, edit.hidden_axis, edit.scale, max_memory):
-        if not torch.isfinite(values).all():
-            raise AbliterateError(f"editing {edit.name} produced NaN/inf; the input tensor holds non-finite values")
-        data = tensor_bytes(values)
-        pwrite_all(dst_fd, data, dst_start + chunk.first * edit.info.itemsize)
-        progress(len(data))
+    chunks = iter_edited_chunks(src_fd, edit.info, r, edit.hidden_axis, edit.scale, budget, free.get)
+    try:
+        for chunk, values, scratch in chunks:
+            data = memoryview(values.reshape(-1).view(np.uint8))
+            writer.write(dst_fd, data, seg.dst + chunk.first * edit.info.itemsize, lambda s=scratch: free.put(s))
+    except NonFiniteError:
+        raise AbliterateError(
+            f"{edit.name} holds NaN or inf values; the checkpoint is corrupt: re-download it"
+        ) from None
 
 
 def _write_index(ckpt: Checkpoint, plan: EditPlan, tmp: Path) -> None:

@@ -1,11 +1,15 @@
-"""The projection math for each orientation, on whole tensors or streamed in bounded chunks.
+"""The projection math for each orientation, on whole arrays or streamed in bounded chunks.
 
 With r a unit vector of the hidden size d and s the scale (1 removes r fully, negative amplifies):
 
 * hidden axis -2, ``W [..., d, in]`` (nn.Linear, fused experts [E, d, in]):  W' = W - s r (r^T W)
 * hidden axis -1, ``W [..., d]`` (embeddings, Conv1D, [E, in, d], biases):     W' = W - s (W r) r^T
 
-Both compute in float32 (float64 for float64 tensors) and cast back to the stored dtype once.
+Both compute in float32 (float64 for float64 tensors) and round back to the stored dtype once
+(bfloat16 with round-to-nearest-even, as torch does). The math is numpy, not torch: the edit
+path then starts in a tenth of the time, and working in small row blocks keeps the float32
+temporaries in cache, which makes it as fast as torch's kernels.
+
 Streaming reads a tensor from a file descriptor in chunks bounded by a memory budget: rows of
 [n, d] for axis -1; whole [k, d, in] matrices for axis -2, or, when one matrix exceeds the
 budget, row blocks of it in two passes (sum r^T W over the blocks, then subtract).
@@ -14,40 +18,114 @@ budget, row blocks of it in two passes (sum r^T W over the blocks, then subtract
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .safetensors_io import TensorInfo, pread_into
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def coefficients(w: torch.Tensor, r: torch.Tensor, hidden_axis: int) -> torch.Tensor:
-    """r^T W along the hidden axis: [..., in] for axis -2, [...] for axis -1."""
-    return torch.matmul(r, w) if hidden_axis == -2 else torch.matmul(w, r)
+BLOCK_ELEMENTS = 1 << 16  # float32 working set per block: 256 KB, cache-resident
+STORAGE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+EPS = {"F64": 2.0**-52, "F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}  # one rounding step at 1.0
+TINY = {"F64": 2.0**-1022, "F32": 2.0**-126, "F16": 2.0**-14, "BF16": 2.0**-126}  # smallest normal
 
 
-def subtract_(w: torch.Tensor, r: torch.Tensor, coeff: torch.Tensor, hidden_axis: int, scale: float) -> None:
-    """In place: W -= s r coeff (axis -2) or W -= s coeff r^T (axis -1), without a W-sized temporary."""
-    if hidden_axis == -2:  # w [k, d, n], coeff [k, n]
-        k, d, _ = w.shape
-        w.baddbmm_(r.view(1, d, 1).expand(k, d, 1), coeff.unsqueeze(1), alpha=-scale)
-    else:  # w [n, d], coeff [n]
-        w.addr_(coeff, r, alpha=-scale)
+def compute_dtype(dtype: str) -> type[np.floating]:
+    return np.float64 if dtype == "F64" else np.float32
 
 
-def project(w: torch.Tensor, r: torch.Tensor, hidden_axis: int, scale: float = 1.0) -> torch.Tensor:
-    """Whole-tensor reference: the edited tensor in w's dtype (for tests and small tensors)."""
-    work = w.to(compute_dtype(w.dtype), copy=True)
-    r = r.to(work.dtype)
-    d = r.numel()
-    view = work.reshape(-1, d, w.shape[-1]) if hidden_axis == -2 else work.reshape(-1, d)
-    subtract_(view, r, coefficients(view, r, hidden_axis), hidden_axis, scale)
-    return work.to(w.dtype)
+def widen(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32/float64 (float32/float64 input is returned as it is, not copied)."""
+    if dtype == "BF16":
+        bits = stored.astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    if dtype == "F16":
+        return stored.astype(np.float32)
+    return stored
+
+
+def narrow_into(out: np.ndarray, w: np.ndarray, dtype: str) -> None:
+    """Round float32 `w` into the stored dtype in `out`; for bfloat16 this consumes `w`."""
+    if dtype == "BF16":
+        bits = w.view(np.uint32)
+        carry = np.right_shift(bits, 16)
+        np.bitwise_and(carry, 1, out=carry)
+        np.add(carry, 0x7FFF, out=carry)
+        np.add(bits, carry, out=bits)  # round to nearest, ties to even
+        np.right_shift(bits, 16, out=carry)
+        out[...] = carry
+    elif out is not w:
+        out[...] = w
+
+
+def narrow_(w: np.ndarray, dtype: str) -> np.ndarray:
+    """float32/float64 back to a new array in the stored representation (uint16 for bfloat16)."""
+    if dtype in ("F32", "F64"):
+        return w
+    out = np.empty(w.shape, STORAGE[dtype])
+    narrow_into(out, w, dtype)
+    return out
+
+
+class NonFiniteError(ValueError):
+    """The tensor holds NaN or inf: a NaN/inf in W always makes r^T W non-finite, so that is checked."""
+
+
+def _check_finite(coeff: np.ndarray) -> None:
+    if not np.isfinite(coeff).all():
+        raise NonFiniteError
+
+
+def _blocks(rows: int, row_len: int) -> range:
+    return range(0, rows, max(1, BLOCK_ELEMENTS // max(row_len, 1)))
+
+
+def coefficients(m: np.ndarray, dtype: str, r: np.ndarray) -> np.ndarray:
+    """r^T W of a stored [rows, n] matrix (rows along r), widening one cache-sized block at a time."""
+    step = _blocks(m.shape[0], m.shape[1]).step
+    coeff = np.zeros(m.shape[1], dtype=r.dtype)
+    for i in range(0, m.shape[0], step):
+        coeff += r[i : i + step] @ widen(m[i : i + step], dtype)
+    _check_finite(coeff)
+    return coeff
+
+
+def edit_rows(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, coeff: np.ndarray, out: np.ndarray) -> None:
+    """out = W - s r coeff for a stored [rows, n] matrix, block by block (out may be m itself)."""
+    scaled = coeff * np.asarray(scale, dtype=coeff.dtype)
+    step = _blocks(m.shape[0], m.shape[1]).step
+    for i in range(0, m.shape[0], step):
+        w = widen(m[i : i + step], dtype)
+        w -= np.multiply.outer(r[i : i + step], scaled)
+        narrow_into(out[i : i + step], w, dtype)
+
+
+def edit_cols(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """out = W - s (W r) r^T for a stored [n, d] matrix, block by block (out may be m itself)."""
+    s = np.asarray(scale, dtype=r.dtype)
+    step = _blocks(m.shape[0], m.shape[1]).step
+    for i in range(0, m.shape[0], step):
+        w = widen(m[i : i + step], dtype)
+        coeff = w @ r
+        _check_finite(coeff)
+        w -= np.multiply.outer(coeff * s, r)
+        narrow_into(out[i : i + step], w, dtype)
+
+
+def project(w: np.ndarray, r: np.ndarray, hidden_axis: int, scale: float = 1.0, dtype: str = "F32") -> np.ndarray:
+    """Whole-array reference: the edited array in its stored representation (uint16 for bf16)."""
+    stored = np.array(w, copy=True)
+    r = np.asarray(r, dtype=compute_dtype(dtype))
+    d = r.size
+    if hidden_axis == -2:
+        for m in stored.reshape(-1, d, stored.shape[-1]):
+            edit_rows(m, dtype, r, scale, coefficients(m, dtype, r), m)
+    else:
+        flat = stored.reshape(-1, d)
+        edit_cols(flat, dtype, r, scale, flat)
+    return stored
 
 
 @dataclass(frozen=True)
@@ -66,12 +144,12 @@ class Chunk:
 
 
 def plan_chunks(info: TensorInfo, hidden_axis: int, d: int, budget: int) -> list[Chunk]:
-    """Split a tensor so that one chunk's raw bytes, float32 copy and cast-back fit in `budget`."""
+    """Split a tensor so that one chunk's raw bytes and its edited copy fit in `budget` (the float32
+    working set is one cache-sized block on top)."""
     numel = math.prod(info.shape)
     if numel == 0:
         return []
-    per_elem = 2 * info.itemsize + torch.finfo(compute_dtype(info.torch_dtype)).bits // 8
-    max_elems = max(budget // per_elem, 1)
+    max_elems = max(budget // (2 * info.itemsize), 1)  # the read buffer and the rounded output
     if hidden_axis == -1:
         rows = numel // d
         step = max(1, max_elems // d)
@@ -90,53 +168,82 @@ def plan_chunks(info: TensorInfo, hidden_axis: int, d: int, budget: int) -> list
     ]
 
 
-def read_chunk(fd: int, info: TensorInfo, chunk: Chunk) -> torch.Tensor:
-    """A chunk read into a fresh buffer and widened to compute precision."""
-    raw = bytearray(chunk.count * info.itemsize)
+class Scratch:
+    """Reusable chunk buffers: allocating fresh ones per chunk costs a page fault per 4 KB."""
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray] = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+
+    def take(self, slot: int, nbytes: int) -> np.ndarray:
+        if self._buffers[slot].size < nbytes:
+            self._buffers[slot] = np.empty(nbytes, np.uint8)
+        return self._buffers[slot][:nbytes]
+
+
+def read_stored(fd: int, info: TensorInfo, chunk: Chunk, scratch: Scratch | None = None) -> np.ndarray:
+    """A chunk's stored values (uint16 for bfloat16), in a writable buffer (scratch slot 0 if given)."""
+    nbytes = chunk.count * info.itemsize
+    raw = scratch.take(0, nbytes) if scratch else np.empty(nbytes, np.uint8)
     pread_into(fd, memoryview(raw), info.start + chunk.first * info.itemsize)
-    t = torch.frombuffer(raw, dtype=info.torch_dtype).view(chunk.shape)
-    return t.to(compute_dtype(t.dtype))  # a copy for 16-bit dtypes; the buffer itself for float32
+    return raw.view(STORAGE[info.dtype]).reshape(chunk.shape)
+
+
+def read_chunk(fd: int, info: TensorInfo, chunk: Chunk) -> np.ndarray:
+    """A chunk widened to compute precision."""
+    return widen(read_stored(fd, info, chunk), info.dtype)
 
 
 def iter_edited_chunks(
-    fd: int, info: TensorInfo, r: torch.Tensor, hidden_axis: int, scale: float, budget: int
-) -> Iterator[tuple[Chunk, torch.Tensor]]:
-    """Yield (chunk, edited values in the stored dtype) in file order."""
-    r = r.to(compute_dtype(info.torch_dtype))
-    chunks = plan_chunks(info, hidden_axis, r.numel(), budget)
-    coeff: torch.Tensor | None = None
+    fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, scale: float, budget: int,
+    take_scratch: Callable[[], Scratch] | None = None,
+) -> Iterator[tuple[Chunk, np.ndarray, Scratch]]:
+    """Yield (chunk, edited values in the stored representation, the scratch holding them) in file order.
+
+    Each chunk is computed in `take_scratch()`'s buffers (by default one Scratch reused for every
+    chunk, so consume each chunk before asking for the next). Raises NonFiniteError on NaN or inf.
+    """
+    if take_scratch is None:
+        shared = Scratch()
+        take_scratch = lambda: shared  # noqa: E731
+    r = np.asarray(r, dtype=compute_dtype(info.dtype))
+    chunks = plan_chunks(info, hidden_axis, r.size, budget)
+    in_place = info.dtype in ("F32", "F64")
+    coeff = np.zeros(0, dtype=r.dtype)
     for i, chunk in enumerate(chunks):
-        if chunk.rows is None:
-            w = read_chunk(fd, info, chunk)
-            subtract_(w, r, coefficients(w, r, hidden_axis), hidden_axis, scale)
-            yield chunk, w.to(info.torch_dtype)
-            continue
-        if chunk.rows.start == 0:  # first pass over this matrix's row blocks: r^T W
-            coeff = torch.zeros(info.shape[-1], dtype=r.dtype)
+        scratch = take_scratch()
+        if chunk.rows is not None and chunk.rows.start == 0:  # first pass over a big matrix's row blocks
+            coeff = np.zeros(info.shape[-1], dtype=r.dtype)
             for block in chunks[i:]:
-                coeff += torch.matmul(r[block.rows], read_chunk(fd, info, block)[0])
+                coeff += coefficients(read_stored(fd, info, block, scratch)[0], info.dtype, r[block.rows])
                 if block.last:
                     break
-        w = read_chunk(fd, info, chunk)
-        subtract_(w, r[chunk.rows], coeff.unsqueeze(0), -2, scale)  # type: ignore[union-attr]
-        yield chunk, w.to(info.torch_dtype)
+        stored = read_stored(fd, info, chunk, scratch)
+        out = stored if in_place else scratch.take(1, stored.nbytes).view(stored.dtype).reshape(stored.shape)
+        if hidden_axis == -1:
+            edit_cols(stored, info.dtype, r, scale, out)
+        elif chunk.rows is None:
+            for m, o in zip(stored, out, strict=True):
+                edit_rows(m, info.dtype, r, scale, coefficients(m, info.dtype, r), o)
+        else:
+            edit_rows(stored[0], info.dtype, r[chunk.rows], scale, coeff, out[0])
+        yield chunk, out, scratch
 
 
-def residual_along(
-    fd: int, info: TensorInfo, r: torch.Tensor, hidden_axis: int, budget: int
-) -> tuple[float, float]:
+def residual_along(fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, budget: int) -> tuple[float, float]:
     """(|r^T W|, |W|) of a stored tensor, Frobenius norms in float64, streamed like the edit."""
-    r = r.to(torch.float64)
+    r = np.asarray(r, dtype=np.float64)
     along = total = 0.0
-    coeff: torch.Tensor | None = None
-    for chunk in plan_chunks(info, hidden_axis, r.numel(), budget):
-        w = read_chunk(fd, info, chunk).to(torch.float64)
-        total += float(w.square().sum())
-        if chunk.rows is None:
-            along += float(coefficients(w, r, hidden_axis).square().sum())
-            continue
-        part = torch.matmul(r[chunk.rows], w[0])
-        coeff = part if chunk.rows.start == 0 else coeff + part  # type: ignore[operator]
-        if chunk.last:
-            along += float(coeff.square().sum())
+    coeff = np.zeros(0)
+    for chunk in plan_chunks(info, hidden_axis, r.size, budget):
+        w = read_chunk(fd, info, chunk).astype(np.float64)
+        total += float(np.square(w).sum())
+        if hidden_axis == -1:
+            along += float(np.square(w @ r).sum())
+        elif chunk.rows is None:
+            along += float(np.square(np.einsum("d,kdn->kn", r, w)).sum())
+        else:
+            part = r[chunk.rows] @ w[0]
+            coeff = part if chunk.rows.start == 0 else coeff + part
+            if chunk.last:
+                along += float(np.square(coeff).sum())
     return math.sqrt(along), math.sqrt(total)

@@ -20,33 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import AbliterateError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
-    "F64": (8, torch.float64),
-    "F32": (4, torch.float32),
-    "F16": (2, torch.float16),
-    "BF16": (2, torch.bfloat16),
-    "I64": (8, torch.int64),
-    "I32": (4, torch.int32),
-    "I16": (2, torch.int16),
-    "I8": (1, torch.int8),
-    "U8": (1, torch.uint8),
-    "U16": (2, None),
-    "U32": (4, None),
-    "U64": (8, None),
-    "BOOL": (1, torch.bool),
-    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
-    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
-    "F8_E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F6_E2M3": 1, "F6_E3M2": 1, "F4": 1,
 }
-# Dtypes the editor can project in float32 and cast back without losing meaning.
+# Dtypes the editor can project in float32 and round back without losing meaning.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-TORCH_TO_SAFETENSORS = {v[1]: k for k, v in DTYPES.items() if v[1] is not None}
 
 if sys.byteorder != "little":  # safetensors is little-endian and we reinterpret raw bytes
     raise ImportError("abliterate needs a little-endian machine")
@@ -68,14 +51,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][0]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        dtype = DTYPES[self.dtype][1]
-        if dtype is None:
-            raise AbliterateError(f"tensor {self.name} has dtype {self.dtype}, which torch cannot read")
-        return dtype
+        return DTYPE_SIZES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -152,14 +128,14 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise AbliterateError(f"{bad} is not an object; re-download it")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_SIZES:
         raise AbliterateError(f"{bad} has unknown dtype {dtype!r}; re-download it or report the dtype")
     if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise AbliterateError(f"{bad} has an invalid shape {shape!r}; re-download it")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
         raise AbliterateError(f"{bad} has invalid data_offsets {offsets!r}; re-download it")
     start, end = offsets
-    if not 0 <= start <= end or end - start != math.prod(shape) * DTYPES[dtype][0]:
+    if not 0 <= start <= end or end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
         raise AbliterateError(f"{bad}: data_offsets {offsets} do not match shape {shape} {dtype}")
     return TensorInfo(name, dtype, tuple(shape), data_start + start, data_start + end)
 
@@ -208,11 +184,6 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, count
             pread_into(src_fd, view, src_offset)
             pwrite_all(dst_fd, view, dst_offset)
             src_offset, dst_offset, count = src_offset + len(view), dst_offset + len(view), count - len(view)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """Zero-copy little-endian bytes of a contiguous tensor (bfloat16 included, which numpy lacks)."""
-    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
 @contextlib.contextmanager

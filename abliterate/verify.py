@@ -15,13 +15,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .checkpoint import INDEX_NAME, Checkpoint
 from .direction_file import Direction
 from .edit import MANIFEST_NAME
 from .plan import EditOptions, plan_edit
-from .projection import iter_edited_chunks, read_chunk, residual_along
+from .projection import EPS, TINY, iter_edited_chunks, read_chunk, residual_along, widen
 from .safetensors_io import TensorInfo, pread_into
 
 FLOAT32_RESIDUAL_TOLERANCE = 1e-6
@@ -113,7 +113,9 @@ def _check_layout(original: Checkpoint, edited: Checkpoint, untied: str | None, 
             problems.append(f"{name} is missing from the edited checkpoint")
         elif (edited.tensors[name][1].dtype, edited.tensors[name][1].shape) != (info.dtype, info.shape):
             e = edited.tensors[name][1]
-            problems.append(f"{name}: {e.dtype}{list(e.shape)} differs from the original {info.dtype}{list(info.shape)}")
+            problems.append(
+                f"{name}: {e.dtype}{list(e.shape)} differs from the original {info.dtype}{list(info.shape)}"
+            )
     extra = set(edited.tensors) - set(original.tensors) - {untied}
     if extra:
         problems.append(f"unexpected tensors in the edited checkpoint: {sorted(extra)[:5]}")
@@ -165,14 +167,14 @@ def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo
                   spec: TargetSpec, max_memory: int, report: VerifyReport) -> None:
     report.edited_checked += 1
     r = direction.for_layer(spec.layer)
-    eps = torch.finfo(info.torch_dtype).eps
+    eps = EPS[info.dtype]
     edited_view = TensorInfo(e_info.name, e_info.dtype, e_info.shape, e_info.start, e_info.end)
-    for chunk, expected in iter_edited_chunks(src_fd, info, r, spec.hidden_axis, spec.scale, max_memory):
-        got = read_chunk(dst_fd, edited_view, chunk).to(torch.float64)
-        want = expected.to(torch.float64)
-        allowed = want.abs() * eps + torch.finfo(info.torch_dtype).tiny
-        if not ((got - want).abs() <= allowed).all() or not torch.isfinite(got).all():
-            worst = float((got - want).abs().max())
+    for chunk, expected, _ in iter_edited_chunks(src_fd, info, r, spec.hidden_axis, spec.scale, max_memory):
+        got = read_chunk(dst_fd, edited_view, chunk).astype(np.float64)
+        want = widen(expected, info.dtype).astype(np.float64)
+        diff = np.abs(got - want)
+        if not (diff <= np.abs(want) * eps + TINY[info.dtype]).all() or not np.isfinite(got).all():
+            worst = float(np.nan_to_num(diff, nan=np.inf).max())
             report.problems.append(
                 f"{e_info.name} differs from the recomputed projection (max abs diff {worst:.3g}, "
                 f"more than one {e_info.dtype} rounding step)"

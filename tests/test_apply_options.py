@@ -1,0 +1,174 @@
+"""Scale, layer range, per-layer directions, components, --keep-tied, --targets, chunking and dtypes
+all go through the one edit path and stay exactly equivalent to hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from abliterate.direction_file import save_direction
+from abliterate.projection import EPS, STORAGE, iter_edited_chunks, narrow_, project, widen
+from abliterate.safetensors_io import TensorInfo
+from tests.families import FAMILIES, build_model, save_sharded
+from tests.test_apply import run_cli
+
+IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama-options")
+    model = build_model(FAMILIES["llama"])
+    save_sharded(model, root / "original")
+    return root, model
+
+
+def logits_with_hooks(model, rules) -> torch.Tensor:
+    """rules: {module path: (unit r, scale)}; each hook removes scale * r (r . out) from the output."""
+    modules = dict(model.named_modules())
+
+    def hook_for(r, s):
+        def hook(_m, _i, out):
+            if isinstance(out, tuple):
+                return (hook(_m, _i, out[0]), *out[1:])
+            return out - s * (out @ r).unsqueeze(-1) * r
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(r, s)) for p, (r, s) in rules.items()]
+    try:
+        with torch.no_grad():
+            return model(IDS).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def edited_logits(folder) -> torch.Tensor:
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(IDS).logits
+
+
+def test_per_layer_directions_scale_and_layer_range_match_hooks(llama):
+    root, model = llama
+    layers = model.config.num_hidden_layers
+    table = torch.randn(layers + 1, 32, generator=torch.Generator().manual_seed(4))
+    save_direction(root / "per_layer.safetensors", table, {"model": "tiny"})
+    code, out = run_cli("apply", str(root / "original"), "--direction", str(root / "per_layer.safetensors"),
+                        "--out", str(root / "per_layer"), "--scale", "0.5", "--layers", "1:2", "-q")
+    assert code == 0, out
+    unit = table / table.norm(dim=-1, keepdim=True)
+    rules = {"model.embed_tokens": (unit[0], 0.5),
+             "model.layers.1.self_attn.o_proj": (unit[2], 0.5), "model.layers.1.mlp": (unit[2], 0.5)}
+    expected = logits_with_hooks(model, rules)
+    assert (edited_logits(root / "per_layer") - expected).abs().max() <= 1e-4
+    manifest = json.loads((root / "per_layer" / "abliterate.json").read_text())
+    assert not any(".layers.0." in name for name in manifest["edits"])
+
+
+def test_negative_scale_amplifies_and_components_select_writers(llama):
+    root, model = llama
+    r = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    save_direction(root / "one.safetensors", r, {"model": "tiny"})
+    code, out = run_cli("apply", str(root / "original"), "--direction", str(root / "one.safetensors"),
+                        "--out", str(root / "amplified"), "--scale", "-1", "--components", "mlp", "-q")
+    assert code == 0, out
+    r = r / r.norm()
+    rules = {f"model.layers.{i}.mlp": (r, -1.0) for i in range(2)}
+    assert (edited_logits(root / "amplified") - logits_with_hooks(model, rules)).abs().max() <= 1e-4
+
+
+def test_targets_regex_overrides_the_table(llama):
+    root, model = llama
+    r = torch.randn(32, generator=torch.Generator().manual_seed(6))
+    save_direction(root / "t.safetensors", r, {"model": "tiny"})
+    code, out = run_cli("apply", str(root / "original"), "--direction", str(root / "t.safetensors"),
+                        "--out", str(root / "targets"), "--targets", r"model\.layers\.\d+\.self_attn\.o_proj\.weight",
+                        "-q")
+    assert code == 0, out
+    r = r / r.norm()
+    rules = {f"model.layers.{i}.self_attn.o_proj": (r, 1.0) for i in range(2)}
+    assert (edited_logits(root / "targets") - logits_with_hooks(model, rules)).abs().max() <= 1e-4
+
+
+def test_keep_tied_edits_the_shared_matrix_and_also_ablates_the_final_hidden_state(tmp_path):
+    family = FAMILIES["qwen2"]
+    model = build_model(family)
+    save_sharded(model, tmp_path / "original")
+    r = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    save_direction(tmp_path / "d.safetensors", r, {"model": "tiny"})
+    code, out = run_cli("apply", str(tmp_path / "original"), "--direction", str(tmp_path / "d.safetensors"),
+                        "--out", str(tmp_path / "kept"), "--keep-tied", "-q")
+    assert code == 0, out
+    assert "--keep-tied" in out
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    assert config.get("tie_word_embeddings") is True
+    r = r / r.norm()
+    rules = {p.replace("{L}", str(i)): (r, 1.0) for p in family.hooks for i in range(2)}
+    rules["model.norm"] = (r, 1.0)  # the output layer reads through the edited shared matrix
+    assert (edited_logits(tmp_path / "kept") - logits_with_hooks(model, rules)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,axis", [((37, 16), -1), ((16, 23), -2), ((3, 16, 9), -2), ((4, 5, 16), -1), ((16,), -1)]
+)
+def test_chunked_streaming_equals_whole_tensor_projection(tmp_path, dtype, shape, axis):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    r = torch.randn(16, generator=torch.Generator().manual_seed(9))
+    r = r / r.norm()
+    path = tmp_path / "t.bin"
+    raw = w.contiguous().view(torch.uint8).numpy().tobytes()
+    path.write_bytes(b"\0" * 8 + raw)
+    name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    info = TensorInfo("t", name, shape, 8, 8 + len(raw))
+    stored = np.frombuffer(raw, dtype=STORAGE[name]).reshape(shape)
+    expected = project(stored, r.numpy(), axis, 0.75, name)
+    reference = torch.from_numpy(widen(expected, name).reshape(shape))
+    # the numpy path agrees with a plain torch computation of the same formula, to one rounding step
+    w32, r32 = w.float(), r.float()
+    along = (r32 @ w32) if axis == -2 else (w32 @ r32)
+    removed = r32.view(-1, 1) * along.unsqueeze(-2) if axis == -2 else along.unsqueeze(-1) * r32
+    by_torch = (w32 - 0.75 * removed).to(dtype)
+    eps = EPS[name]
+    assert torch.allclose(reference.float(), by_torch.float(), rtol=2 * eps, atol=2 * eps)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for budget in (1, 64, 1000, 1 << 20):  # down to one element per chunk: the two-pass row-block path
+            chunks = [c.reshape(-1).copy() for _, c, _ in iter_edited_chunks(fd, info, r.numpy(), axis, 0.75, budget)]
+            flat = np.concatenate(chunks)
+            assert flat.size == w.numel()
+            # chunk shapes change BLAS summation order: equal up to a couple of rounding steps of the dtype
+            got = widen(flat, name).astype(np.float64)
+            want = widen(expected.reshape(-1), name).astype(np.float64)
+            assert np.allclose(got, want, rtol=2 * eps, atol=2 * eps)
+    finally:
+        os.close(fd)
+
+
+def test_bfloat16_rounding_matches_torch():
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(11)) * 3
+    values[:4] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 65504.0])  # ties round to even
+    ours = narrow_(values.numpy().copy(), "BF16")
+    theirs = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(widen(theirs, "BF16"), values.to(torch.bfloat16).float().numpy())
+
+
+def test_bfloat16_checkpoint_edit_keeps_dtype_and_is_close_to_hooks(tmp_path):
+    model = build_model(FAMILIES["mistral"])
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", max_shard_size="40KB")
+    r = torch.randn(32, generator=torch.Generator().manual_seed(10))
+    save_direction(tmp_path / "d.safetensors", r, {})
+    code, out = run_cli("apply", str(tmp_path / "bf16"), "--direction", str(tmp_path / "d.safetensors"),
+                        "--out", str(tmp_path / "edited"), "--max-memory", "2KB", "-q")
+    assert code == 0, out
+    with safe_open(tmp_path / "edited" / "model-00001-of-00002.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    code, out = run_cli("verify", str(tmp_path / "bf16"), str(tmp_path / "edited"))
+    assert code == 0, out
