@@ -45,6 +45,7 @@ class Arch:
     model_types: tuple[str, ...]
     writers: tuple[Writer, ...]
     hook_modules: dict[str, tuple[str, ...]]  # component -> module paths, "{layer}" filled in
+    decoder_layers: str = "model.layers"  # the ModuleList of decoder blocks (activations, steering)
     output_embedding: str = "lm_head.weight"  # written when tied embeddings are untied
     # Families that normalise a block's output before adding it to the residual (Gemma 2/3, OLMo 2):
     # the edit removes r from the block output *before* that norm, not from the residual stream.
@@ -145,6 +146,7 @@ ARCHS: tuple[Arch, ...] = (
             "attn": ("transformer.h.{layer}.attn.c_proj",),
             "mlp": ("transformer.h.{layer}.mlp",),
         },
+        decoder_layers="transformer.h",
         notes="position embeddings write into the residual too and are edited with the token embeddings",
     ),
     Arch(
@@ -161,6 +163,7 @@ ARCHS: tuple[Arch, ...] = (
             "attn": ("transformer.h.{layer}.attn.c_proj",),
             "mlp": ("transformer.h.{layer}.mlp",),
         },
+        decoder_layers="transformer.h",
     ),
     Arch(
         name="gpt-neox",
@@ -175,6 +178,7 @@ ARCHS: tuple[Arch, ...] = (
             "attn": ("gpt_neox.layers.{layer}.attention.dense",),
             "mlp": ("gpt_neox.layers.{layer}.mlp",),
         },
+        decoder_layers="gpt_neox.layers",
         output_embedding="embed_out.weight",
     ),
     Arch(

@@ -163,6 +163,67 @@ def verify(original: Path, edited: Path, direction_path: Path | None, from_optio
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Direction file to write (.safetensors).")
+@click.option("--harmful", default="builtin:harmful", show_default=True,
+              help="Harmful prompts: builtin:harmful, a .txt/.json/.jsonl/.csv/.parquet file, or hf:OWNER/NAME.")
+@click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts, same forms.")
+@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
+@click.option("--n-train", default=128, show_default=True, help="Prompts per set for the difference of means.")
+@click.option("--n-val", default=32, show_default=True, help="Prompts per set for scoring candidates.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
+@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
+@click.option("--positions", type=int, default=None,
+              help="Use only the last N post-instruction positions (default: all of them).")
+@click.option("--kl-threshold", default=0.1, show_default=True, help="Reject candidates whose ablation moves the "
+              "first-token distribution on harmless prompts by more than this KL.")
+@click.option("--induce-threshold", default=0.0, show_default=True, help="Reject candidates whose addition does "
+              "not raise the refusal log-odds on harmless prompts above this.")
+@click.option("--prune-layers", default=0.2, show_default=True, help="Fraction of last layers never selected.")
+@click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: enable_thinking=False "
+              "is passed to templates that support it, so the first reply token is the answer).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@click.option("--quiet", "-q", is_flag=True)
+def extract(model: str, out: Path, harmful: str, harmless: str, field: str | None, n_train: int, n_val: int,
+            batch_size: int, device: str, dtype: str, template: str | None, positions: int | None,
+            kl_threshold: float, induce_threshold: float, prune_layers: float, thinking: bool,
+            trust_remote_code: bool, quiet: bool) -> None:
+    """Find MODEL's refusal direction and save it with all candidates and their scores.
+
+    Difference of mean residual activations between harmful and harmless instructions at every
+    layer and post-instruction position; each candidate is scored on validation prompts by the
+    refusal log-odds with it ablated (lower is better), the refusal log-odds with it added (must
+    rise), and the first-token KL on harmless prompts (must stay small). Built-in prompt sets are
+    used unless --harmful/--harmless say otherwise.
+    """
+    from .direction import SelectionSettings
+    from .extract import PromptSets, save_extraction, split_prompts
+    from .extract import extract as run_extract
+    from .loading import load_model
+    from .templates import load_template
+
+    harmful_train, harmful_val = split_prompts(harmful, n_train=n_train, n_val=n_val, field=field, kind="harmful")
+    harmless_train, harmless_val = split_prompts(harmless, n_train=n_train, n_val=n_val, field=field,
+                                                 kind="harmless")
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    settings = SelectionSettings(prune_layers, kl_threshold, induce_threshold, batch_size)
+    result = run_extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val),
+                         template=load_template(template), positions=positions, settings=settings,
+                         template_kwargs={} if thinking else {"enable_thinking": False}, quiet=quiet)
+    save_extraction(result, out, lm)
+    kept = sorted((s for s in result.scores if s.rejected is None), key=lambda s: s.refusal_ablated)[:10]
+    click.echo(f"refusal score (log-odds) on harmful validation prompts: {result.baseline_refusal:.2f} before")
+    click.echo(f"{'layer':>5} {'pos':>4} {'ablated':>8} {'added':>8} {'KL':>8}")
+    for s in kept:
+        mark = " <- chosen" if s == result.best else ""
+        click.echo(f"{s.layer:>5} {s.position:>4} {s.refusal_ablated:>8.2f} {s.refusal_added:>8.2f} {s.kl:>8.4f}{mark}")
+    rejected = sum(s.rejected is not None for s in result.scores)
+    click.echo(f"{len(result.scores)} candidates scored, {rejected} rejected by the filters; wrote {out}")
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to put the demo's files (default: a temporary folder, removed afterwards).")
 def demo(workdir: Path | None) -> None:

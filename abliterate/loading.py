@@ -1,0 +1,79 @@
+"""Load a chat model and its tokenizer for extraction, evaluation, search and steering.
+
+Only safetensors weights are loaded (never pickles), remote code only when asked for, and a
+folder or Hub id that is not a causal language model is one clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .archs import Arch, arch_for_config
+from .errors import AbliterateError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return device
+
+
+def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    name = str(source)
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise AbliterateError(f"{name} has no config.json; pass a Hugging Face model folder or a Hub id")
+    if dtype not in DTYPES:
+        raise AbliterateError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AbliterateError(f"cannot load the config of {name}: {str(e).splitlines()[0]}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
+        raise AbliterateError(
+            f"{name} is a {type(config).__name__}, not a causal language model; abliterate needs a chat model "
+            "with a language-model head"
+        )
+    arch = arch_for_config(config.to_dict())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise AbliterateError(f"cannot load {name}: {str(e).splitlines()[0]}") from None
+    model.to(resolve_device(device)).eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, arch, name)
