@@ -126,7 +126,7 @@ def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layer
 
 @cli.command()
 @click.argument("original", type=click.Path(path_type=Path))
-@click.argument("edited", type=click.Path(path_type=Path))
+@click.argument("edited", type=click.Path(path_type=Path), required=False)
 @click.option("--direction", "direction_path", type=click.Path(path_type=Path),
               help="Direction file. Default: the copy `apply` wrote into EDITED.")
 @click.option("--from-options", is_flag=True, help="Ignore EDITED's abliterate.json; expect the edit that the "
@@ -135,14 +135,25 @@ def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layer
 @click.option("--layers", default=None)
 @click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
 @click.option("--max-memory", default="256MB", callback=lambda c, p, v: parse_size(v))
-def verify(original: Path, edited: Path, direction_path: Path | None, from_options: bool, scale: float,
+def verify(original: Path, edited: Path | None, direction_path: Path | None, from_options: bool, scale: float,
            layers: str | None, components: tuple[str, ...], max_memory: int) -> None:
     """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
 
     Edited tensors must match the projection recomputed from ORIGINAL (within one rounding step of
     their dtype) and keep at most 1e-6 |W| along the direction (float32; eps(dtype) |W| for 16-bit);
     every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
+
+    With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
     """
+    from .card import check_checksums
+
+    if edited is None:
+        problems = check_checksums(original)
+        for problem in problems:
+            click.echo(f"FAIL {problem}", err=True)
+        click.echo("all files match SHA256SUMS" if not problems else f"{len(problems)} problem(s)")
+        sys.exit(1 if problems else 0)
+
     from .checkpoint import Checkpoint
     from .direction_file import load_direction
     from .edit import DIRECTION_NAME

@@ -1,0 +1,54 @@
+"""The model card parses as a Hub card with the required metadata; SHA256SUMS catches a bad download."""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard
+
+from abliterate.card import CardInfo, base_license, write_card
+from tests.test_apply import run_cli
+
+
+def make_folder(tmp_path, adapter: bool):
+    folder = tmp_path / ("adapter" if adapter else "weights")
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    (folder / "config.json").write_text("{}")
+    info = CardInfo(
+        base_model="someone/tiny-chat", adapter=adapter, license="apache-2.0",
+        direction={"layer": "3", "position": "-1", "model": "someone/tiny-chat"},
+        edit={"scale": 1.0, "components": ["embed", "attn", "mlp"], "layers": None, "edited": 9,
+              "untied": "lm_head.weight", "notes": ["a note"]},
+        evaluation={"refusal rate": "2/32 (6%)", "command": "abliterate evaluate out --baseline someone/tiny-chat"},
+        regenerate="abliterate someone/tiny-chat --out out", recipe_name="llama",
+    )
+    write_card(folder, info)
+    return folder
+
+
+def test_card_has_the_hub_metadata_and_lists_every_file(tmp_path):
+    for adapter in (False, True):
+        folder = make_folder(tmp_path, adapter)
+        card = ModelCard.load(folder / "README.md")
+        data = card.data.to_dict()
+        assert data["base_model"] == "someone/tiny-chat"
+        assert data["base_model_relation"] == ("adapter" if adapter else "finetune")
+        assert data["library_name"] == ("peft" if adapter else "transformers")
+        assert "abliterated" in data["tags"] and data["license"] == "apache-2.0"
+        for name in ("model.safetensors", "config.json"):
+            assert name in card.text
+        assert "abliterate someone/tiny-chat --out out" in card.text
+        assert "abliterate evaluate out" in card.text
+
+
+def test_verify_with_one_folder_checks_the_download_against_its_manifest(tmp_path):
+    folder = make_folder(tmp_path, False)
+    code, out = run_cli("verify", str(folder))
+    assert code == 0 and "match" in out
+    (folder / "model.safetensors").write_bytes(b"\1" * 64)
+    code, out = run_cli("verify", str(folder))
+    assert code == 1 and "model.safetensors does not match" in out
+
+
+def test_base_license_is_read_from_the_base_card():
+    assert base_license("---\nlicense: llama3\ntags: [x]\n---\n# card") == "llama3"
+    assert base_license("# no header") is None
