@@ -170,52 +170,50 @@ def test_verify_catches_an_edited_tensor_that_was_swapped_for_the_original(model
     assert code == 1 and "differs from the recomputed projection" in output
 
 
-def test_killed_run_leaves_no_output_folder(tmp_path):
-    big = tmp_path / "big"
+def big_checkpoint(root: Path, layers: int, vocab: int, d: int = 1024) -> tuple[Path, Path]:
+    """A checkpoint large enough (100+ MB) that an edit is still running when the test signals it."""
+    big = root / "big"
     big.mkdir()
-    d = 1024
-    config = {"model_type": "llama", "hidden_size": d, "num_hidden_layers": 4, "tie_word_embeddings": False}
+    config = {"model_type": "llama", "hidden_size": d, "num_hidden_layers": layers, "tie_word_embeddings": False}
     (big / "config.json").write_text(json.dumps(config))
-    tensors = {"model.embed_tokens.weight": torch.randn(8192, d)}
-    for i in range(4):
+    tensors = {"model.embed_tokens.weight": torch.randn(vocab, d)}
+    for i in range(layers):
         tensors[f"model.layers.{i}.self_attn.o_proj.weight"] = torch.randn(d, d)
         tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.randn(d, 4 * d)
     save_file(tensors, big / "model.safetensors")
-    save_direction(tmp_path / "d.safetensors", torch.randn(d), {})
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "abliterate", "apply", str(big), "--direction",
-                             str(tmp_path / "d.safetensors"), "--out", str(out), "--max-memory", "1MB", "-q"])
+    save_direction(root / "d.safetensors", torch.randn(d), {})
+    return big, root / "d.safetensors"
+
+
+def start_apply_and_wait_for_output(big: Path, direction: Path, out: Path, **popen) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "abliterate", "apply", str(big), "--direction", str(direction),
+                             "--out", str(out), "--max-memory", "1MB", "-q"], **popen)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.abliterate-tmp-*/model.safetensors")) and time.time() < deadline:
+    while not list(out.parent.glob(f".{out.name}.abliterate-tmp-*/model.safetensors")) and time.time() < deadline:
         time.sleep(0.005)
+    assert proc.poll() is None, "the edit finished before it could be interrupted"
+    return proc
+
+
+def test_killed_run_leaves_no_output_folder(tmp_path):
+    big, direction = big_checkpoint(tmp_path, layers=4, vocab=8192)
+    out = tmp_path / "out"
+    proc = start_apply_and_wait_for_output(big, direction, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed run must not leave a folder named like the output"
     # a second run is not confused by the leftover temporary folder
-    assert run_cli("apply", str(big), "--direction", str(tmp_path / "d.safetensors"), "--out", str(out), "-q")[0] == 0
+    assert run_cli("apply", str(big), "--direction", str(direction), "--out", str(out), "-q")[0] == 0
     assert (out / "model.safetensors").stat().st_size == (big / "model.safetensors").stat().st_size
 
 
 def test_sigterm_cleans_up_the_temporary_folder(tmp_path):
-    big = tmp_path / "big"
-    big.mkdir()
-    d = 1024
-    (big / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": d, "num_hidden_layers": 2}))
-    tensors = {"model.embed_tokens.weight": torch.randn(16384, d)}
-    for i in range(2):
-        tensors[f"model.layers.{i}.self_attn.o_proj.weight"] = torch.randn(d, d)
-        tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.randn(d, 4 * d)
-    save_file(tensors, big / "model.safetensors")
-    save_direction(tmp_path / "d.safetensors", torch.randn(d), {})
-    proc = subprocess.Popen([sys.executable, "-m", "abliterate", "apply", str(big), "--direction",
-                             str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "out"), "--max-memory", "1MB",
-                             "-q"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.abliterate-tmp-*/model.safetensors")) and time.time() < deadline:
-        time.sleep(0.005)
+    big, direction = big_checkpoint(tmp_path, layers=2, vocab=16384)
+    out = tmp_path / "out"
+    proc = start_apply_and_wait_for_output(big, direction, out, stderr=subprocess.PIPE, text=True)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "Traceback" not in err
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
     assert not list(tmp_path.glob(".out.abliterate-tmp-*"))
