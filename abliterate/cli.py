@@ -87,9 +87,15 @@ def cli() -> None:
               help="Memory budget for tensor chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--adapter", is_flag=True, help="Write a peft LoRA adapter (rank 1 per edited module) to --out "
+              "instead of a checkpoint; PeftModel(base, adapter) computes what the edited checkpoint computes.")
+@click.option("--ignore-biases", is_flag=True, help="With --adapter: leave biases unedited (a pure LoRA adapter; "
+              "otherwise edited biases are carried with peft's bias='lora_only').")
+@click.option("--base-model", default=None, help="With --adapter: the Hub id to record as the adapter's base model "
+              "(default: read from a Hub cache path, else the local path).")
 def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layers: str | None,
           components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
-          overwrite: bool, quiet: bool) -> None:
+          overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
 
     Edits the token embedding, each attention output projection, each MLP output projection (every
@@ -104,17 +110,34 @@ def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layer
 
     With tied input/output embeddings the output layer is kept as it was (an untied lm_head holding
     the original matrix is written and tie_word_embeddings set to false), unless --keep-tied.
+
+    With --adapter, --out receives a peft LoRA adapter of the same edit instead (a few MB);
+    `abliterate merge CHECKPOINT ADAPTER` turns it into the same tensors `apply` writes.
     """
     from .checkpoint import Checkpoint
     from .direction_file import load_direction
     from .edit import apply_edit
+    from .errors import AbliterateError
     from .plan import EditOptions, plan_edit
 
+    if not adapter and (ignore_biases or base_model):
+        raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
     ckpt = Checkpoint.open(checkpoint)
     direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
     options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
                           keep_tied=keep_tied)
     plan = plan_edit(ckpt, options)
+    if adapter:
+        from .adapter import AdapterOptions, export_adapter
+
+        exported = export_adapter(ckpt, plan, direction, out, AdapterOptions(
+            ignore_biases=ignore_biases, base_model=base_model, max_memory=max_memory, overwrite=overwrite,
+            quiet=quiet))
+        for note in exported.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote a LoRA adapter of {exported.modules} modules and {exported.biases} biases "
+                   f"({exported.nbytes / 1e6:.1f} MB) to {exported.out}")
+        return
     result = apply_edit(ckpt, plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -122,6 +145,31 @@ def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layer
         click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
                    err=True)
     click.echo(f"edited {result.edited} tensors; wrote {result.out}")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
+              help="Memory budget for tensor chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: bool, quiet: bool) -> None:
+    """Merge a LoRA ADAPTER (any rank) into the checkpoint BASE, writing a new folder.
+
+    Tensor by tensor within --max-memory, like `apply`: adapted tensors get W + scaling B A in float32,
+    rounded once to their dtype; everything else is copied byte for byte. Merging an adapter written by
+    `apply --adapter` gives the tensors `apply` writes. DoRA and other LoRA variants are refused.
+    """
+    from .checkpoint import Checkpoint
+    from .merge import merge_adapter
+
+    result = merge_adapter(Checkpoint.open(base), adapter_dir, out, overwrite=overwrite, max_memory=max_memory,
+                           quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
 
 
 @cli.command()
