@@ -491,7 +491,7 @@ def base_model_name(ckpt: Checkpoint) -> str:
 
 
 def _notes(plan: EditPlan, export: _Export, options: AdapterOptions, has_bias_edits: bool) -> list[str]:
-    notes = [n for n in plan.notes if "untied" not in n]
+    notes = list(plan.notes)
     if plan.untie:
         notes.append("embeddings are tied: the adapter adapts the input embedding only, so lm_head keeps the "
                      "original matrix (as `apply` does by untying it)")

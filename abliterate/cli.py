@@ -182,13 +182,15 @@ def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: 
 @click.option("--scale", default=1.0, show_default=True)
 @click.option("--layers", default=None)
 @click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
-@click.option("--max-memory", default="256MB", callback=lambda c, p, v: parse_size(v))
+@click.option("--max-memory", default=None, callback=lambda c, p, v: v and parse_size(v),
+              help="Memory budget for tensor chunks (default: the one the edit used).")
 def verify(original: Path, edited: Path | None, direction_path: Path | None, from_options: bool, scale: float,
-           layers: str | None, components: tuple[str, ...], max_memory: int) -> None:
+           layers: str | None, components: tuple[str, ...], max_memory: int | None) -> None:
     """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
 
     Edited tensors must match the projection recomputed from ORIGINAL (within one rounding step of
-    their dtype) and keep at most 1e-6 |W| along the direction (float32; eps(dtype) |W| for 16-bit);
+    their dtype plus the proven bound on summing r^T W in another order) and keep at most 1e-6 |W|
+    along the direction (float32; eps(dtype) |W| for 16-bit);
     every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
 
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.

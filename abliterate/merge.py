@@ -17,12 +17,10 @@ import functools
 import json
 import math
 import os
-import queue
 import re
 import shutil
 import sys
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +30,13 @@ from tqdm import tqdm
 from .adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_LAYOUTS, PEFT_PREFIX, ExpertParam
 from .archs import arch_for_config
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint
-from .edit import (
-    DEFAULT_MAX_MEMORY,
-    DIRECTION_NAME,
-    MANIFEST_NAME,
-    _Edit,
-    _shard_layout,
-    _write_config,
-    _write_index,
-    _Writer,
-)
+from .edit import DEFAULT_MAX_MEMORY, DIRECTION_NAME, MANIFEST_NAME
 from .errors import AbliterateError
-from .plan import TIE_KEY, EditOptions, EditPlan, TensorEdit, _plan_tied_embeddings
-from .projection import BLOCK_ELEMENTS, STORAGE, Scratch, compute_dtype, narrow_into, plan_chunks, read_stored, widen
-from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, atomic_folder, pread_into, pwrite_all, read_header
+from .plan import TIE_KEY, EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
+from .projection import BLOCK_ELEMENTS, STORAGE, compute_dtype, narrow_into, plan_chunks, read_stored, widen
+from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, atomic_folder, pread_into, read_header
+from .streaming import Target as StreamTarget
+from .streaming import copy_other_files, output_size, write_config, write_index, write_shards
 
 # LoraConfig fields that make the adapter something other than W + scaling B A (peft 0.21's LoRA variants).
 VARIANT_FIELDS = ("use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora",
@@ -449,77 +440,49 @@ def _merge_plan(ckpt: Checkpoint, targets: dict[str, _Target]) -> EditPlan:
                                   "family's output layer, so it cannot keep the output layer as peft does; add the "
                                   "family to abliterate/archs.py")
         return EditPlan(None, edits, None, {}, ())
-    untie, config_updates, notes = _plan_tied_embeddings(ckpt, arch, edits, EditOptions())
+    untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, EditOptions())
     return EditPlan(arch, edits, untie, config_updates, tuple(notes))
 
 
 def _write_checkpoint(ckpt: Checkpoint, plan: EditPlan, targets: dict[str, _Target], weights: AdapterFile,
                       tmp: Path, max_memory: int, quiet: bool) -> None:
-    """Shards as `apply` writes them (same layout, copies on the writer thread), then index, config, other files."""
-    layouts = {shard: _shard_layout(ckpt, plan, shard) for shard in ckpt.shards}
-    total = sum(layout.size for layout in layouts.values())
-    with ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=quiet,
-                                       file=sys.stderr))
-        src = {shard: os.open(ckpt.root / shard, os.O_RDONLY) for shard in ckpt.shards}
-        dst = {shard: os.open(tmp / shard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for shard in layouts}
-        for fd in [*src.values(), *dst.values()]:
-            stack.callback(os.close, fd)
-        writer = _Writer(bar.update)
-        stack.callback(writer.abort)  # runs first: no descriptor closes under a running write
-        for shard, layout in layouts.items():
-            os.ftruncate(dst[shard], layout.size)
-            pwrite_all(dst[shard], memoryview(len(layout.header).to_bytes(8, "little") + layout.header), 0)
-            bar.update(8 + len(layout.header))
-            for seg in layout.segments:
-                if not isinstance(seg, _Edit):
-                    writer.copy(src[seg.shard], dst[shard], seg.src, seg.dst, seg.size)
-        free: queue.SimpleQueue[Scratch] = queue.SimpleQueue()
-        for _ in range(2):
-            free.put(Scratch())
-        for shard, layout in layouts.items():
-            for seg in layout.segments:
-                if isinstance(seg, _Edit):
-                    target = targets[seg.edit.name]
-                    source = (weights.fd, target.replacement) if target.replacement else (src[seg.edit.shard],
-                                                                                          seg.edit.info)
-                    _merge_tensor(source, seg, target, max_memory // 2, writer, dst[shard], free)
-        writer.finish()
-    _write_index(ckpt, plan, tmp)
-    _write_config(ckpt, plan, tmp)
-    copied, _ = ckpt.other_files()
-    for rel in copied:
-        if rel != Path("config.json"):
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ckpt.root / rel, tmp / rel)
+    """Shards as `apply` writes them (same layout, same streaming), then index, config, other files."""
+    with tqdm(total=output_size(ckpt, plan), unit="B", unit_scale=True, desc="merging", disable=quiet,
+              file=sys.stderr) as bar:
+        write_shards(ckpt, plan, tmp, lambda out: _merge_tensor(out, targets[out.edit.name], weights),
+                     max_memory=max_memory, progress=bar.update)
+    write_index(ckpt, plan, tmp)
+    write_config(ckpt, plan, tmp)
+    copy_other_files(ckpt, tmp)
 
 
-def _merge_tensor(source: tuple[int, TensorInfo], seg: _Edit, target: _Target, budget: int, writer: _Writer,
-                  dst_fd: int, free: queue.SimpleQueue) -> None:
-    """Stream one tensor: rows of [rows, last dim] within the budget, each block widened, added to, rounded back."""
-    src_fd, src_info = source
-    out_info = seg.edit.info
+def _merge_tensor(out: StreamTarget, target: _Target, weights: AdapterFile) -> None:
+    """Stream one tensor: rows of [rows, last dim] within the budget, each block widened, added to, rounded back.
+
+    A saved replacement (a bias carried by the adapter) is read from the adapter file instead of the base."""
+    src_fd, src_info = (weights.fd, target.replacement) if target.replacement else (out.src_fd, out.edit.info)
+    out_info = out.edit.info
     pieces = [(p.start, p.stop, *p.factors()) for p in target.pieces]
     if not all(np.isfinite(u).all() and np.isfinite(v).all() for _, _, u, v in pieces):
-        raise AbliterateError(f"the adapter's factors for {seg.edit.name} hold NaN or inf; the adapter is broken")
+        raise AbliterateError(f"the adapter's factors for {out.edit.name} hold NaN or inf; the adapter is broken")
     cols = out_info.shape[-1] if out_info.shape else 1
     dtype = np.float64 if "F64" in (src_info.dtype, out_info.dtype) else np.float32
-    for chunk in plan_chunks(out_info, -1, cols, budget):
-        scratch = free.get()
+    for chunk in plan_chunks(out_info, -1, cols, out.budget):
+        scratch = out.buffers.take()
         stored = read_stored(src_fd, src_info, chunk, scratch)
         if src_info.dtype == out_info.dtype and out_info.dtype in ("F32", "F64"):
-            out = stored  # edited in place, as `apply` does
+            result = stored  # edited in place, as `apply` does
         else:
-            out = scratch.take(1, chunk.count * out_info.itemsize).view(STORAGE[out_info.dtype]).reshape(chunk.shape)
+            result = scratch.take(1, chunk.count * out_info.itemsize).view(STORAGE[out_info.dtype]).reshape(
+                chunk.shape)
         first = chunk.first // cols
         step = max(1, BLOCK_ELEMENTS // cols)
         for i in range(0, chunk.shape[0], step):
             rows = (first + i, first + min(i + step, chunk.shape[0]))
             w = widen(stored[i : i + step], src_info.dtype).astype(dtype, copy=False)
             _add_delta(w, rows, pieces)
-            narrow_into(out[i : i + step], w, out_info.dtype)
-        data = memoryview(out.reshape(-1).view(np.uint8))
-        writer.write(dst_fd, data, seg.dst + chunk.first * out_info.itemsize, lambda s=scratch: free.put(s))
+            narrow_into(result[i : i + step], w, out_info.dtype)
+        out.write(memoryview(result.reshape(-1).view(np.uint8)), chunk.first * out_info.itemsize, scratch)
 
 
 def _add_delta(w: np.ndarray, rows: tuple[int, int], pieces: list) -> None:

@@ -89,7 +89,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         )
     if arch is not None:
         _check_every_layer_has_writers(ckpt, arch, writers)
-    untie, config_updates, notes = _plan_tied_embeddings(ckpt, arch, edits, options)
+    untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, options)
     if arch is not None and arch.normalised_block_outputs:
         notes.append(
             f"{ckpt.config.get('model_type')} normalises attention and MLP outputs before the residual add: the "
@@ -179,7 +179,7 @@ def _check_every_layer_has_writers(ckpt: Checkpoint, arch: Arch, writers: tuple[
             )
 
 
-def _plan_tied_embeddings(
+def plan_tied_embeddings(
     ckpt: Checkpoint, arch: Arch | None, edits: dict[str, TensorEdit], options: EditOptions
 ) -> tuple[tuple[str, str] | None, dict[str, object], list[str]]:
     """Keep the output embedding exactly as it was when the shared input embedding is edited."""
@@ -206,10 +206,6 @@ def _plan_tied_embeddings(
                 f"{output_name} differs in dtype/shape from {embed.name} although embeddings are tied; "
                 "pass --keep-tied or fix config.json"
             )
-    notes.append(
-        f"embeddings were tied: wrote an untied {output_name} holding the original matrix and set "
-        f"{TIE_KEY}=false, so the output layer is unchanged (--keep-tied edits the shared matrix instead)"
-    )
     return (output_name, embed.name), {TIE_KEY: False}, notes
 
 

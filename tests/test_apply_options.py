@@ -172,3 +172,16 @@ def test_bfloat16_checkpoint_edit_keeps_dtype_and_is_close_to_hooks(tmp_path):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     code, out = run_cli("verify", str(tmp_path / "bf16"), str(tmp_path / "edited"))
     assert code == 0, out
+
+
+@pytest.mark.parametrize("edit_budget,verify_budget", [("4KB", None), ("4KB", "1MB"), ("1MB", "4KB")])
+def test_verify_accepts_edits_made_with_any_memory_budget(tmp_path, edit_budget, verify_budget):
+    model = build_model(FAMILIES["llama"])
+    save_sharded(model, tmp_path / "original")
+    save_direction(tmp_path / "d.safetensors", torch.randn(32, generator=torch.Generator().manual_seed(12)), {})
+    code, out = run_cli("apply", str(tmp_path / "original"), "--direction", str(tmp_path / "d.safetensors"),
+                        "--out", str(tmp_path / "edited"), "--max-memory", edit_budget, "-q")
+    assert code == 0, out
+    extra = ["--max-memory", verify_budget] if verify_budget else []
+    code, out = run_cli("verify", str(tmp_path / "original"), str(tmp_path / "edited"), *extra)
+    assert code == 0, out
