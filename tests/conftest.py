@@ -1,0 +1,32 @@
+"""Shared fixtures: the tiny refusing model is trained once per test run, whatever the workers."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import abliterate.toy as toy
+
+
+@pytest.fixture(scope="session")
+def refusing_model(tmp_path_factory) -> Path:
+    """A folder holding the toy chat model that refuses harmful-looking requests (see abliterate.toy).
+
+    Training takes about 15 s; xdist workers share one copy through a lock in the run's temp root.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own subfolder of the run's
+        root = root.parent
+    key = hashlib.sha256(Path(toy.__file__).read_bytes()).hexdigest()[:12]
+    folder = root / f"refusing-model-{key}"
+    with open(root / f"refusing-model-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "config.json").is_file():
+            tmp = root / f"refusing-model-{key}.partial"
+            toy.train_toy_model(tmp)
+            tmp.rename(folder)
+    return folder
