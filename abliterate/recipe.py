@@ -45,7 +45,7 @@ class ApplySettings:
 @dataclass(frozen=True)
 class EvaluateSettings:
     limit: int = 32
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     kl_tokens: int = 16
     batch_size: int = 8
 
