@@ -1,8 +1,8 @@
-"""`abliterate demo`: the whole job on a tiny model built on the spot, with no downloads.
+"""`abliterate demo`: the whole job on a tiny chat model trained on the spot, with no downloads.
 
-Builds a small random Llama checkpoint in several shards, makes a direction, edits the checkpoint
-with the streaming editor, verifies the edit, and shows that the edited model computes exactly
-what the original computes with the direction ablated by hooks.
+Trains the toy model (abliterate.toy: a tiny Llama that refuses harmful-looking requests), extracts
+its refusal direction, edits its sharded checkpoint with the streaming editor, verifies the edit,
+and measures refusals on held-out prompts before and after, plus the KL to the original.
 """
 
 from __future__ import annotations
@@ -13,49 +13,53 @@ import click
 
 
 def run_demo(workdir: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     from .checkpoint import Checkpoint
-    from .direction_file import load_direction, save_direction
+    from .direction_file import load_direction
     from .edit import apply_edit
+    from .evaluate import EvalSettings, evaluate
+    from .extract import PromptSets, extract, save_extraction
+    from .loading import load_model
     from .plan import EditOptions, plan_edit
+    from .toy import toy_prompts, train_toy_model
     from .verify import verify
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    original = workdir / "tiny-llama"
-    model.save_pretrained(original, max_shard_size="400KB")
-    click.echo(f"1. built a tiny Llama in {original} ({len(list(original.glob('*.safetensors')))} shards)")
+    original = workdir / "toy-chat"
+    click.echo("1. training a tiny chat model that refuses harmful-looking requests (about 15 s) ...")
+    train_toy_model(original)
+    click.echo(f"   -> {original} ({len(list(original.glob('*.safetensors')))} shards)")
 
+    prompts = toy_prompts()
+    held = len(prompts.harmful_train) // 4
+    lm = load_model(original, dtype="float32", device="cpu")
+    result = extract(lm, PromptSets(prompts.harmful_train[held:], prompts.harmless_train[held:],
+                                    prompts.harmful_train[:held], prompts.harmless_train[:held]), quiet=True)
     direction_file = workdir / "direction.safetensors"
-    save_direction(direction_file, torch.randn(config.hidden_size), {"model": "demo", "command": "abliterate demo"})
-    click.echo(f"2. wrote a direction to {direction_file}")
+    save_extraction(result, direction_file, lm)
+    click.echo(f"2. extracted the refusal direction: layer {result.best.layer}, post-instruction position "
+               f"{result.best.position}, chosen among {len(result.scores)} candidates -> {direction_file}")
 
     ckpt = Checkpoint.open(original)
     direction = load_direction(direction_file, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
-    plan = plan_edit(ckpt, EditOptions())
-    edited = workdir / "tiny-llama-abliterated"
-    result = apply_edit(ckpt, plan, direction, edited, overwrite=True, quiet=True)
-    click.echo(f"3. projected it out of {result.edited} residual-stream writers -> {edited}")
+    edited = workdir / "toy-chat-abliterated"
+    applied = apply_edit(ckpt, plan_edit(ckpt, EditOptions()), direction, edited, overwrite=True, quiet=True)
+    click.echo(f"3. projected it out of {applied.edited} residual-stream writers -> {edited}")
 
     report = verify(original, edited, direction)
     click.echo(f"4. verify: {'OK' if report.ok else report.problems} ({report.tensors_checked} tensors; largest "
                f"residual along the direction {report.max_relative_residual:.1e} |W|)")
 
-    r = torch.from_numpy(direction.vectors)
-    ids = torch.randint(0, config.vocab_size, (1, 16))
-    hooks = [m.register_forward_hook(lambda _m, _i, out: out - (out @ r).unsqueeze(-1) * r)
-             for name, m in model.named_modules()
-             if name == "model.embed_tokens" or name.endswith(("self_attn.o_proj", ".mlp"))]
-    with torch.no_grad():
-        expected = model(ids).logits
-        for h in hooks:
-            h.remove()
-        got = AutoModelForCausalLM.from_pretrained(edited).eval()(ids).logits
-    click.echo(f"5. edited model vs original with the direction ablated by hooks: max |logit diff| = "
-               f"{(got - expected).abs().max().item():.2e}")
+    held_out = workdir / "held-out-harmful.txt"
+    held_out.write_text("\n".join(prompts.harmful_test) + "\n")
+    harmless = workdir / "held-out-harmless.txt"
+    harmless.write_text("\n".join(prompts.harmless_test) + "\n")
+    settings = EvalSettings(limit=None, max_new_tokens=24, harmful=str(held_out), harmless=str(harmless))
+    before = evaluate(lm, settings=settings, quiet=True)
+    after = evaluate(load_model(edited, dtype="float32", device="cpu"), baseline=lm, settings=settings, quiet=True)
+    n = len(prompts.harmful_test)
+    click.echo(f"5. refusals on {n} held-out harmful requests: {before.refusal_rate:.0%} before, "
+               f"{after.refusal_rate:.0%} after; first-token KL to the original on harmless prompts "
+               f"{after.kl_first_token:.4f}")
