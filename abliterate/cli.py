@@ -69,8 +69,9 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
-              help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]).")
+@click.option("--direction", "direction_path", default=None, type=click.Path(path_type=Path),
+              help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]); required unless "
+              "--recipe names one.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
 @click.option("--scale", default=1.0, show_default=True,
               help="1 removes the direction fully, 0.5 half; negative values amplify it.")
@@ -93,9 +94,16 @@ def cli() -> None:
               "otherwise edited biases are carried with peft's bias='lora_only').")
 @click.option("--base-model", default=None, help="With --adapter: the Hub id to record as the adapter's base model "
               "(default: read from a Hub cache path, else the local path).")
-def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layers: str | None,
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(path_type=Path),
+              help="Take the apply settings (direction, scale, layers, components, layer_scales...) from this recipe, "
+              "e.g. the one `abliterate search` wrote; options given on the command line win.")
+@click.option("--layer-scales", "layer_scales_path", default=None, type=click.Path(path_type=Path),
+              help="Per-layer, per-component multipliers of --scale from a YAML file (a recipe's apply.layer_scales "
+              "or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
+def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, layers: str | None,
           components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
-          overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None) -> None:
+          overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
+          recipe_path: Path | None, layer_scales_path: Path | None) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
 
     Edits the token embedding, each attention output projection, each MLP output projection (every
@@ -123,9 +131,31 @@ def apply(checkpoint: Path, direction_path: Path, out: Path, scale: float, layer
     if not adapter and (ignore_biases or base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
     ckpt = Checkpoint.open(checkpoint)
+    layer_scales: dict[str, tuple[float, ...]] = {}
+    if recipe_path is not None:
+        from .recipe import load_recipe
+
+        ctx = click.get_current_context()
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+        settings = load_recipe(ckpt.config.get("model_type"), recipe_path).apply
+        scale = scale if given("scale") else settings.scale
+        layers = layers if given("layers") else settings.layers
+        components = components if given("components") else settings.components
+        targets = targets if given("targets") else settings.targets
+        keep_tied = keep_tied or settings.keep_tied
+        layer_scales = settings.layer_scales
+        if direction_path is None and settings.direction:
+            direction_path = Path(settings.direction)
+    if layer_scales_path is not None:
+        from .recipe import read_layer_scales
+
+        layer_scales = read_layer_scales(layer_scales_path)
+    if direction_path is None:
+        raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
+                              "`abliterate search` writes)")
     direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
     options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
-                          keep_tied=keep_tied)
+                          keep_tied=keep_tied, layer_scales=layer_scales)
     plan = plan_edit(ckpt, options)
     if adapter:
         from .adapter import AdapterOptions, export_adapter
@@ -369,6 +399,77 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
                    "ran out (counted as not refused); raise --max-new-tokens", err=True)
     if out is not None:
         click.echo(f"wrote {report.save_json(out)}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
+              help="Direction file written by `abliterate extract` (its candidates are what is searched).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Recipe YAML to write for the chosen point (its direction file goes beside it).")
+@click.option("--study", "study_path", default=None, type=click.Path(path_type=Path),
+              help="SQLite file holding the study; rerun with it to resume. Default: OUT's name + .study.db.")
+@click.option("--study-name", default="abliterate-search", show_default=True)
+@click.option("--trials", default=100, show_default=True,
+              help="Completed trials the study should have; a rerun with more continues it.")
+@click.option("--max-kl", type=float, default=None, help="Choose the fewest refusals with KL at most this.")
+@click.option("--max-refusals", type=float, default=None,
+              help="Choose the lowest KL with at most this fraction of prompts refused (0.05: 5 %).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--startup-trials", default=10, show_default=True, help="Random trials before TPE takes over.")
+@click.option("--max-strength", default=1.5, show_default=True, help="Upper bound of every strength (>= 1).")
+@click.option("--from-random", is_flag=True, help="Do not start from the extraction's choice (fully removed).")
+@click.option("--harmful", default="builtin:harmful", show_default=True,
+              help="Harmful prompts (built-in sets: their validation split), a file or hf:OWNER/NAME.")
+@click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts, same forms.")
+@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
+@click.option("--n-val", default=32, show_default=True, help="Validation prompts per set.")
+@click.option("--max-new-tokens", default=24, show_default=True,
+              help="Greedy tokens per reply when counting refusals of points on the front.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
+@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
+@click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: enable_thinking=False).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@click.option("--quiet", "-q", is_flag=True)
+def search(model: str, direction_path: Path, out: Path, study_path: Path | None, study_name: str, trials: int,
+           max_kl: float | None, max_refusals: float | None, seed: int, startup_trials: int, max_strength: float,
+           from_random: bool, harmful: str, harmless: str, field: str | None, n_val: int, max_new_tokens: int,
+           batch_size: int, device: str, dtype: str, template: str | None, thinking: bool, trust_remote_code: bool,
+           quiet: bool) -> None:
+    """Search edit parameters for MODEL and save the chosen trade-off as a recipe `apply --recipe` reads.
+
+    Each trial picks a direction (any saved candidate, a blend of two neighbouring layers' candidates,
+    optionally made orthogonal to the harmless mean) and per component a per-layer strength profile, and
+    scores it with ablation hooks (no weights rewritten): first-token refusal log-odds on harmful and KL on
+    harmless validation prompts, plus a greedy refusal count for points on the front. Prints the front of
+    refusals against KL; --max-kl or --max-refusals picks the point (default: fewest refusals, then lowest KL).
+    """
+    from .extract import split_prompts
+    from .loading import load_model
+    from .search import SearchSettings, default_study_path, load_candidates, pick, save_choice, table
+    from .search import search as run_search
+    from .templates import load_template
+
+    _, harmful_val = split_prompts(harmful, n_train=0, n_val=n_val, field=field, kind="harmful")
+    _, harmless_val = split_prompts(harmless, n_train=0, n_val=n_val, field=field, kind="harmless")
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    cands = load_candidates(direction_path, lm)
+    settings = SearchSettings(trials=trials, seed=seed, startup_trials=startup_trials, max_strength=max_strength,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, start_from_selected=not from_random,
+                              template=load_template(template), thinking=thinking)
+    study = study_path or default_study_path(out)
+    result = run_search(lm, cands, harmful_val, harmless_val, settings, study, study_name, quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    choice = pick(result.front, result.prompts, max_kl=max_kl, max_refusals=max_refusals)
+    click.echo(table(result.front, result.prompts, choice))
+    rate = f"{result.seconds / result.ran:.2f} s/trial" if result.ran else "no new trials"
+    click.echo(f"{len(result.trials)} trials in the study ({result.ran} run now, {rate}); study: {study}")
+    recipe, direction = save_choice(choice, cands, lm, out, prompts=result.prompts, study=study,
+                                    study_name=study_name)
+    click.echo(f"wrote {recipe} and {direction}; apply it with: abliterate apply MODEL --recipe {recipe} --out DIR")
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

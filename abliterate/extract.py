@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .activations import mean_residuals
 from .direction import (
     REFUSAL_PREFIXES,
     CandidateScore,
     SelectionSettings,
-    candidate_directions,
     choose,
     first_token_logprobs,
     refusal_score,
@@ -48,6 +48,7 @@ class Extraction:
     candidates: torch.Tensor  # [num_layers + 1, positions, d]
     suffix: str
     baseline_refusal: float
+    harmless_mean: torch.Tensor | None = None  # [num_layers + 1, positions, d]: `search` projects against it
 
 
 def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, seed: int = 0,
@@ -78,14 +79,16 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
     harmful_val, harmless_val = fmt(prompts.harmful_val), fmt(prompts.harmless_val)
     available = post_instruction_count(lm.tokenizer, harmful_train + harmless_train, suffix)
     k = min(positions or available, available)
-    candidates = candidate_directions(lm, harmful_train, harmless_train, k, batch_size=settings.batch_size,
-                                      quiet=quiet)
+    mean_harmful = mean_residuals(lm, harmful_train, k, batch_size=settings.batch_size, desc="harmful", quiet=quiet)
+    harmless_mean = mean_residuals(lm, harmless_train, k, batch_size=settings.batch_size, desc="harmless",
+                                   quiet=quiet)
+    candidates = mean_harmful - harmless_mean  # the difference of means (direction.candidate_directions)
     ids = refusal_token_ids(lm.tokenizer, refusal_prefixes or REFUSAL_PREFIXES)
     baseline = refusal_score(first_token_logprobs(lm, harmful_val, settings.batch_size), ids).mean().item()
     scores = score_candidates(lm, candidates, harmful_val, harmless_val, ids, settings, quiet=quiet)
     best = choose(scores)
     direction = candidates[best.layer, best.position + k]
-    return Extraction(direction, best, scores, candidates, suffix, baseline)
+    return Extraction(direction, best, scores, candidates, suffix, baseline, harmless_mean)
 
 
 def save_extraction(result: Extraction, path: Path, lm: LoadedModel, extra_metadata: dict | None = None) -> None:
@@ -106,4 +109,7 @@ def save_extraction(result: Extraction, path: Path, lm: LoadedModel, extra_metad
         "candidate_scores": scores_json(result.scores),
         **(extra_metadata or {}),
     }
-    save_direction(path, result.direction, metadata, extra={"candidates": result.candidates})
+    extra = {"candidates": result.candidates}
+    if result.harmless_mean is not None:
+        extra["harmless_mean"] = result.harmless_mean
+    save_direction(path, result.direction, metadata, extra=extra)

@@ -35,6 +35,11 @@ class EditOptions:
     targets: tuple[str, ...] = ()
     keep_tied: bool = False
 
+    def strength(self, component: str, layer: int | None) -> float:
+        """The scale the edit applies to one writer: pass this method as `hooks.ablate(strength=...)` so
+        the in-memory ablation computes exactly what `apply` writes (one definition for both)."""
+        return _scale_for(self, component, layer)
+
 
 @dataclass(frozen=True)
 class TensorEdit:
@@ -63,6 +68,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     unknown = set(options.components) - set(COMPONENTS)
     if unknown:
         raise AbliterateError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)}")
+    _check_layer_scales(options, ckpt.num_layers)
     arch = None if options.targets else arch_for_config(ckpt.config)
     writers = _override_writers(options.targets) if options.targets else arch.writers  # type: ignore[union-attr]
     edits: dict[str, TensorEdit] = {}
@@ -137,6 +143,17 @@ def _scale_for(options: EditOptions, component: str, layer: int | None) -> float
     if index >= len(per_layer):
         raise AbliterateError(f"layer scales for {component} have {len(per_layer)} entries, need layer {index}")
     return options.scale * per_layer[index]
+
+
+def _check_layer_scales(options: EditOptions, num_layers: int) -> None:
+    """Per-layer scales made for another depth (a recipe from another model) are refused, not truncated."""
+    for component, scales in options.layer_scales.items():
+        need = 1 if component == "embed" else num_layers
+        if len(scales) != need:
+            raise AbliterateError(
+                f"layer scales for {component} have {len(scales)} entries but this model needs {need} "
+                f"({num_layers} layers); they were made for another model: re-run `abliterate search` on this one"
+            )
 
 
 def _infer_axis(info: TensorInfo, d: int) -> int:

@@ -7,6 +7,7 @@ checked against the schema below, so a typo is an error, not a silently ignored 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,7 @@ class ApplySettings:
     targets: tuple[str, ...] = ()
     keep_tied: bool = False
     layer_scales: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    direction: str | None = None  # a direction file (relative paths: to the recipe file), as `search` writes
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,7 @@ def _convert(section: str, key: str, value: Any, default: Any, source: str) -> A
     if key == "targets":
         return tuple(value or ())
     if key == "layer_scales":
-        if not isinstance(value, dict) or not set(value) <= set(COMPONENTS):
-            raise AbliterateError(f"{where} must map components ({', '.join(COMPONENTS)}) to per-layer lists")
-        return {k: tuple(float(x) for x in v) for k, v in value.items()}
+        return _layer_scales(value, where)
     if value is None:
         return None
     expected = type(default) if default is not None else (int if key == "positions" else str)
@@ -125,6 +125,22 @@ def _convert(section: str, key: str, value: Any, default: Any, source: str) -> A
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise AbliterateError(f"{where} should be {expected.__name__}, got {value!r}")
     return value
+
+
+def _layer_scales(value: Any, where: str) -> dict[str, tuple[float, ...]]:
+    """component -> finite numbers, one per layer (one for embed): checked here so a bad file is one clear line."""
+    if not isinstance(value, dict) or not set(value) <= set(COMPONENTS):
+        raise AbliterateError(f"{where} must map components ({', '.join(COMPONENTS)}) to per-layer lists")
+    out = {}
+    for component, scales in value.items():
+        ok = isinstance(scales, list) and scales and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scales)
+        if not ok:
+            raise AbliterateError(f"{where}.{component} must be a non-empty list of finite numbers, one per layer")
+        if component == "embed" and len(scales) != 1:
+            raise AbliterateError(f"{where}.embed must have exactly one entry (the embedding is one writer)")
+        out[component] = tuple(float(x) for x in scales)
+    return out
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -145,7 +161,21 @@ def load_recipe(model_type: str | None, user_file: Path | None = None) -> Recipe
         recipe = overlay(recipe, read_yaml(family), f"recipes/{family.name}")
     if user_file is not None:
         recipe = overlay(recipe, read_yaml(Path(user_file)), str(user_file))
+        direction = recipe.apply.direction
+        if direction is not None and not Path(direction).is_absolute():
+            recipe = replace(recipe, apply=replace(recipe.apply, direction=str(Path(user_file).parent / direction)))
     return recipe
+
+
+def read_layer_scales(path: Path) -> dict[str, tuple[float, ...]]:
+    """`apply --layer-scales FILE`: apply.layer_scales of a recipe (as `search` writes), or a bare mapping."""
+    data = read_yaml(Path(path))
+    if isinstance(data, dict) and isinstance(data.get("apply"), dict):
+        data = data["apply"].get("layer_scales") or {}
+    scales = _layer_scales(data, f"{path}: layer_scales")
+    if not scales:
+        raise AbliterateError(f"{path} holds no layer scales; pass a recipe written by `abliterate search`")
+    return scales
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:

@@ -1,0 +1,100 @@
+"""Search speed and how much starting from the extraction's choice helps, on the toy refusing model.
+
+Trains the toy model (abliterate.toy, ~15 s, or reuses --model), extracts its direction from the toy
+train prompts (the last --n-val of each set validate), measures full ablation of the selected direction
+(refusals, first-token KL), then runs the search for several seeds twice each:
+  * selected: the extraction's choice, fully removed, enqueued as trial 0 (what `abliterate search` does);
+  * random: no enqueued trial (`--from-random`).
+For each run it reports the first trial that reaches the target point: refusal count <= --target-refusals
+(default: full ablation's) and KL <= --target-kl (default: --kl-fraction x full ablation's KL), counted
+only for trials that got a refusal count (those on the front when they ran). Prints trials per minute.
+
+    python benchmarks/bench_search.py [--model DIR] [--seeds 5] [--budget 60] [--kl-fraction 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from abliterate import toy
+from abliterate.extract import PromptSets, extract, save_extraction
+from abliterate.loading import load_model
+from abliterate.search import Scorer, SearchSettings, direction_for, load_candidates, search, selected_point
+
+
+def first_reaching(trials, refusals: int, kl: float) -> int | None:
+    """1-based count of trials run until one reached the target, or None within the budget."""
+    for i, t in enumerate(trials, 1):
+        if t.refusals is not None and t.refusals <= refusals and t.kl <= kl:
+            return i
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="a trained toy model folder (default: train one)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--budget", type=int, default=60, help="trials per run")
+    ap.add_argument("--n-val", type=int, default=48)
+    ap.add_argument("--target-refusals", type=int, default=None)
+    ap.add_argument("--target-kl", type=float, default=None)
+    ap.add_argument("--kl-fraction", type=float, default=0.25)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        root = Path(tmp)
+        model = args.model
+        if model is None:
+            t = time.perf_counter()
+            model = toy.train_toy_model(root / "toy")
+            print(f"trained the toy model in {time.perf_counter() - t:.1f} s")
+        lm = load_model(model, dtype="float32", device="cpu")
+        p = toy.toy_prompts()
+        n = args.n_val
+        harmful, harmless = p.harmful_train[-n:], p.harmless_train[-n:]
+        extraction = extract(lm, PromptSets(p.harmful_train[:-n], p.harmless_train[:-n], harmful, harmless),
+                             quiet=True)
+        save_extraction(extraction, root / "dir.safetensors", lm)
+        cands = load_candidates(root / "dir.safetensors", lm)
+        start = selected_point(cands)
+        scorer = Scorer(lm, harmful, harmless, SearchSettings())
+        r, options = direction_for(cands, start), start.options(lm.num_layers)
+        full_score, full_kl = scorer.first_token(r, options)
+        full_refusals = scorer.refusals(r, options)
+        target_refusals = full_refusals if args.target_refusals is None else args.target_refusals
+        target_kl = args.target_kl if args.target_kl is not None else args.kl_fraction * full_kl
+        print(f"selected candidate: layer {cands.selected[0]}, position {cands.selected[1]}; full ablation: "
+              f"{full_refusals}/{n} refused, KL {full_kl:.4f}, refusal score {full_score:+.2f}")
+        print(f"target: <= {target_refusals}/{n} refused at KL <= {target_kl:.4f}; budget {args.budget} trials/run")
+
+        reached: dict[str, list[int | None]] = {"selected": [], "random": []}
+        trials = 0
+        seconds = 0.0
+        print(f"{'seed':>4} {'selected':>9} {'random':>7}   (trials until the target; - = not within budget)")
+        for seed in range(args.seeds):
+            row = []
+            for kind in ("selected", "random"):
+                settings = SearchSettings(trials=args.budget, seed=seed, start_from_selected=kind == "selected")
+                result = search(lm, cands, harmful, harmless, settings, root / f"{kind}-{seed}.db", quiet=True)
+                trials += result.ran
+                seconds += result.seconds
+                hit = first_reaching(result.trials, target_refusals, target_kl)
+                reached[kind].append(hit)
+                row.append("-" if hit is None else str(hit))
+            print(f"{seed:>4} {row[0]:>9} {row[1]:>7}")
+        print(f"speed: {trials} trials in {seconds:.1f} s = {60 * trials / seconds:.0f} trials/min "
+              f"({seconds / trials:.3f} s/trial) on {lm.name}")
+        for kind, hits in reached.items():
+            found = [h for h in hits if h is not None]
+            median = statistics.median([h if h is not None else args.budget + 1 for h in hits])
+            print(f"start from {kind}: reached in {len(found)}/{len(hits)} runs; median trials {median:g} "
+                  f"(runs that missed count as {args.budget + 1}); mean over hits "
+                  f"{statistics.mean(found) if found else float('nan'):.1f}")
+
+
+if __name__ == "__main__":
+    main()
