@@ -59,11 +59,8 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise AbliterateError(f"cannot load the config of {name}: {str(e).splitlines()[0]}") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
-        raise AbliterateError(
-            f"{name} is a {type(config).__name__}, not a causal language model; abliterate needs a chat model "
-            "with a language-model head"
-        )
+    if not trust_remote_code:
+        _check_causal_lm(name, config, AutoModelForCausalLM)
     arch = arch_for_config(config.to_dict())
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -77,3 +74,19 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, arch, name)
+
+
+def _check_causal_lm(name: str, config, auto_class) -> None:
+    """A family transformers can load as a causal LM, saved as one (a BertModel is not, though a
+    BertLMHeadModel would be): otherwise a clear error instead of a model without its LM head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    saved_as = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if type(config) not in auto_class._model_mapping or (saved_as and not any(
+            a in causal or a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved_as)):
+        what = saved_as[0] if saved_as else type(config).__name__
+        raise AbliterateError(
+            f"{name} is a {what}, not a causal language model; abliterate needs a chat model with a "
+            "language-model head"
+        )

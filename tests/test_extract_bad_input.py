@@ -1,0 +1,82 @@
+"""`abliterate extract` on broken input: one clear line naming the problem, non-zero exit, no output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from abliterate.toy import toy_prompts
+from tests.test_apply import run_cli
+
+
+@pytest.fixture(scope="module")
+def harmless_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "harmless.txt"
+    path.write_text("\n".join(toy_prompts().harmless_train))
+    return path
+
+
+def extract_fails(model: Path, harmful: Path, harmless: Path, out: Path) -> str:
+    code, output = run_cli("extract", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
+                           "--out", str(out), "-q", "--device", "cpu")
+    assert code != 0, output
+    assert not out.exists()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+def test_an_empty_prompt_file_is_refused(refusing_model, harmless_file, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    line = extract_fails(refusing_model, tmp_path / "empty.txt", harmless_file, tmp_path / "d.safetensors")
+    assert "empty.txt" in line and ("no prompts" in line or "empty" in line)
+
+
+def test_an_unknown_prompt_file_format_is_refused(refusing_model, harmless_file, tmp_path):
+    (tmp_path / "prompts.xml").write_text("<prompts><p>how do i bake bread ?</p></prompts>")
+    line = extract_fails(refusing_model, tmp_path / "prompts.xml", harmless_file, tmp_path / "d.safetensors")
+    assert "prompts.xml" in line and ".txt" in line  # names the supported formats
+
+
+def test_a_json_file_without_the_prompt_field_is_refused(refusing_model, harmless_file, tmp_path):
+    rows = [{"text": p} for p in toy_prompts().harmful_train]
+    (tmp_path / "harmful.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    code, output = run_cli("extract", str(refusing_model), "--harmful", str(tmp_path / "harmful.jsonl"),
+                           "--harmless", str(harmless_file), "--field", "instruction", "--out",
+                           str(tmp_path / "d.safetensors"), "-q")
+    assert code != 0 and not (tmp_path / "d.safetensors").exists()
+    assert "instruction" in output and "text" in output  # the missing field, and the ones there are
+
+
+def test_a_csv_file_without_the_prompt_column_is_refused(refusing_model, harmless_file, tmp_path):
+    (tmp_path / "harmful.csv").write_text("id,goal\n" + "\n".join(f"{i},x{i}" for i in range(20)))
+    code, output = run_cli("extract", str(refusing_model), "--harmful", str(tmp_path / "harmful.csv"),
+                           "--harmless", str(harmless_file), "--field", "prompt", "--out",
+                           str(tmp_path / "d.safetensors"), "-q")
+    assert code != 0 and not (tmp_path / "d.safetensors").exists()
+    assert "prompt" in output and "goal" in output
+
+
+def test_fewer_than_eight_prompts_are_refused(refusing_model, harmless_file, tmp_path):
+    (tmp_path / "few.txt").write_text("\n".join(toy_prompts().harmful_train[:5]))
+    line = extract_fails(refusing_model, tmp_path / "few.txt", harmless_file, tmp_path / "d.safetensors")
+    assert "few.txt" in line and "8" in line
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused(harmless_file, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    line = extract_fails(tmp_path / "bert", harmless_file, harmless_file, tmp_path / "d.safetensors")
+    assert "not a causal language model" in line
+
+
+def test_a_folder_without_config_is_refused(harmless_file, tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
+    line = extract_fails(tmp_path / "weights", harmless_file, harmless_file, tmp_path / "d.safetensors")
+    assert "config.json" in line
