@@ -43,7 +43,13 @@ def parse_components(value: str) -> tuple[str, ...]:
 
 
 class Main(click.Group):
-    """Turns library errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Turns library errors into one line on stderr and a non-zero exit, never a traceback; a first
+    argument that is not a subcommand is a MODEL for `run` (so `abliterate MODEL --push` works)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context):
         from .errors import AbliterateError
@@ -64,7 +70,14 @@ class Main(click.Group):
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="abliterate")
 def cli() -> None:
-    """Remove (or add) the refusal direction of an open-weight chat model, exactly and on little memory."""
+    """Remove (or add) the refusal direction of an open-weight chat model, exactly and on little memory.
+
+    \b
+    abliterate MODEL [--push [REPO_ID]] [--adapter] [--out DIR]
+        the whole job (same as `abliterate run MODEL ...`): fetch, extract, edit, evaluate, card, push
+    abliterate COMMAND ...
+        one stage at a time (extract, apply, verify, evaluate, merge, search, ...)
+    """
 
 
 @cli.command()
@@ -470,6 +483,64 @@ def search(model: str, direction_path: Path, out: Path, study_path: Path | None,
     recipe, direction = save_choice(choice, cands, lm, out, prompts=result.prompts, study=study,
                                     study_name=study_name)
     click.echo(f"wrote {recipe} and {direction}; apply it with: abliterate apply MODEL --recipe {recipe} --out DIR")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: ./NAME-abliterated, or NAME-abliterated-adapter).")
+@click.option("--push", "push_to", is_flag=False, flag_value="", default=None, metavar="[REPO_ID]",
+              help="Push the result to the Hub (default repo: YOUR_USER/NAME-abliterated).")
+@click.option("--adapter", is_flag=True, help="Write an exactly equivalent rank-1 LoRA adapter instead of weights.")
+@click.option("--direction", "direction_path", type=click.Path(path_type=Path), default=None,
+              help="Use this direction file instead of extracting one.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), default=None,
+              help="Recipe YAML overriding the family's settings (see recipes/README.md).")
+@click.option("--harmful", default=None, help="Harmful prompts for extraction (default: the recipe's, built-in).")
+@click.option("--harmless", default=None, help="Harmless prompts for extraction (default: the recipe's, built-in).")
+@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
+@click.option("--eval-harmful", default="builtin:harmful", show_default=True,
+              help="Held-out harmful prompts for the evaluation.")
+@click.option("--eval-harmless", default="builtin:harmless", show_default=True,
+              help="Harmless prompts for the evaluation's KL.")
+@click.option("--no-eval", is_flag=True, help="Skip the quick evaluation (the card then has no numbers).")
+@click.option("--private", is_flag=True, help="Create the Hub repo private.")
+@click.option("--force", is_flag=True, help="Push even into an existing repo abliterate did not create.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of MODEL.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
+@click.option("--dtype", default=None, help="Compute dtype for extraction/evaluation (default: the recipe's).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", "-q", is_flag=True)
+def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direction_path: Path | None,
+        recipe_path: Path | None, harmful: str | None, harmless: str | None, field: str | None, eval_harmful: str,
+        eval_harmless: str, no_eval: bool, private: bool, force: bool, revision: str | None, device: str,
+        dtype: str | None, trust_remote_code: bool, overwrite: bool, quiet: bool) -> None:
+    """The whole job on MODEL (a Hub id or a local folder): an abliterated checkpoint or adapter.
+
+    Fetches only safetensors weights, config, tokenizer and chat template (never pickles; remote
+    code only with --trust-remote-code); extracts and selects the refusal direction with the
+    family's recipe (or takes --direction); edits every residual-stream writer (or writes a rank-1
+    LoRA adapter that computes the same); evaluates quickly against the original (--no-eval skips);
+    writes a model card with the numbers, the commands and a sha256 manifest; with --push, uploads
+    it all in one commit. The Hub token comes from `hf auth login` or HF_TOKEN and is never printed.
+    """
+    from .pipeline import RunOptions
+    from .pipeline import run as run_pipeline
+
+    result = run_pipeline(RunOptions(
+        model=model, out=out, adapter=adapter, direction=direction_path, recipe=recipe_path, harmful=harmful,
+        harmless=harmless, field=field, eval_harmful=eval_harmful, eval_harmless=eval_harmless, evaluate=not no_eval,
+        push=push_to is not None, repo_id=push_to or None, private=private, force=force, revision=revision,
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code, overwrite=overwrite, quiet=quiet))
+    click.echo(f"wrote {result.out}")
+    if result.url:
+        click.echo(f"pushed to {result.url}")
+    elif adapter:
+        click.echo(f"load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({model!r}), "
+                   f"{str(result.out)!r})")
+    else:
+        click.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
