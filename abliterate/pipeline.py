@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import AbliterateError
+from .plan import EditOptions
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RunOptions:
     dtype: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
+    stream: bool = False
     quiet: bool = False
 
 
@@ -64,6 +66,10 @@ def run(options: RunOptions) -> RunResult:
     from .edit import DIRECTION_NAME
     from .recipe import load_recipe
 
+    if options.stream:
+        from .stream import run_stream
+
+        return RunResult(options.out or default_out(options.model, False), run_stream(options), None, None)
     say = (lambda _msg: None) if options.quiet else (lambda msg: click.echo(msg, err=True))
     out = options.out or default_out(options.model, options.adapter)
     if out.exists() and not options.overwrite:
@@ -156,19 +162,24 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
     del lm
 
 
-def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
-    """Write the edited weights or the adapter to `staged`; return what the card says was done."""
-    from .edit import untie_note
-    from .plan import EditOptions, plan_edit
-
+def edit_options(recipe) -> EditOptions:
+    """The recipe's apply section as the editor's options."""
     a = recipe.apply
     layers = None
     if a.layers:
-        start, _, end = a.layers.partition(":")
-        layers = range(int(start or 0), int(end) if end else 1 << 30) if ":" in a.layers else range(int(start),
-                                                                                                   int(start) + 1)
-    plan = plan_edit(ckpt, EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
-                                       keep_tied=a.keep_tied, layer_scales=a.layer_scales))
+        start, colon, end = a.layers.partition(":")
+        layers = range(int(start or 0), int(end) if end else 1 << 30) if colon else range(int(start), int(start) + 1)
+    return EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
+                       keep_tied=a.keep_tied, layer_scales=a.layer_scales)
+
+
+def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
+    """Write the edited weights or the adapter to `staged`; return what the card says was done."""
+    from .edit import untie_note
+    from .plan import plan_edit
+
+    a = recipe.apply
+    plan = plan_edit(ckpt, edit_options(recipe))
     if options.adapter:
         from .adapter import AdapterOptions, export_adapter
 

@@ -26,6 +26,8 @@ class EditOptions:
     layer_scales: optional per-component, per-layer multipliers of `scale` (index 0 for "embed").
     targets: regexes naming the writer tensors, overriding the architecture table.
     keep_tied: edit a shared input/output embedding in place instead of untying it.
+    partial: the folder holds only some shards of the model (streaming edits one shard at a time), so
+        layers without writers in it are expected, not a sign of a broken checkpoint.
     """
 
     scale: float = 1.0
@@ -34,6 +36,7 @@ class EditOptions:
     layer_scales: dict[str, tuple[float, ...]] = field(default_factory=dict)
     targets: tuple[str, ...] = ()
     keep_tied: bool = False
+    partial: bool = False
 
     def strength(self, component: str, layer: int | None) -> float:
         """The scale the edit applies to one writer: pass this method as `hooks.ablate(strength=...)` so
@@ -87,13 +90,13 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         axis = writer.hidden_axis if writer.hidden_axis is not None else _infer_axis(info, d)
         _check_editable(info, axis, d)
         edits[name] = TensorEdit(name, shard, info, writer.component, layer, axis, scale)
-    if matched == 0:
+    if matched == 0 and not options.partial:
         what = f"--targets {' '.join(options.targets)}" if options.targets else f"the {arch.name} writer table"  # type: ignore[union-attr]
         raise AbliterateError(
             f"no tensor in {ckpt.root} matched {what}; the checkpoint may name its tensors differently: "
             "pass --targets REGEX (see `abliterate apply --help`)"
         )
-    if arch is not None:
+    if arch is not None and not options.partial:
         _check_every_layer_has_writers(ckpt, arch, writers)
     untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, options)
     if arch is not None and arch.normalised_block_outputs:
