@@ -9,6 +9,7 @@ reproduce it, and lists the sha256 of every file, which `abliterate verify FOLDE
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +78,14 @@ def check_checksums(folder: Path) -> list[str]:
     return problems
 
 
+def is_hub_id(name: str) -> bool:
+    """OWNER/NAME of a Hub repo, not a local path: only those belong in `base_model` and in a Hub link."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not Path(name).exists()
+
+
 def metadata(info: CardInfo) -> dict[str, object]:
     meta: dict[str, object] = {
-        "base_model": info.base_model,
+        **({"base_model": info.base_model} if is_hub_id(info.base_model) else {}),
         "base_model_relation": "adapter" if info.adapter else "finetune",
         "library_name": "peft" if info.adapter else "transformers",
         "pipeline_tag": "text-generation",
@@ -97,7 +103,7 @@ def render_card(info: CardInfo) -> str:
     lines = [
         f"---\n{header}---\n",
         f"# {info.base_model.rsplit('/', 1)[-1]}, abliterated\n",
-        f"This is {kind} [{info.base_model}](https://huggingface.co/{info.base_model}) with its refusal direction "
+        f"This is {kind} {_link(info.base_model)} with its refusal direction "
         "projected out of every matrix that writes into the residual stream (Arditi et al. 2024, "
         "[arXiv 2406.11717](https://arxiv.org/abs/2406.11717)), made with abliterate. Other weights are unchanged, "
         "byte for byte.\n",
@@ -125,6 +131,10 @@ def render_card(info: CardInfo) -> str:
         lines += [f"{h}  {p}" for p, h in info.files.items()]
         lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def _link(model: str) -> str:
+    return f"[{model}](https://huggingface.co/{model})" if is_hub_id(model) else f"`{model}`"
 
 
 def write_card(folder: Path, info: CardInfo) -> None:
