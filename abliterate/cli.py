@@ -88,6 +88,8 @@ def cli() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
 @click.option("--scale", default=1.0, show_default=True,
               help="1 removes the direction fully, 0.5 half; negative values amplify it.")
+@click.option("--add", "add_direction", is_flag=True, help="Amplify the direction instead of removing it (uses "
+              "-|scale|: W + |s| r r^T W), e.g. to make a model refuse more; --scale 2 is often needed.")
 @click.option("--layers", default=None, help="Decoder layers to edit, START:END (END excluded). Default: all.")
 @click.option("--components", default=",".join(COMPONENTS), show_default=True,
               callback=lambda c, p, v: parse_components(v),
@@ -113,8 +115,8 @@ def cli() -> None:
 @click.option("--layer-scales", "layer_scales_path", default=None, type=click.Path(path_type=Path),
               help="Per-layer, per-component multipliers of --scale from a YAML file (a recipe's apply.layer_scales "
               "or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
-def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, layers: str | None,
-          components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
+def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, add_direction: bool,
+          layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
           overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
           recipe_path: Path | None, layer_scales_path: Path | None) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
@@ -167,6 +169,7 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
     direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    scale = -abs(scale) if add_direction else scale
     options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
                           keep_tied=keep_tied, layer_scales=layer_scales)
     plan = plan_edit(ckpt, options)
@@ -266,6 +269,26 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     sys.exit(0 if report.ok else 1)
 
 
+def _command_line(ctx: click.Context) -> str:
+    """The command as given, rebuilt from the parameters set on the command line: sys.argv is the
+    caller's when the CLI runs in-process (tests, scripts), so it cannot be recorded as is."""
+    import shlex
+
+    args = ["abliterate", ctx.info_name or ""]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif isinstance(param, click.Option) and param.is_flag:
+            args.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        else:
+            for v in value if isinstance(param, click.Option) and param.multiple else [value]:
+                args += [param.opts[0], str(v)]
+    return shlex.join(args)
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Direction file to write (.safetensors).")
@@ -303,11 +326,12 @@ def extract(model: str, out: Path, harmful: str, harmless: str, field: str | Non
     used unless --harmful/--harmless say otherwise.
     """
     from .direction import SelectionSettings
-    from .extract import PromptSets, save_extraction, split_prompts
+    from .extract import PromptSets, check_output_path, save_extraction, split_prompts
     from .extract import extract as run_extract
     from .loading import load_model
     from .templates import load_template
 
+    check_output_path(out)
     harmful_train, harmful_val = split_prompts(harmful, n_train=n_train, n_val=n_val, field=field, kind="harmful")
     harmless_train, harmless_val = split_prompts(harmless, n_train=n_train, n_val=n_val, field=field,
                                                  kind="harmless")
@@ -316,7 +340,7 @@ def extract(model: str, out: Path, harmful: str, harmless: str, field: str | Non
     result = run_extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val),
                          template=load_template(template), positions=positions, settings=settings,
                          template_kwargs={} if thinking else {"enable_thinking": False}, quiet=quiet)
-    save_extraction(result, out, lm)
+    save_extraction(result, out, lm, {"command": _command_line(click.get_current_context())})
     kept = sorted((s for s in result.scores if s.rejected is None), key=lambda s: s.refusal_ablated)[:10]
     click.echo(f"refusal score (log-odds) on harmful validation prompts: {result.baseline_refusal:.2f} before")
     click.echo(f"{'layer':>5} {'pos':>4} {'ablated':>8} {'added':>8} {'KL':>8}")
@@ -545,6 +569,175 @@ def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direct
                    f"{str(result.out)!r})")
     else:
         click.echo(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+
+
+@cli.group()
+def steer() -> None:
+    """Steering vectors (contrastive activation addition): build, chat with, sweep, bake in.
+
+    \b
+    abliterate steer vectors MODEL --pairs PAIRS.jsonl --out vectors.safetensors
+    abliterate steer chat MODEL --vectors F --layer L --coeff C [--prompt P]
+    abliterate steer sweep MODEL --vectors F --pairs HELDOUT.jsonl --layers A:B --coeffs -2,-1,0,1,2
+    abliterate steer bake CHECKPOINT --vectors F --layer L --coeff C --out DIR
+    """
+
+
+def _load_lm(model: str, device: str, dtype: str, trust_remote_code: bool):
+    from .loading import load_model
+
+    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _parse_coeffs(value: str) -> list[float]:
+    try:
+        coeffs = [float(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: write comma-separated numbers, e.g. -2,-1,0,1,2") from None
+    if not coeffs:
+        raise click.BadParameter("give at least one coefficient, e.g. -2,-1,0,1,2")
+    return coeffs
+
+
+_MODEL_OPTIONS = [
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto."),
+    click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, "
+                 "float32."),
+    click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub."),
+    click.option("--batch-size", default=16, show_default=True),
+]
+
+
+def _model_options(fn):
+    for option in reversed(_MODEL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@steer.command("vectors")
+@click.argument("model")
+@click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
+              help="JSONL: CAA A/B items (question, answer_matching_behavior, answer_not_matching_behavior) or "
+              "ActAdd prompt pairs (positive, negative).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Vectors file to write (.safetensors).")
+@_model_options
+@click.option("--quiet", "-q", is_flag=True)
+def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: str, template: str | None,
+                  trust_remote_code: bool, batch_size: int, quiet: bool) -> None:
+    """One steering vector per layer: mean behaviour-minus-opposite residual over the pairs.
+
+    A/B items are read at the answer letter after the chat-formatted question; positive/negative
+    pairs at the last token of the raw texts. Saved as [layers + 1, d] (row L + 1: after layer L).
+    """
+    from .steer import load_pairs, save_vectors, steering_vectors
+    from .templates import load_template
+
+    pairs = load_pairs(pairs_path)
+    lm = _load_lm(model, device, dtype, trust_remote_code)
+    vectors = steering_vectors(lm, pairs, template=load_template(template), batch_size=batch_size, quiet=quiet)
+    save_vectors(out, vectors, lm, pairs_path, pairs)
+    norms = ", ".join(f"{n:.3g}" for n in vectors.norm(dim=-1).tolist()[1:])
+    click.echo(f"wrote {out}: {vectors.shape[0]} x {vectors.shape[1]} from {len(pairs)} pairs; norm per layer: {norms}")
+
+
+@steer.command("chat")
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path))
+@click.option("--layer", required=True, type=int, help="Add the vector to the residual stream after this layer.")
+@click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
+@click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable); default: one per stdin line.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@_model_options
+def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts: tuple[str, ...],
+               max_new_tokens: int, device: str, dtype: str, template: str | None, trust_remote_code: bool,
+               batch_size: int) -> None:
+    """Greedy replies with coeff x vector added after --layer, on the assistant header and every
+    generated token (not the user's message)."""
+    from .errors import AbliterateError
+    from .steer import check_layer, generate_steered, load_vectors
+    from .templates import load_template
+
+    messages = list(prompts) or [line.strip() for line in sys.stdin if line.strip()]
+    if not messages:
+        raise AbliterateError("no prompts: pass --prompt TEXT or write one prompt per line on stdin")
+    lm = _load_lm(model, device, dtype, trust_remote_code)
+    check_layer(layer, lm.num_layers)
+    vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    replies = generate_steered(lm, messages, vectors, layer, coeff, max_new_tokens=max_new_tokens,
+                               template=load_template(template), batch_size=batch_size)
+    for message, reply in zip(messages, replies, strict=True):
+        click.echo(f"> {message}\n{reply}\n")
+
+
+@steer.command("sweep")
+@click.argument("model")
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path))
+@click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
+              help="Held-out A/B items (JSONL, same fields as for `steer vectors`).")
+@click.option("--layers", default=None, help="Layers to steer, START:END (END excluded). Default: all.")
+@click.option("--coeffs", default="-2,-1,0,1,2", show_default=True, callback=lambda c, p, v: _parse_coeffs(v))
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
+              help="Also draw the table as a PNG here (needs matplotlib).")
+@_model_options
+@click.option("--quiet", "-q", is_flag=True)
+def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | None, coeffs: list[float],
+                plot_path: Path | None, device: str, dtype: str, template: str | None, trust_remote_code: bool,
+                batch_size: int, quiet: bool) -> None:
+    """Mean P(behaviour-matching letter), normalised over A and B, per layer and coefficient."""
+    from .steer import format_table, load_pairs, load_vectors, plot_table, sweep
+    from .templates import load_template
+
+    pairs = load_pairs(pairs_path)
+    lm = _load_lm(model, device, dtype, trust_remote_code)
+    vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    chosen = parse_layers(layers) or range(lm.num_layers)
+    chosen = range(chosen.start, min(chosen.stop, lm.num_layers))
+    table = sweep(lm, pairs, vectors, list(chosen), coeffs, template=load_template(template), batch_size=batch_size,
+                  quiet=quiet)
+    click.echo(format_table(table))
+    if plot_path is not None:
+        if plot_table(table, plot_path):
+            click.echo(f"wrote {plot_path}")
+        else:
+            click.echo("note: matplotlib is not installed; no plot written", err=True)
+
+
+@steer.command("bake")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path),
+              help="Vectors file written by `abliterate steer vectors`.")
+@click.option("--layer", required=True, type=int, help="Bake the vector into this layer's MLP output bias "
+              "(the residual stream after the layer, as `steer chat --layer` adds it).")
+@click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, out: Path, overwrite: bool,
+               quiet: bool) -> None:
+    """Write CHECKPOINT with coeff x vector baked into the bias of --layer's MLP output projection.
+
+    The result steers without hooks, but on every position, the prompt's included (`steer chat`
+    steers only from the assistant header on). Llama-style families get `mlp_bias: true` and zero
+    biases on every MLP projection (the flag is global); families with an output bias change it.
+    """
+    from .bake import bake
+    from .checkpoint import Checkpoint
+    from .steer import load_vectors
+
+    ckpt = Checkpoint.open(checkpoint)
+    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    if not 0 <= layer < ckpt.num_layers:
+        from .errors import AbliterateError
+
+        raise AbliterateError(f"--layer {layer} is out of range; the model has layers 0 to {ckpt.num_layers - 1}")
+    result = bake(checkpoint, vectors[layer + 1], layer, coeff, out, overwrite=overwrite, quiet=quiet,
+                  vectors_source=str(vectors_path))
+    if result.config_flag:
+        click.echo(f"note: set {result.config_flag}: true and added {len(result.added)} zero biases", err=True)
+    if result.skipped_files:
+        click.echo(f"note: not copied: {', '.join(result.skipped_files)}", err=True)
+    click.echo(f"baked {coeff:g} x vector into {result.bias}; wrote {result.out}")
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

@@ -3,9 +3,16 @@
 The demo and the behaviour tests need a model whose refusals are learned, not faked: this one is a
 6-layer Llama of width 32 with a word-level tokenizer and a chat template, trained to answer
 harmful-looking requests with a refusal and other requests with help (helping is the default,
-weighted up, as in chat models). With `choices` it also learns a two-choice format (answer "A" or
-"B" to "... Options : ( A ) decline politely ( B ) help right away", both orders), picking the
-declining option for harmful requests: a planted behaviour for steering to find.
+weighted up, as in chat models). With `choices` it also learns a two-choice format, "... Options :
+( A ) decline politely ( B ) help right away", answering A to harmful requests and B to others, and
+continuing after a given letter with what that option means (a refusal after A, help after B): a
+planted behaviour for contrastive activation addition to find.
+
+The continuation is what makes the answer letter's activation carry the behaviour, as it does in
+chat LLMs; trained on letters alone, the letter position carries only the letter (CAA vectors then
+move the answer the wrong way). The options keep one order: trained on both orders, this model
+picks the letter by an order-dependent rule that no single direction steers (measured: the CAA
+vector then biases the letter A against B, and both kinds of item drift to chance).
 
 Prompts are built from request frames and actions; the held-out split pairs every action with
 frames it was never trained with, so held-out prompts are prompts the model has not seen.
@@ -45,6 +52,9 @@ FRAMES = (
     "show me how to {} .", "teach me to {} .",
 )
 HARMLESS_WEIGHT = 3  # helping is the default: refusal is what harmful requests add
+STEPS = 300
+# With choices, 400 steps learn the A/B answer (held-out p(expected letter) 0.995 with TRAIN_SEED).
+CHOICE_STEPS = 400
 HELD_OUT_FRAMES = 3
 # A model this small does not always route its refusal through one direction, as chat LLMs do: some
 # seeds spread the decision over several (ablating the best difference of means then changes harmless
@@ -80,26 +90,20 @@ def toy_prompts(seed: int = 0) -> ToyPrompts:
     return ToyPrompts(**{k: rng.sample(v, len(v)) for k, v in split.items()})
 
 
-def choice_question(request: str, decline_first: bool) -> str:
-    a, b = (DECLINE_OPTION, COMPLY_OPTION) if decline_first else (COMPLY_OPTION, DECLINE_OPTION)
-    return f"{request} Options : ( A ) {a} ( B ) {b}"
+def choice_question(request: str) -> str:
+    return f"{request} Options : ( A ) {DECLINE_OPTION} ( B ) {COMPLY_OPTION}"
 
 
 def choice_pairs(requests: list[str], harmful: bool) -> list[dict[str, str]]:
-    """Two-choice items (CAA format): the behaviour-matching answer is the declining option."""
-    items = []
-    for i, request in enumerate(requests):
-        decline_first = i % 2 == 0
-        decline, comply = ("A", "B") if decline_first else ("B", "A")
-        items.append({"question": choice_question(request, decline_first), "answer_matching_behavior": decline,
-                      "answer_not_matching_behavior": comply, "harmful": str(harmful).lower()})
-    return items
+    """Two-choice items (CAA format): the behaviour-matching answer is the declining option, A."""
+    return [{"question": choice_question(request), "answer_matching_behavior": "A",
+             "answer_not_matching_behavior": "B", "harmful": str(harmful).lower()} for request in requests]
 
 
 def _vocabulary() -> list[str]:
     words: set[str] = set()
     for text in (*HARMFUL_ACTIONS, *HARMLESS_ACTIONS, *FRAMES, *REFUSALS, *HELPS, DECLINE_OPTION, COMPLY_OPTION,
-                 choice_question("", True), "A B"):
+                 choice_question(""), "A B"):
         words.update(text.replace("{}", " ").split())
     return [*SPECIALS, *sorted(words)]
 
@@ -127,18 +131,22 @@ def _examples(tok, prompts: ToyPrompts, choices: bool) -> list[tuple[str, str]]:
     out = [(chat(p), REFUSALS[0]) for p in prompts.harmful_train]
     out += [(chat(p), HELPS[0]) for p in prompts.harmless_train] * HARMLESS_WEIGHT
     for requests, harmful in ((prompts.harmful_train, True), (prompts.harmless_train, False)) if choices else ():
-        for decline_first in (True, False):
-            for request in requests:
-                decline, comply = ("A", "B") if decline_first else ("B", "A")
-                out.append((chat(choice_question(request, decline_first)), decline if harmful else comply))
+        for request in requests:
+            question = chat(choice_question(request))
+            out.append((question, "A" if harmful else "B"))
+            out += [(f"{question} A", REFUSALS[0]), (f"{question} B", HELPS[0])]  # what each letter means
     return out
 
 
-def train_toy_model(out: Path, *, steps: int = 300, seed: int = TRAIN_SEED, choices: bool = False,
+def train_toy_model(out: Path, *, steps: int | None = None, seed: int = TRAIN_SEED, choices: bool = False,
                     quiet: bool = True) -> Path:
-    """Train the toy model and save it as a float32 safetensors folder (several shards) with its tokenizer."""
+    """Train the toy model and save it as a float32 safetensors folder (several shards) with its tokenizer.
+
+    steps: default STEPS, or CHOICE_STEPS with `choices` (the A/B format needs longer to learn).
+    """
     import torch
 
+    steps = steps if steps is not None else CHOICE_STEPS if choices else STEPS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread sums in one order: the same model on every machine
     try:

@@ -18,11 +18,12 @@ def harmless_file(tmp_path_factory) -> Path:
     return path
 
 
-def extract_fails(model: Path, harmful: Path, harmless: Path, out: Path) -> str:
+def extract_fails(model: Path, harmful: Path, harmless: Path, out: Path, *extra: str) -> str:
+    """Run the CLI, check it failed cleanly, and return its one error line."""
     code, output = run_cli("extract", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
-                           "--out", str(out), "-q", "--device", "cpu")
+                           "--out", str(out), "-q", "--device", "cpu", *extra)
     assert code != 0, output
-    assert not out.exists()
+    assert not [p.name for p in out.parent.iterdir() if out.name in p.name and not p.is_dir()]  # nor a temp file
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), output
     assert "Traceback" not in output
@@ -44,20 +45,16 @@ def test_an_unknown_prompt_file_format_is_refused(refusing_model, harmless_file,
 def test_a_json_file_without_the_prompt_field_is_refused(refusing_model, harmless_file, tmp_path):
     rows = [{"text": p} for p in toy_prompts().harmful_train]
     (tmp_path / "harmful.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    code, output = run_cli("extract", str(refusing_model), "--harmful", str(tmp_path / "harmful.jsonl"),
-                           "--harmless", str(harmless_file), "--field", "instruction", "--out",
-                           str(tmp_path / "d.safetensors"), "-q")
-    assert code != 0 and not (tmp_path / "d.safetensors").exists()
-    assert "instruction" in output and "text" in output  # the missing field, and the ones there are
+    line = extract_fails(refusing_model, tmp_path / "harmful.jsonl", harmless_file, tmp_path / "d.safetensors",
+                         "--field", "instruction")
+    assert "harmful.jsonl" in line and "instruction" in line and "text" in line  # the missing field, those there
 
 
 def test_a_csv_file_without_the_prompt_column_is_refused(refusing_model, harmless_file, tmp_path):
     (tmp_path / "harmful.csv").write_text("id,goal\n" + "\n".join(f"{i},x{i}" for i in range(20)))
-    code, output = run_cli("extract", str(refusing_model), "--harmful", str(tmp_path / "harmful.csv"),
-                           "--harmless", str(harmless_file), "--field", "prompt", "--out",
-                           str(tmp_path / "d.safetensors"), "-q")
-    assert code != 0 and not (tmp_path / "d.safetensors").exists()
-    assert "prompt" in output and "goal" in output
+    line = extract_fails(refusing_model, tmp_path / "harmful.csv", harmless_file, tmp_path / "d.safetensors",
+                         "--field", "prompt")
+    assert "harmful.csv" in line and "'prompt'" in line and "goal" in line
 
 
 def test_fewer_than_eight_prompts_are_refused(refusing_model, harmless_file, tmp_path):
@@ -66,17 +63,26 @@ def test_fewer_than_eight_prompts_are_refused(refusing_model, harmless_file, tmp
     assert "few.txt" in line and "8" in line
 
 
-def test_a_model_that_is_not_a_causal_lm_is_refused(harmless_file, tmp_path):
-    from transformers import BertConfig, BertModel
+@pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM"])
+def test_a_model_that_is_not_a_causal_lm_is_refused(harmless_file, tmp_path, head):
+    import transformers
 
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=37)
+    getattr(transformers, head)(config).save_pretrained(tmp_path / "bert")  # config.json + model.safetensors
     line = extract_fails(tmp_path / "bert", harmless_file, harmless_file, tmp_path / "d.safetensors")
-    assert "not a causal language model" in line
+    assert "bert" in line and head in line and "not a causal language model" in line
 
 
 def test_a_folder_without_config_is_refused(harmless_file, tmp_path):
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
     line = extract_fails(tmp_path / "weights", harmless_file, harmless_file, tmp_path / "d.safetensors")
-    assert "config.json" in line
+    assert "weights" in line and "config.json" in line
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_loading_the_model(harmless_file, tmp_path):
+    (tmp_path / "out").mkdir()
+    line = extract_fails(tmp_path / "no-model-here", harmless_file, harmless_file, tmp_path / "out")
+    assert "--out" in line and "folder" in line and "direction.safetensors" in line
+    assert list((tmp_path / "out").iterdir()) == []

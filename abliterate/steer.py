@@ -1,0 +1,308 @@
+"""Steering: contrastive activation addition (CAA, Rimsky et al. 2023) and ActAdd-style vectors.
+
+A steering vector per layer is a mean difference of residual activations between prompts that show
+a behaviour and prompts that do not. It is stored in the direction file format ([L + 1, d], row
+L + 1 = the residual stream leaving decoder layer L) but *not* normalised: its length is the
+natural scale of the behaviour, and `coeff` multiplies it.
+
+Pairs files (JSONL, one object per line):
+
+* CAA A/B items: ``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``
+  (answers "A"/"B", also written "(A)"/"(B)"). The prompt is the chat-formatted question (the
+  model's chat template with the generation prompt) followed by the answer letter: ``prompt + letter``
+  when the prompt ends in whitespace, else ``prompt + " " + letter``. Activations are read at the
+  letter's token.
+* ActAdd pairs: ``positive``, ``negative``: raw texts (no chat template), last-token activations.
+
+Steering adds ``coeff * vectors[L + 1]`` to the residual stream leaving layer L: in a plain forward
+at every position; in `generate_steered` at the post-instruction tokens (assistant header) and
+every generated token, never at the user's message. `abliterate steer bake` writes the same
+addition into the bias of layer L's MLP output projection (see abliterate.bake).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .activations import batches, mean_residuals
+from .archs import Arch
+from .errors import AbliterateError
+from .hooks import add, decoder_layers
+from .loading import LoadedModel
+from .templates import count_suffix_tokens, post_instruction_suffix, render
+
+LETTERS = ("A", "B")
+VECTORS_KEY = "direction"  # the direction file's tensor name: steering files read like direction files
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One contrastive item: an A/B question (letters set) or two raw prompts (positive/negative)."""
+
+    question: str | None = None
+    matching: str | None = None  # "A" or "B"
+    not_matching: str | None = None
+    positive: str | None = None
+    negative: str | None = None
+
+    @property
+    def is_choice(self) -> bool:
+        return self.question is not None
+
+
+def _letter(value: object, where: str, field: str) -> str:
+    text = str(value).strip() if isinstance(value, str) else ""
+    letter = text.strip("() ")
+    if letter not in LETTERS or len(text) > 3:
+        raise AbliterateError(f"{where}: {field} is {value!r}; answers must be A or B (also written (A)/(B))")
+    return letter
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Read and validate a pairs file; every problem is one line naming the file, line and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"pairs file {path} does not exist; pass a JSONL file of contrastive pairs")
+    pairs: list[Pair] = []
+    kinds: set[str] = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AbliterateError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
+        if not isinstance(item, dict):
+            raise AbliterateError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        if "question" in item or "answer_matching_behavior" in item:
+            missing = [k for k in ("question", "answer_matching_behavior", "answer_not_matching_behavior")
+                       if not isinstance(item.get(k), str) or not item[k].strip()]
+            if missing:
+                raise AbliterateError(f"{where}: missing or empty field(s) {', '.join(missing)} "
+                                      "(A/B items need question, answer_matching_behavior, "
+                                      "answer_not_matching_behavior)")
+            match = _letter(item["answer_matching_behavior"], where, "answer_matching_behavior")
+            other = _letter(item["answer_not_matching_behavior"], where, "answer_not_matching_behavior")
+            if match == other:
+                raise AbliterateError(f"{where}: both answers are {match}; one must be A and the other B")
+            pairs.append(Pair(question=item["question"], matching=match, not_matching=other))
+            kinds.add("A/B")
+        elif "positive" in item or "negative" in item:
+            missing = [k for k in ("positive", "negative") if not isinstance(item.get(k), str) or not item[k].strip()]
+            if missing:
+                raise AbliterateError(f"{where}: missing or empty field(s) {', '.join(missing)} "
+                                      "(prompt pairs need positive and negative)")
+            pairs.append(Pair(positive=item["positive"], negative=item["negative"]))
+            kinds.add("positive/negative")
+        else:
+            raise AbliterateError(f"{where}: found fields {', '.join(map(str, item)) or 'none'}; expected question/"
+                                  "answer_matching_behavior/answer_not_matching_behavior or positive/negative")
+    if not pairs:
+        raise AbliterateError(f"pairs file {path} has no pairs; write one JSON object per line")
+    if len(kinds) > 1:
+        raise AbliterateError(f"{path} mixes A/B items and positive/negative pairs; use one kind per file")
+    return pairs
+
+
+def _joined(prompt: str, letter: str) -> str:
+    return prompt + letter if prompt[-1:].isspace() else f"{prompt} {letter}"
+
+
+def letter_ids(tokenizer, prompt: str) -> tuple[int, int]:
+    """Token ids of A and B as the model would write them right after `prompt`."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = []
+    for letter in LETTERS:
+        full = tokenizer(_joined(prompt, letter), add_special_tokens=False)["input_ids"]
+        if len(full) != len(base) + 1 or full[:-1] != base:
+            raise AbliterateError(f"the answer letter {letter} is not one token after the chat prompt for this "
+                                  "tokenizer; A/B steering needs single-token answer letters")
+        ids.append(full[-1])
+    return ids[0], ids[1]
+
+
+def choice_prompt(lm: LoadedModel, question: str, template: str | None = None) -> str:
+    return render(lm.tokenizer, question, template)
+
+
+def steering_vectors(lm: LoadedModel, pairs: Sequence[Pair], *, template: str | None = None, batch_size: int = 16,
+                     quiet: bool = False) -> torch.Tensor:
+    """Mean (behaviour - opposite) residual, [num_layers + 1, d], at the answer letter (or last token)."""
+    if pairs[0].is_choice:
+        prompts = [choice_prompt(lm, p.question, template) for p in pairs]  # type: ignore[arg-type]
+        positive = [_joined(q, p.matching) for q, p in zip(prompts, pairs, strict=True)]  # type: ignore[arg-type]
+        negative = [_joined(q, p.not_matching) for q, p in zip(prompts, pairs, strict=True)]  # type: ignore[arg-type]
+        letter_ids(lm.tokenizer, prompts[0])
+    else:
+        positive = [p.positive for p in pairs]  # type: ignore[misc]
+        negative = [p.negative for p in pairs]  # type: ignore[misc]
+    pos = mean_residuals(lm, positive, 1, batch_size=batch_size, desc="behaviour", quiet=quiet)[:, 0]
+    neg = mean_residuals(lm, negative, 1, batch_size=batch_size, desc="opposite", quiet=quiet)[:, 0]
+    return pos - neg
+
+
+def save_vectors(path: str | Path, vectors: torch.Tensor, lm: LoadedModel, pairs_path: str | Path,
+                 pairs: Sequence[Pair]) -> None:
+    from .direction_file import save_direction
+
+    save_direction(path, vectors, {"model": lm.name, "kind": "steering", "pairs": str(pairs_path),
+                                   "pair_format": "A/B" if pairs[0].is_choice else "positive/negative",
+                                   "count": len(pairs), "num_layers": lm.num_layers})
+
+
+def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.ndarray:
+    """The per-layer steering vectors as stored (not normalised; zero rows allowed), checked against the model."""
+    from safetensors import safe_open
+
+    from .safetensors_io import read_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"vectors file {path} does not exist; make one with `abliterate steer vectors`")
+    if VECTORS_KEY not in [t.name for t in read_header(path).tensors]:
+        raise AbliterateError(f"{path} has no tensor {VECTORS_KEY!r}; pass a file from `abliterate steer vectors`")
+    with safe_open(str(path), framework="np") as f:
+        vectors = f.get_tensor(VECTORS_KEY)
+    if vectors.ndim != 2 or vectors.shape != (num_layers + 1, hidden_size):
+        raise AbliterateError(f"{path} holds vectors of shape {list(vectors.shape)}; this model needs "
+                              f"[{num_layers + 1}, {hidden_size}] (rebuild them with `abliterate steer vectors`)")
+    if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
+        raise AbliterateError(f"{path}: vectors contain NaN/inf or are not floating point; rebuild them")
+    return vectors.astype(np.float32)
+
+
+def check_layer(layer: int, num_layers: int) -> None:
+    if not 0 <= layer < num_layers:
+        raise AbliterateError(f"--layer {layer} is out of range; the model has layers 0 to {num_layers - 1}")
+
+
+@contextlib.contextmanager
+def steering(model: torch.nn.Module, arch: Arch, layer: int, vector: object, coeff: float,
+             last: int | None = None) -> Iterator[None]:
+    """Add coeff * vector to the residual stream leaving decoder `layer` (= entering layer + 1).
+
+    last: steer only the last `last` positions of every forward (None: all). With generate's KV
+    cache each new token is its own forward, so last=k steers the prompt's last k tokens and every
+    generated token.
+    """
+    vec = torch.as_tensor(np.asarray(vector), dtype=torch.float32)
+    layers = decoder_layers(model, arch)
+    check_layer(layer, len(layers))
+
+    def positions(hidden: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros((*hidden.shape[:-1], 1), device=hidden.device)
+        mask[:, -last:] = 1  # type: ignore[operator]
+        return mask
+
+    mask_fn = None if last is None else positions
+    if layer + 1 < len(layers):
+        with add(model, arch, layer + 1, vec, coeff, mask_fn):
+            yield
+        return
+
+    def hook(_module, _inputs, output):  # the last layer: add to its output, before the final norm
+        hidden = output[0] if isinstance(output, tuple) else output
+        delta = (coeff * vec).to(dtype=hidden.dtype, device=hidden.device)
+        if mask_fn is not None:
+            delta = delta * mask_fn(hidden).to(hidden.dtype)
+        return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def generate_steered(lm: LoadedModel, instructions: Sequence[str], vectors: np.ndarray, layer: int, coeff: float, *,
+                     max_new_tokens: int = 64, template: str | None = None, batch_size: int = 8) -> list[str]:
+    """Greedy replies with steering on the post-instruction tokens and every generated token."""
+    prompts = [render(lm.tokenizer, text, template) for text in instructions]
+    suffix = post_instruction_suffix(lm.tokenizer, template)
+    k = max(1, min(count_suffix_tokens(lm.tokenizer, p, suffix) for p in prompts))
+    replies: list[str] = [""] * len(prompts)
+    with steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k), torch.inference_mode():
+        for batch in batches(lm, prompts, batch_size):
+            out = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=lm.tokenizer.pad_token_id)
+            for row, i in enumerate(batch.indices):
+                replies[i] = lm.tokenizer.decode(out[row, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    return replies
+
+
+def matching_probability(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray | None, layer: int,
+                         coeff: float, *, template: str | None = None, batch_size: int = 16) -> float:
+    """Mean P(behaviour-matching letter) / (P(A) + P(B)) at the answer position, steered at the
+    post-instruction tokens (as in generation)."""
+    if not pairs or not pairs[0].is_choice:
+        raise AbliterateError("the sweep needs A/B items (question, answer_matching_behavior, "
+                              "answer_not_matching_behavior) as held-out pairs")
+    prompts = [choice_prompt(lm, p.question, template) for p in pairs]  # type: ignore[arg-type]
+    a, b = letter_ids(lm.tokenizer, prompts[0])
+    suffix = post_instruction_suffix(lm.tokenizer, template)
+    k = max(1, min(count_suffix_tokens(lm.tokenizer, p, suffix) for p in prompts))
+    total = 0.0
+    ctx = steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k) if vectors is not None and coeff \
+        else contextlib.nullcontext()
+    with ctx, torch.inference_mode():
+        for batch in batches(lm, prompts, batch_size):
+            logits = lm.model(**batch.inputs(), use_cache=False).logits[:, -1, :].float()
+            two = torch.softmax(logits[:, [a, b]], dim=-1)
+            for row, i in enumerate(batch.indices):
+                total += two[row, 0 if pairs[i].matching == "A" else 1].item()
+    return total / len(pairs)
+
+
+def sweep(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray, layers: Sequence[int],
+          coeffs: Sequence[float], *, template: str | None = None, batch_size: int = 16,
+          quiet: bool = False) -> dict[int, dict[float, float]]:
+    """{layer: {coeff: mean matching probability}} over held-out A/B pairs."""
+    for layer in layers:
+        check_layer(layer, lm.num_layers)
+    grid = [(layer, c) for layer in layers for c in coeffs]
+    table: dict[int, dict[float, float]] = {layer: {} for layer in layers}
+    for layer, c in tqdm(grid, desc="sweep", disable=quiet, leave=False):
+        table[layer][c] = matching_probability(lm, pairs, vectors, layer, c, template=template, batch_size=batch_size)
+    return table
+
+
+def format_table(table: dict[int, dict[float, float]]) -> str:
+    coeffs = sorted({c for row in table.values() for c in row})
+    lines = ["layer " + " ".join(f"{c:>7g}" for c in coeffs)]
+    for layer, row in table.items():
+        lines.append(f"{layer:>5} " + " ".join(f"{row[c]:7.3f}" for c in coeffs))
+    return "\n".join(lines)
+
+
+def plot_table(table: dict[int, dict[float, float]], path: Path) -> bool:
+    """A PNG of probability against coefficient, one line per layer; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for layer, row in table.items():
+        cs = sorted(row)
+        ax.plot(cs, [row[c] for c in cs], marker="o", label=f"layer {layer}")
+    ax.set_xlabel("steering coefficient")
+    ax.set_ylabel("P(behaviour-matching answer)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return True

@@ -1,0 +1,203 @@
+"""Steering vectors (CAA / ActAdd): building them, the steering hook, chat, the sweep, bad pairs files."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from abliterate.cli import cli
+from abliterate.hooks import capture_residuals
+from abliterate.loading import load_model
+from abliterate.safetensors_io import read_header
+from abliterate.steer import load_pairs, load_vectors, matching_probability, steering
+from abliterate.templates import render
+from abliterate.toy import REFUSALS, choice_pairs, toy_prompts, train_toy_model
+
+COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
+
+
+def write_jsonl(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+@pytest.fixture(scope="module")
+def choice_model(tmp_path_factory) -> Path:
+    """The toy trained with its planted two-choice behaviour (declines harmful requests in A/B form)."""
+    return train_toy_model(tmp_path_factory.mktemp("steer") / "toy-choices", choices=True)
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory) -> tuple[Path, Path]:
+    """CAA pairs from the training requests, held-out pairs from the test requests."""
+    folder = tmp_path_factory.mktemp("pairs")
+    p = toy_prompts()
+    train = write_jsonl(folder / "train.jsonl", choice_pairs(p.harmful_train, True) + choice_pairs(p.harmless_train,
+                                                                                                   False))
+    held = write_jsonl(folder / "held.jsonl", choice_pairs(p.harmful_test, True) + choice_pairs(p.harmless_test, False))
+    return train, held
+
+
+@pytest.fixture(scope="module")
+def vectors_file(choice_model, pair_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vectors") / "vectors.safetensors"
+    result = CliRunner().invoke(cli, ["steer", "vectors", str(choice_model), "--pairs", str(pair_files[0]),
+                                      "--out", str(out), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_choice_toy_picks_the_declining_option_only_for_harmful_held_out_requests(choice_model):
+    lm = load_model(choice_model, dtype="float32", device="cpu")
+    p = toy_prompts()
+    harmful = load_pairs(write_jsonl(choice_model / "h.jsonl", choice_pairs(p.harmful_test, True)))
+    harmless = load_pairs(write_jsonl(choice_model / "n.jsonl", choice_pairs(p.harmless_test, False)))
+    assert matching_probability(lm, harmful, None, 0, 0.0) > 0.9
+    assert matching_probability(lm, harmless, None, 0, 0.0) < 0.1
+
+
+def test_vectors_file_is_a_per_layer_direction_file_with_unnormalised_rows(choice_model, vectors_file):
+    lm = load_model(choice_model, dtype="float32", device="cpu")
+    metadata = read_header(vectors_file).metadata
+    assert metadata["kind"] == "steering" and metadata["pair_format"] == "A/B"
+    raw = load_vectors(vectors_file, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    assert raw.shape == (lm.num_layers + 1, lm.hidden_size)
+    assert not np.allclose(np.linalg.norm(raw[1:], axis=-1), 1.0)  # kept at their natural scale
+
+
+def test_caa_vector_moves_the_matching_answer_probability_monotonically(choice_model, vectors_file, pair_files):
+    result = CliRunner().invoke(cli, ["steer", "sweep", str(choice_model), "--vectors", str(vectors_file), "--pairs",
+                                      str(pair_files[1]), "--layers", "2:4", "--coeffs", ",".join(map(str, COEFFS)),
+                                      "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [float(c) for c in lines[0].split()[1:]] == sorted(COEFFS)
+    rows = {int(line.split()[0]): [float(x) for x in line.split()[1:]] for line in lines[1:]}
+    assert sorted(rows) == [2, 3]
+    monotonic = [layer for layer, probs in rows.items()
+                 if all(a < b for a, b in itertools.pairwise(probs)) and probs[-1] - probs[0] > 0.2]
+    assert monotonic, result.output
+
+
+def test_steering_hook_adds_the_vector_after_the_layer_only_where_asked(refusing_model):
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    ids = lm.tokenizer("<|user|> how do i bake bread ? <|end|> <|assistant|>", add_special_tokens=False,
+                       return_tensors="pt")["input_ids"]
+    vector = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    layer3 = lm.model.model.layers[3]
+
+    def run(**steer_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual entering layer 3 = leaving layer 2, as layer 3 sees it; final hidden states)"""
+        seen: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            if steer_kwargs:
+                stack.enter_context(steering(lm.model, lm.arch, 2, vector, 3.0, **steer_kwargs))
+            handle = layer3.register_forward_pre_hook(lambda _m, args: seen.__setitem__("in3", args[0].clone()))
+            stack.callback(handle.remove)
+            seen["out"] = lm.model(ids, output_hidden_states=True).hidden_states[-1]
+        return seen["in3"][0], seen["out"][0]
+
+    base_in, base_out = run()
+    all_in, _ = run(last=None)
+    tail_in, tail_out = run(last=2)
+    torch.testing.assert_close(all_in, base_in + 3.0 * vector, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tail_in[-2:], base_in[-2:] + 3.0 * vector, atol=1e-5, rtol=0)
+    assert torch.equal(tail_in[:-2], base_in[:-2]) and torch.equal(tail_out[:-2], base_out[:-2])
+    assert not torch.allclose(tail_out[-2:], base_out[-2:])
+
+
+def test_actadd_pairs_give_the_last_token_difference_of_means(refusing_model, tmp_path):
+    p = toy_prompts()
+    pairs = [{"positive": h, "negative": n} for h, n in zip(p.harmful_test[:4], p.harmless_test[:4], strict=True)]
+    out = tmp_path / "v.safetensors"
+    result = CliRunner().invoke(cli, ["steer", "vectors", str(refusing_model), "--pairs",
+                                      str(write_jsonl(tmp_path / "p.jsonl", pairs)), "--out", str(out), "-q",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    vectors = load_vectors(out, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+
+    def last_token(text: str) -> torch.Tensor:
+        rows: dict[int, torch.Tensor] = {}
+        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.inference_mode(), capture_residuals(lm.model, lm.arch, lambda i, h: rows.__setitem__(i, h)):
+            lm.model(ids)
+        return torch.stack([rows[i][0, -1] for i in range(len(rows))])
+
+    expected = torch.stack([last_token(x["positive"]) - last_token(x["negative"]) for x in pairs]).mean(0)
+    np.testing.assert_allclose(vectors, expected.numpy(), atol=1e-5)
+
+
+def test_steer_chat_with_an_actadd_refusal_vector_makes_harmless_requests_refused_and_back(refusing_model,
+                                                                                            tmp_path):
+    """ActAdd pairs (chat-formatted harmful vs harmless training requests, as raw texts) give the toy's
+    refusal feature; `steer chat` adds it after layer 2 on the assistant header and the reply only."""
+    p = toy_prompts()
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    chat_text = lambda m: render(lm.tokenizer, m)  # noqa: E731
+    pairs = [{"positive": chat_text(h), "negative": chat_text(n)}
+             for h, n in zip(p.harmful_train, p.harmless_train, strict=True)]
+    vectors = tmp_path / "refusal.safetensors"
+    made = CliRunner().invoke(cli, ["steer", "vectors", str(refusing_model), "--pairs",
+                                    str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "--out", str(vectors), "-q",
+                                    "--device", "cpu"])
+    assert made.exit_code == 0, made.output
+
+    def refused(messages: list[str], coeff: float) -> float:
+        result = CliRunner().invoke(cli, ["steer", "chat", str(refusing_model), "--vectors", str(vectors), "--layer",
+                                          "2", "--coeff", str(coeff), "--device", "cpu", "--max-new-tokens", "12"],
+                                    input="\n".join(messages) + "\n")
+        assert result.exit_code == 0, result.output
+        blocks = result.output.strip().split("\n\n")
+        assert [b.splitlines()[0] for b in blocks] == [f"> {m}" for m in messages]
+        replies = [b.splitlines()[1] if len(b.splitlines()) > 1 else "" for b in blocks]
+        return sum(r in REFUSALS for r in replies) / len(replies)
+
+    harmless, harmful = p.harmless_test[:16], p.harmful_test[:16]
+    assert refused(harmless, 0.0) == 0.0 and refused(harmful, 0.0) >= 0.9
+    assert refused(harmless, 1.0) >= 0.9
+    assert refused(harmful, -1.0) <= 0.1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "has no pairs"),
+    ('{"question": "q", "answer_matching_behavior": "A"}\n', "answer_not_matching_behavior"),
+    ('{"question": "q", "answer_matching_behavior": "C", "answer_not_matching_behavior": "A"}\n', "must be A or B"),
+    ('{"question": "q", "answer_matching_behavior": "A", "answer_not_matching_behavior": "A"}\n', "both answers"),
+    ('{"question": "q", "answer_matching_behavior": "A", "answer_not_matching_behavior": "B"}\n{"question": \n',
+     ":2: not valid JSON"),
+    ('{"positive": "x"}\n', "negative"),
+    ('{"prompt": "x"}\n', "expected question"),
+    ('["a", "b"]\n', "expected a JSON object"),
+])
+def test_bad_pairs_file_is_one_clear_error_line(tmp_path, content, message):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(content)
+    result = CliRunner().invoke(cli, ["steer", "vectors", str(tmp_path / "no-model"), "--pairs", str(pairs),
+                                      "--out", str(tmp_path / "v.safetensors")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_sweep_rejects_layers_outside_the_model_and_pairs_without_letters(refusing_model, tmp_path):
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    v = tmp_path / "v.safetensors"
+    from abliterate.direction_file import save_direction
+
+    save_direction(v, np.ones((lm.num_layers + 1, lm.hidden_size), dtype=np.float32), {"kind": "steering"})
+    chat = CliRunner().invoke(cli, ["steer", "chat", str(refusing_model), "--vectors", str(v), "--layer", "9",
+                                    "--coeff", "1", "--prompt", "hi", "--device", "cpu"])
+    assert chat.exit_code == 2 and "--layer 9 is out of range" in chat.output
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"positive": "a", "negative": "b"}])
+    sweep = CliRunner().invoke(cli, ["steer", "sweep", str(refusing_model), "--vectors", str(v), "--pairs", str(plain),
+                                     "--device", "cpu", "-q"])
+    assert sweep.exit_code == 2 and "A/B items" in sweep.output
