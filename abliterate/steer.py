@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,37 +186,70 @@ def check_layer(layer: int, num_layers: int) -> None:
 
 
 @contextlib.contextmanager
-def steering(model: torch.nn.Module, arch: Arch, layer: int, vector: object, coeff: float,
+def steering(model: torch.nn.Module, arch: Arch | None, layer: int, vector: object, coeff: float,
              last: int | None = None) -> Iterator[None]:
     """Add coeff * vector to the residual stream leaving decoder `layer` (= entering layer + 1).
 
-    last: steer only the last `last` positions of every forward (None: all). With generate's KV
-    cache each new token is its own forward, so last=k steers the prompt's last k tokens and every
-    generated token.
+    In a forward: every position, or only the last `last`. Inside `model.generate` (called within
+    this context): every generated token, and of the prompt only its last `last` positions (none by
+    default): chat steering starts at the assistant header, after the user's message.
+    arch: None reads it off model.config.
     """
+    from .archs import arch_for_config
+
+    arch = arch if arch is not None else arch_for_config(model.config.to_dict())
     vec = torch.as_tensor(np.asarray(vector), dtype=torch.float32)
     layers = decoder_layers(model, arch)
     check_layer(layer, len(layers))
+    generating = {"on": False, "forwards": 0}
 
     def positions(hidden: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros((*hidden.shape[:-1], 1), device=hidden.device)
-        mask[:, -last:] = 1  # type: ignore[operator]
+        """[B, T, 1] mask; in generate the first forward is the prompt's, each later one new tokens."""
+        mask = torch.ones((*hidden.shape[:-1], 1), device=hidden.device)
+        if generating["on"]:
+            generating["forwards"] += 1
+            if generating["forwards"] > 1:
+                return mask
+            count = last or 0
+        elif last is None:
+            return mask
+        else:
+            count = last
+        mask[:, : max(hidden.shape[1] - count, 0)] = 0
         return mask
 
-    mask_fn = None if last is None else positions
-    if layer + 1 < len(layers):
-        with add(model, arch, layer + 1, vec, coeff, mask_fn):
-            yield
-        return
+    plain_generate = model.generate if hasattr(model, "generate") else None
 
-    def hook(_module, _inputs, output):  # the last layer: add to its output, before the final norm
+    def steered_generate(*args, **kwargs):
+        generating.update(on=True, forwards=0)
+        try:
+            return plain_generate(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            generating["on"] = False
+
+    with contextlib.ExitStack() as stack:
+        if plain_generate is not None:
+            shadowed = vars(model).get("generate")  # an enclosing steering context's, when nested
+            model.generate = steered_generate  # the instance attribute shadows the method until restored
+            stack.callback(lambda: setattr(model, "generate", shadowed) if shadowed is not None
+                           else delattr(model, "generate"))
+        if layer + 1 < len(layers):
+            stack.enter_context(add(model, arch, layer + 1, vec, coeff, positions))
+        else:
+            stack.enter_context(_add_after_last_layer(layers[layer], vec, coeff, positions))
+        yield
+
+
+@contextlib.contextmanager
+def _add_after_last_layer(block: torch.nn.Module, vec: torch.Tensor, coeff: float,
+                          positions: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """The last layer has no next layer to pre-hook: add to its output, before the final norm."""
+    def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        delta = (coeff * vec).to(dtype=hidden.dtype, device=hidden.device)
-        if mask_fn is not None:
-            delta = delta * mask_fn(hidden).to(hidden.dtype)
+        delta = (coeff * vec).to(dtype=hidden.dtype, device=hidden.device) * positions(hidden).to(hidden.dtype)
         return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
 
-    handle = layers[layer].register_forward_hook(hook)
+    handle = block.register_forward_hook(hook)
     try:
         yield
     finally:

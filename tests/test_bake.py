@@ -23,7 +23,7 @@ from abliterate.direction_file import save_direction
 from abliterate.extract import PromptSets, extract, save_extraction
 from abliterate.loading import load_model
 from abliterate.steer import steering
-from abliterate.toy import REFUSALS, toy_prompts
+from abliterate.toy import toy_prompts
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 from tests.test_extract import refused, replies
@@ -167,7 +167,6 @@ def test_apply_add_at_scale_2_makes_most_held_out_harmless_requests_refused(refu
     harmless, harmful = refused_after_add(refusing_model, refusal_direction, tmp_path / "added", "--scale", "2")
     assert harmless >= 0.8
     assert harmful >= 0.9  # harmful requests stay refused
-    assert REFUSALS[0] in REFUSALS
 
 
 def test_apply_add_means_a_negative_scale_and_already_raises_refusals_at_scale_1(refusing_model, refusal_direction,
@@ -176,6 +175,27 @@ def test_apply_add_means_a_negative_scale_and_already_raises_refusals_at_scale_1
     code, text = run_cli("apply", str(refusing_model), "--direction", str(refusal_direction), "--out",
                          str(tmp_path / "negative"), "--scale=-1", "-q")
     assert code == 0, text
-    assert all(torch.equal(a, b) for a, b in zip(all_tensors(tmp_path / "added").values(),
-                                                  all_tensors(tmp_path / "negative").values(), strict=True))
+    added, negative = all_tensors(tmp_path / "added"), all_tensors(tmp_path / "negative")
+    assert added.keys() == negative.keys() and all(torch.equal(added[k], negative[k]) for k in added)
     assert harmless >= 0.3  # the unedited toy refuses at most 10 % of them (tests/test_extract.py)
+
+
+def test_apply_add_as_an_adapter_computes_what_the_amplified_weights_compute(refusing_model, refusal_direction,
+                                                                            tmp_path):
+    from peft import PeftModel
+
+    for out, extra in ((tmp_path / "weights", ()), (tmp_path / "adapter", ("--adapter",))):
+        code, text = run_cli("apply", str(refusing_model), "--direction", str(refusal_direction), "--out", str(out),
+                             "--add", "--scale", "2", "-q", *extra)
+        assert code == 0, text
+    ids = load_model(refusing_model, dtype="float32", device="cpu").tokenizer(
+        [f"<|user|> {m} <|end|> <|assistant|>" for m in toy_prompts().harmless_test[:8]], add_special_tokens=False,
+        return_tensors="pt", padding=True)
+    base = AutoModelForCausalLM.from_pretrained(refusing_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        plain = base(**ids).logits
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(**ids).logits
+        weights_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "weights", dtype=torch.float32).eval()(
+            **ids).logits
+    assert (weights_logits - plain).abs().max() > 0.1  # the edit does something
+    torch.testing.assert_close(peft_logits, weights_logits, atol=1e-4, rtol=0)

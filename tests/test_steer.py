@@ -113,6 +113,37 @@ def test_steering_hook_adds_the_vector_after_the_layer_only_where_asked(refusing
     assert not torch.allclose(tail_out[-2:], base_out[-2:])
 
 
+def test_steering_in_generate_starts_after_the_prompt_and_covers_every_generated_token(refusing_model):
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    ids = lm.tokenizer("<|user|> how do i bake bread ? <|end|> <|assistant|>", add_special_tokens=False,
+                       return_tensors="pt")["input_ids"]
+    vector = 4 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def generate(**steer_kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            if steer_kwargs:
+                stack.enter_context(steering(lm.model, lm.arch, 2, vector, 1.0, **steer_kwargs))
+            out = lm.model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, pad_token_id=0)
+        return out.sequences, list(out.logits)
+
+    def forward_last(tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """Logits at the final position of one forward over `tokens`, steering its last `last` positions."""
+        with steering(lm.model, lm.arch, 2, vector, 1.0, last=last), torch.inference_mode():
+            return lm.model(tokens).logits[:, -1]
+
+    _, plain = generate()
+    sequence, steered = generate(last=None)
+    assert torch.equal(steered[0], plain[0])  # the prompt is not steered
+    for step in range(1, len(steered)):  # each generated token is, and so is every one before it
+        torch.testing.assert_close(steered[step], forward_last(sequence[:, : ids.shape[1] + step], step),
+                                   atol=1e-4, rtol=0)
+    sequence, header = generate(last=1)
+    torch.testing.assert_close(header[0], forward_last(ids, 1), atol=1e-5, rtol=0)
+    assert not torch.allclose(header[0], plain[0])
+    assert "generate" not in vars(lm.model)  # the model is as it was
+
+
 def test_actadd_pairs_give_the_last_token_difference_of_means(refusing_model, tmp_path):
     p = toy_prompts()
     pairs = [{"positive": h, "negative": n} for h, n in zip(p.harmful_test[:4], p.harmless_test[:4], strict=True)]
