@@ -86,6 +86,17 @@ def test_caa_vector_moves_the_matching_answer_probability_monotonically(choice_m
     assert monotonic, result.output
 
 
+def test_sweep_draws_its_table_as_a_png_when_asked(choice_model, vectors_file, pair_files, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sweep.png"
+    result = CliRunner().invoke(cli, ["steer", "sweep", str(choice_model), "--vectors", str(vectors_file), "--pairs",
+                                      str(pair_files[1]), "--layers", "3:4", "--coeffs", "-1,0,1", "--plot",
+                                      str(plot), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {plot}" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]  # no temporary file left
+
+
 def test_steering_hook_adds_the_vector_after_the_layer_only_where_asked(refusing_model):
     lm = load_model(refusing_model, dtype="float32", device="cpu")
     ids = lm.tokenizer("<|user|> how do i bake bread ? <|end|> <|assistant|>", add_special_tokens=False,
