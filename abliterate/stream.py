@@ -48,6 +48,7 @@ def run_stream(options) -> str:
                               "streams tensor by tensor)")
     if options.adapter:
         raise AbliterateError("--stream writes weights; an --adapter is a few MB and needs no streaming")
+    _check_commit_fields()
     repo_id = target_repo(options.repo_id, options.model)
     check_target(repo_id, force=options.force)
     work = options.out or default_out(options.model, False)
@@ -184,6 +185,18 @@ def _edit_and_upload(options, api, repo_id: str, work: Path, meta: Path, shard: 
     shutil.rmtree(edited)
     shutil.rmtree(work / "in", ignore_errors=True)
     return record
+
+
+def _check_commit_fields() -> None:
+    """The final commit marks shards as uploaded through two private fields; fail before any work if gone."""
+    import dataclasses
+
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd
+
+    if not {"_upload_mode", "_is_uploaded"} <= {f.name for f in dataclasses.fields(CommitOperationAdd)}:
+        raise AbliterateError(f"--stream cannot commit shards uploaded earlier with huggingface_hub "
+                              f"{huggingface_hub.__version__}; install huggingface_hub<3 or run without --stream")
 
 
 def _uploaded_operation(shard: str, record: dict):

@@ -99,3 +99,22 @@ def test_a_resumed_stream_with_another_direction_is_refused_instead_of_publishin
     assert code == 2 and "another direction" in output and str(work) in output
     assert HfApi().list_repo_files("user/toy-chat-abliterated") == [".gitattributes"]
     assert run_cli(*args, str(direction))[0] == 0  # the same inputs resume and finish
+
+
+def test_a_huggingface_hub_without_the_commit_fields_stream_needs_is_refused_before_any_work(
+        hub, direction, tmp_path, monkeypatch):  # noqa: F811
+    import dataclasses
+
+    import huggingface_hub
+
+    @dataclasses.dataclass
+    class Renamed:  # what a future huggingface_hub that renamed its private fields would have
+        path_in_repo: str
+        path_or_fileobj: object
+
+    monkeypatch.setattr(huggingface_hub, "CommitOperationAdd", Renamed)
+    code, output = run_cli("user/toy-chat", "--push", "--stream", "--out", str(tmp_path / "w"), "-q", "--direction",
+                           str(direction))
+    assert code == 2 and "huggingface_hub<3" in output and "without --stream" in output
+    assert not (tmp_path / "w").exists()
+    assert not HfApi().repo_exists("user/toy-chat-abliterated")
