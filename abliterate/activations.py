@@ -39,14 +39,15 @@ def format_prompts(lm: LoadedModel, instructions: Sequence[str], template: str |
     return [render(lm.tokenizer, text, template, **template_kwargs) for text in instructions]
 
 
-def batches(lm: LoadedModel, prompts: Sequence[str], batch_size: int) -> Iterator[Batch]:
-    """Left-padded batches of similar length; `indices` map rows back to `prompts`."""
+def batches(lm: LoadedModel, prompts: Sequence[str] | Sequence[list[int]], batch_size: int) -> Iterator[Batch]:
+    """Left-padded batches of similar length; `indices` map rows back to `prompts` (texts or token ids)."""
     tok = lm.tokenizer
-    lengths = [len(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    ids = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], str) else \
+        tok(list(prompts), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tok([prompts[i] for i in idx], add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = tok.pad({"input_ids": [ids[i] for i in idx]}, padding=True, return_tensors="pt")
         yield Batch(idx, enc["input_ids"].to(lm.device), enc["attention_mask"].to(lm.device))
 
 
@@ -56,8 +57,8 @@ def decoder(lm: LoadedModel) -> torch.nn.Module:
     return get() if callable(get) else lm.model.base_model
 
 
-def mean_residuals(lm: LoadedModel, prompts: Sequence[str], positions: int, *, batch_size: int = 16,
-                   desc: str = "activations", quiet: bool = False) -> torch.Tensor:
+def mean_residuals(lm: LoadedModel, prompts: Sequence[str] | Sequence[list[int]], positions: int, *,
+                   batch_size: int = 16, desc: str = "activations", quiet: bool = False) -> torch.Tensor:
     """Mean residual stream [num_layers + 1, positions, d] over prompts, at their last `positions` tokens."""
     sums = torch.zeros(lm.num_layers + 1, positions, lm.hidden_size, dtype=torch.float64)
 

@@ -8,10 +8,11 @@ natural scale of the behaviour, and `coeff` multiplies it.
 Pairs files (JSONL, one object per line):
 
 * CAA A/B items: ``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``
-  (answers "A"/"B", also written "(A)"/"(B)"). The prompt is the chat-formatted question (the
-  model's chat template with the generation prompt) followed by the answer letter: ``prompt + letter``
-  when the prompt ends in whitespace, else ``prompt + " " + letter``. Activations are read at the
-  letter's token.
+  (answers "A"/"B", or "(A)"/"(B)"). The prompt is the chat-formatted question (the model's chat
+  template with the generation prompt) followed by the answer as the file writes it, up to its
+  letter: ``"A"`` or ``"(A"``, after a space unless the prompt ends in whitespace. Both answers are
+  tokenised; the letter is the first token where they differ, whatever the tokenizer merges it
+  with. Activations are read at that token; the sweep scores its two candidates there.
 * ActAdd pairs: ``positive``, ``negative``: raw texts (no chat template), last-token activations.
 
 Steering adds ``coeff * vectors[L + 1]`` to the residual stream leaving layer L: in a plain forward
@@ -50,6 +51,7 @@ class Pair:
     question: str | None = None
     matching: str | None = None  # "A" or "B"
     not_matching: str | None = None
+    parenthesised: bool = False  # answers written "(A)": the model writes "(" before the letter
     positive: str | None = None
     negative: str | None = None
 
@@ -94,7 +96,9 @@ def load_pairs(path: str | Path) -> list[Pair]:
             other = _letter(item["answer_not_matching_behavior"], where, "answer_not_matching_behavior")
             if match == other:
                 raise AbliterateError(f"{where}: both answers are {match}; one must be A and the other B")
-            pairs.append(Pair(question=item["question"], matching=match, not_matching=other))
+            parenthesised = item["answer_matching_behavior"].strip().startswith("(")
+            pairs.append(Pair(question=item["question"], matching=match, not_matching=other,
+                              parenthesised=parenthesised))
             kinds.add("A/B")
         elif "positive" in item or "negative" in item:
             missing = [k for k in ("positive", "negative") if not isinstance(item.get(k), str) or not item[k].strip()]
@@ -113,35 +117,52 @@ def load_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
-def _joined(prompt: str, letter: str) -> str:
-    return prompt + letter if prompt[-1:].isspace() else f"{prompt} {letter}"
+def _joined(prompt: str, answer: str) -> str:
+    return prompt + answer if prompt[-1:].isspace() else f"{prompt} {answer}"
 
 
-def letter_ids(tokenizer, prompt: str) -> tuple[int, int]:
-    """Token ids of A and B as the model would write them right after `prompt`."""
-    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = []
-    for letter in LETTERS:
-        full = tokenizer(_joined(prompt, letter), add_special_tokens=False)["input_ids"]
-        if len(full) != len(base) + 1 or full[:-1] != base:
-            raise AbliterateError(f"the answer letter {letter} is not one token after the chat prompt for this "
-                                  "tokenizer; A/B steering needs single-token answer letters")
-        ids.append(full[-1])
-    return ids[0], ids[1]
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The prompt and the answer's opening as token ids, then the ids of its two possible letters."""
+
+    prefix: list[int]
+    letters: dict[str, int]  # "A" -> id, "B" -> id
+
+
+def answer_tokens(tokenizer, prompt: str, parenthesised: bool = False) -> AnswerTokens:
+    """Tokenise both answers after `prompt`; the letters are where the two token sequences first differ."""
+    opening = "(" if parenthesised else ""
+    ids = {letter: tokenizer(_joined(prompt, opening + letter), add_special_tokens=False)["input_ids"]
+           for letter in LETTERS}
+    a, b = ids["A"], ids["B"]
+    shared = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    if len(a) != shared + 1 or len(b) != shared + 1:
+        raise AbliterateError(f"the answers {opening}A and {opening}B do not end in one differing token after the "
+                              "chat prompt for this tokenizer; A/B steering needs the letters to be single tokens")
+    return AnswerTokens(a[:shared], {"A": a[shared], "B": b[shared]})
 
 
 def choice_prompt(lm: LoadedModel, question: str, template: str | None = None) -> str:
     return render(lm.tokenizer, question, template)
 
 
+def choice_tokens(lm: LoadedModel, pairs: Sequence[Pair], template: str | None = None) -> list[AnswerTokens]:
+    if not pairs or not pairs[0].is_choice:
+        raise AbliterateError("this needs A/B items (question, answer_matching_behavior, "
+                              "answer_not_matching_behavior)")
+    return [answer_tokens(lm.tokenizer, choice_prompt(lm, p.question, template), p.parenthesised)  # type: ignore[arg-type]
+            for p in pairs]
+
+
 def steering_vectors(lm: LoadedModel, pairs: Sequence[Pair], *, template: str | None = None, batch_size: int = 16,
                      quiet: bool = False) -> torch.Tensor:
     """Mean (behaviour - opposite) residual, [num_layers + 1, d], at the answer letter (or last token)."""
+    positive: list[str] | list[list[int]]
+    negative: list[str] | list[list[int]]
     if pairs[0].is_choice:
-        prompts = [choice_prompt(lm, p.question, template) for p in pairs]  # type: ignore[arg-type]
-        positive = [_joined(q, p.matching) for q, p in zip(prompts, pairs, strict=True)]  # type: ignore[arg-type]
-        negative = [_joined(q, p.not_matching) for q, p in zip(prompts, pairs, strict=True)]  # type: ignore[arg-type]
-        letter_ids(lm.tokenizer, prompts[0])
+        answers = choice_tokens(lm, pairs, template)
+        positive = [[*t.prefix, t.letters[p.matching]] for t, p in zip(answers, pairs, strict=True)]  # type: ignore[index]
+        negative = [[*t.prefix, t.letters[p.not_matching]] for t, p in zip(answers, pairs, strict=True)]  # type: ignore[index]
     else:
         positive = [p.positive for p in pairs]  # type: ignore[misc]
         negative = [p.negative for p in pairs]  # type: ignore[misc]
@@ -275,24 +296,24 @@ def generate_steered(lm: LoadedModel, instructions: Sequence[str], vectors: np.n
 
 def matching_probability(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray | None, layer: int,
                          coeff: float, *, template: str | None = None, batch_size: int = 16) -> float:
-    """Mean P(behaviour-matching letter) / (P(A) + P(B)) at the answer position, steered at the
-    post-instruction tokens (as in generation)."""
-    if not pairs or not pairs[0].is_choice:
-        raise AbliterateError("the sweep needs A/B items (question, answer_matching_behavior, "
-                              "answer_not_matching_behavior) as held-out pairs")
+    """Mean P(behaviour-matching letter) / (P(A) + P(B)) where the letter is written, steered from the
+    post-instruction tokens on (as in generation)."""
+    answers = choice_tokens(lm, pairs, template)
     prompts = [choice_prompt(lm, p.question, template) for p in pairs]  # type: ignore[arg-type]
-    a, b = letter_ids(lm.tokenizer, prompts[0])
     suffix = post_instruction_suffix(lm.tokenizer, template)
-    k = max(1, min(count_suffix_tokens(lm.tokenizer, p, suffix) for p in prompts))
+    k = max(1, min(count_suffix_tokens(lm.tokenizer, prompt, suffix)
+                   + len(t.prefix) - len(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                   for prompt, t in zip(prompts, answers, strict=True)))
     total = 0.0
     ctx = steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k) if vectors is not None and coeff \
         else contextlib.nullcontext()
     with ctx, torch.inference_mode():
-        for batch in batches(lm, prompts, batch_size):
+        for batch in batches(lm, [t.prefix for t in answers], batch_size):
             logits = lm.model(**batch.inputs(), use_cache=False).logits[:, -1, :].float()
-            two = torch.softmax(logits[:, [a, b]], dim=-1)
             for row, i in enumerate(batch.indices):
-                total += two[row, 0 if pairs[i].matching == "A" else 1].item()
+                letters = answers[i].letters
+                two = torch.softmax(logits[row, [letters["A"], letters["B"]]], dim=-1)
+                total += two[0 if pairs[i].matching == "A" else 1].item()
     return total / len(pairs)
 
 

@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from abliterate.cli import cli
+from abliterate.errors import AbliterateError
 from abliterate.hooks import capture_residuals
 from abliterate.loading import load_model
 from abliterate.safetensors_io import read_header
-from abliterate.steer import load_pairs, load_vectors, matching_probability, steering
+from abliterate.steer import answer_tokens, load_pairs, load_vectors, matching_probability, steering
 from abliterate.templates import render
 from abliterate.toy import REFUSALS, choice_pairs, toy_prompts, train_toy_model
 
@@ -61,6 +62,43 @@ def test_choice_toy_picks_the_declining_option_only_for_harmful_held_out_request
     harmless = load_pairs(write_jsonl(choice_model / "n.jsonl", choice_pairs(p.harmless_test, False)))
     assert matching_probability(lm, harmful, None, 0, 0.0) > 0.9
     assert matching_probability(lm, harmless, None, 0, 0.0) < 0.1
+
+
+def merging_tokenizer(corpus: list[str]):
+    """A SentencePiece-style BPE trained in the test: words keep their punctuation, so "(A" becomes one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_answer_letters_are_found_where_the_two_answers_first_differ_in_any_tokenizer(refusing_model):
+    toy_tok = load_model(refusing_model, dtype="float32", device="cpu").tokenizer
+    prompt = "<|user|> how do i bake bread ? <|end|> <|assistant|>"
+    plain = answer_tokens(toy_tok, prompt)
+    assert plain.prefix == toy_tok(prompt, add_special_tokens=False)["input_ids"]
+    assert [toy_tok.convert_ids_to_tokens(plain.letters[x]) for x in "AB"] == ["A", "B"]
+    with pytest.raises(AbliterateError, match="single tokens"):  # "(A" is one unknown word to this tokenizer
+        answer_tokens(toy_tok, prompt, parenthesised=True)
+
+    tok = merging_tokenizer(["[INST] pick one (A) yes (B) no [/INST] (A", "[INST] q (A) x (B) y [/INST] (B"] * 50)
+    question = "[INST] pick one (A) yes (B) no [/INST]"
+    merged = answer_tokens(tok, question, parenthesised=True)
+    assert [tok.convert_ids_to_tokens(merged.letters[x]) for x in "AB"] == ["\u2581(A", "\u2581(B"]  # merged
+    assert merged.prefix == tok(question, add_special_tokens=False)["input_ids"]
+    for letter in "AB":
+        assert tok.decode([*merged.prefix, merged.letters[letter]]) == f"{question} ({letter}"
+
+
+def test_pairs_with_parenthesised_answers_keep_their_form(tmp_path):
+    pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", [
+        {"question": "q", "answer_matching_behavior": " (A)", "answer_not_matching_behavior": " (B)"},
+        {"question": "q", "answer_matching_behavior": "B", "answer_not_matching_behavior": "A"}]))
+    assert [(p.matching, p.parenthesised) for p in pairs] == [("A", True), ("B", False)]
 
 
 def test_vectors_file_is_a_per_layer_direction_file_with_unnormalised_rows(choice_model, vectors_file):
