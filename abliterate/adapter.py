@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -36,10 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
 from .checkpoint import Checkpoint
 from .direction_file import Direction
-from .edit import DEFAULT_MAX_MEMORY, DIRECTION_NAME, MANIFEST_NAME
+from .edit import DEFAULT_MAX_MEMORY, DIRECTION_NAME, write_manifest
 from .errors import AbliterateError
 from .plan import TIE_KEY, EditPlan, TensorEdit
 from .projection import (
@@ -212,7 +210,9 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if direction.path is not None:
             shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
-        _write_manifest(ckpt, plan, direction, export, options, notes, tmp)
+        write_manifest(ckpt, plan, direction, tmp, {"adapter": {"ignore_biases": options.ignore_biases,
+                                                              "max_memory": options.max_memory}},
+                       edits=export.edits, notes=notes)
     return AdapterResult(Path(out), len(export.factors), len(export.biases), nbytes, tuple(notes))
 
 
@@ -503,23 +503,3 @@ def _notes(plan: EditPlan, export: _Export, options: AdapterOptions, has_bias_ed
         notes.append("--ignore-biases: biases were left unedited, so the adapter differs from `apply` by the bias "
                      "terms along the direction")
     return notes
-
-
-def _write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, export: _Export,
-                    options: AdapterOptions, notes: list[str], tmp: Path) -> None:
-    """What the adapter carries, in `apply`'s manifest format: `merge` passes it on, so `verify` can check."""
-    manifest = {
-        "tool": "abliterate",
-        "version": __version__,
-        "command": shlex.join(["abliterate", *sys.argv[1:]]),
-        "source": str(ckpt.root),
-        "direction": {"file": DIRECTION_NAME if direction.path else None, "metadata": direction.metadata,
-                      "per_layer": direction.per_layer},
-        "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
-        "config_updates": plan.config_updates,
-        "edits": {e.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
-                           "component": e.component} for e in export.edits.values()},
-        "notes": notes,
-        "adapter": {"ignore_biases": options.ignore_biases, "max_memory": options.max_memory},
-    }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -42,6 +42,31 @@ def parse_components(value: str) -> tuple[str, ...]:
     return parts
 
 
+def model_options(*, thinking: bool = True, batch_size: int | None = None):
+    """The options of every command that loads a model to run it: device, dtype, template, thinking mode,
+    remote code (and a batch size, where the command has a default for it)."""
+    options = [click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto."),
+               click.option("--dtype", default="auto", show_default=True,
+                            help="auto (the checkpoint's), bfloat16, float16, float32."),
+               click.option("--template", default=None,
+                            help="Chat template (Jinja file or text) for models without one.")]
+    if thinking:
+        options.append(click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: "
+                                    "enable_thinking=False is passed to templates that support it, so the first "
+                                    "reply token is the answer)."))
+    options.append(click.option("--trust-remote-code", is_flag=True,
+                                help="Allow the model's own Python code from the Hub."))
+    if batch_size is not None:
+        options.append(click.option("--batch-size", default=batch_size, show_default=True))
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 class Main(click.Group):
     """Turns library errors into one line on stderr and a non-zero exit, never a traceback; a first
     argument that is not a subcommand is a MODEL for `run` (so `abliterate MODEL --push` works)."""
@@ -299,9 +324,6 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--n-train", default=128, show_default=True, help="Prompts per set for the difference of means.")
 @click.option("--n-val", default=32, show_default=True, help="Prompts per set for scoring candidates.")
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
-@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
 @click.option("--positions", type=int, default=None,
               help="Use only the last N post-instruction positions (default: all of them).")
 @click.option("--kl-threshold", default=0.1, show_default=True, help="Reject candidates whose ablation moves the "
@@ -309,9 +331,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--induce-threshold", default=0.0, show_default=True, help="Reject candidates whose addition does "
               "not raise the refusal log-odds on harmless prompts above this.")
 @click.option("--prune-layers", default=0.2, show_default=True, help="Fraction of last layers never selected.")
-@click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: enable_thinking=False "
-              "is passed to templates that support it, so the first reply token is the answer).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@model_options()
 @click.option("--quiet", "-q", is_flag=True)
 def extract(model: str, out: Path, harmful: str, harmless: str, field: str | None, n_train: int, n_val: int,
             batch_size: int, device: str, dtype: str, template: str | None, positions: int | None,
@@ -387,11 +407,7 @@ def demo(workdir: Path | None) -> None:
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--judge", default=None, help="A chat model asked, per reply, whether it refuses (yes/no), "
               "reported next to the marker counts.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
-@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
-@click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: enable_thinking=False).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@model_options()
 @click.option("--quiet", "-q", is_flag=True)
 def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Path | None, harmful: str,
              harmless: str, overrefusal: str, field: str | None, limit: int, max_new_tokens: int, kl_tokens: int,
@@ -464,11 +480,7 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
 @click.option("--max-new-tokens", default=24, show_default=True,
               help="Greedy tokens per reply when counting refusals of points on the front.")
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
-@click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, float32.")
-@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
-@click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: enable_thinking=False).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@model_options()
 @click.option("--quiet", "-q", is_flag=True)
 def search(model: str, direction_path: Path, out: Path, study_path: Path | None, study_name: str, trials: int,
            max_kl: float | None, max_refusals: float | None, seed: int, startup_trials: int, max_strength: float,
@@ -599,29 +611,13 @@ def _parse_coeffs(value: str) -> list[float]:
     return coeffs
 
 
-_MODEL_OPTIONS = [
-    click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto."),
-    click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), bfloat16, float16, "
-                 "float32."),
-    click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one."),
-    click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub."),
-    click.option("--batch-size", default=16, show_default=True),
-]
-
-
-def _model_options(fn):
-    for option in reversed(_MODEL_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
 @steer.command("vectors")
 @click.argument("model")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
               help="JSONL: CAA A/B items (question, answer_matching_behavior, answer_not_matching_behavior) or "
               "ActAdd prompt pairs (positive, negative).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Vectors file to write (.safetensors).")
-@_model_options
+@model_options(thinking=False, batch_size=16)
 @click.option("--quiet", "-q", is_flag=True)
 def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: str, template: str | None,
                   trust_remote_code: bool, batch_size: int, quiet: bool) -> None:
@@ -648,7 +644,7 @@ def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: s
 @click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
 @click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable); default: one per stdin line.")
 @click.option("--max-new-tokens", default=64, show_default=True)
-@_model_options
+@model_options(thinking=False, batch_size=16)
 def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts: tuple[str, ...],
                max_new_tokens: int, device: str, dtype: str, template: str | None, trust_remote_code: bool,
                batch_size: int) -> None:
@@ -679,7 +675,7 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
 @click.option("--coeffs", default="-2,-1,0,1,2", show_default=True, callback=lambda c, p, v: _parse_coeffs(v))
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
               help="Also draw the table as a PNG here (needs matplotlib).")
-@_model_options
+@model_options(thinking=False, batch_size=16)
 @click.option("--quiet", "-q", is_flag=True)
 def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | None, coeffs: list[float],
                 plot_path: Path | None, device: str, dtype: str, template: str | None, trust_remote_code: bool,

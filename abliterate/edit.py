@@ -92,8 +92,10 @@ def project_tensor(target: Target, direction: Direction) -> None:
         ) from None
 
 
-def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: Path, extra: dict) -> None:
-    """What was done, precisely enough for `abliterate verify` to re-check it."""
+def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: Path, extra: dict, *,
+                   edits: dict | None = None, notes: list[str] | None = None) -> None:
+    """What was done, precisely enough for `abliterate verify` to re-check it (an adapter passes the
+    edits it carries and its own notes)."""
     manifest = {
         "tool": "abliterate",
         "version": __version__,
@@ -104,8 +106,8 @@ def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: 
         "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
         "config_updates": plan.config_updates,
         "edits": {e.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
-                           "component": e.component} for e in plan.edits.values()},
-        "notes": list(plan.notes),
+                           "component": e.component} for e in (edits or plan.edits).values()},
+        "notes": list(plan.notes) if notes is None else notes,
         **extra,
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
