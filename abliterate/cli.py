@@ -57,7 +57,8 @@ def model_options(*, thinking: bool = True, batch_size: int | None = None):
     options.append(click.option("--trust-remote-code", is_flag=True,
                                 help="Allow the model's own Python code from the Hub."))
     if batch_size is not None:
-        options.append(click.option("--batch-size", default=batch_size, show_default=True))
+        options.append(click.option("--batch-size", default=batch_size, show_default=True,
+                                    help="Prompts per forward pass; lower it if memory runs out."))
 
     def decorate(fn):
         for option in reversed(options):
@@ -639,11 +640,12 @@ def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: s
 
 @steer.command("chat")
 @click.argument("model")
-@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path))
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path),
+              help="Vectors file written by `abliterate steer vectors`.")
 @click.option("--layer", required=True, type=int, help="Add the vector to the residual stream after this layer.")
 @click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
 @click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable); default: one per stdin line.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, help="Greedy tokens per reply.")
 @model_options(thinking=False, batch_size=16)
 def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts: tuple[str, ...],
                max_new_tokens: int, device: str, dtype: str, template: str | None, trust_remote_code: bool,
@@ -668,11 +670,13 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
 
 @steer.command("sweep")
 @click.argument("model")
-@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path))
+@click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path),
+              help="Vectors file written by `abliterate steer vectors`.")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
               help="Held-out A/B items (JSONL, same fields as for `steer vectors`).")
 @click.option("--layers", default=None, help="Layers to steer, START:END (END excluded). Default: all.")
-@click.option("--coeffs", default="-2,-1,0,1,2", show_default=True, callback=lambda c, p, v: _parse_coeffs(v))
+@click.option("--coeffs", default="-2,-1,0,1,2", show_default=True, callback=lambda c, p, v: _parse_coeffs(v),
+              help="Comma-separated multipliers of the vector (negative: the opposite behaviour).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
               help="Also draw the table as a PNG here (needs matplotlib).")
 @model_options(thinking=False, batch_size=16)

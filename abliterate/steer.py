@@ -181,7 +181,8 @@ def save_vectors(path: str | Path, vectors: torch.Tensor, lm: LoadedModel, pairs
 
 
 def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.ndarray:
-    """The per-layer steering vectors as stored (not normalised; zero rows allowed), checked against the model."""
+    """The per-layer steering vectors as stored (not normalised; zero rows allowed), checked against the model;
+    a single [d] vector is used at every layer."""
     from safetensors import safe_open
 
     from .safetensors_io import read_header
@@ -193,6 +194,8 @@ def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.n
         raise AbliterateError(f"{path} has no tensor {VECTORS_KEY!r}; pass a file from `abliterate steer vectors`")
     with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(VECTORS_KEY)
+    if vectors.shape == (hidden_size,):  # one direction (e.g. from `abliterate extract`): the same at every layer
+        vectors = np.tile(vectors, (num_layers + 1, 1))
     if vectors.ndim != 2 or vectors.shape != (num_layers + 1, hidden_size):
         raise AbliterateError(f"{path} holds vectors of shape {list(vectors.shape)}; this model needs "
                               f"[{num_layers + 1}, {hidden_size}] (rebuild them with `abliterate steer vectors`)")

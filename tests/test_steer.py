@@ -268,6 +268,17 @@ def test_bad_pairs_file_is_one_clear_error_line(tmp_path, content, message):
     assert not (tmp_path / "v.safetensors").exists()
 
 
+def test_a_single_direction_steers_at_whichever_layer_is_chosen(tmp_path):
+    from abliterate.direction_file import save_direction
+
+    direction = np.arange(8, dtype=np.float32)
+    save_direction(tmp_path / "d.safetensors", direction, {"kind": "refusal"})
+    vectors = load_vectors(tmp_path / "d.safetensors", hidden_size=8, num_layers=3)
+    assert vectors.shape == (4, 8) and all(np.array_equal(row, direction) for row in vectors)
+    with pytest.raises(AbliterateError, match=r"shape \[8\]; this model needs \[4, 16\]"):
+        load_vectors(tmp_path / "d.safetensors", hidden_size=16, num_layers=3)
+
+
 def test_sweep_rejects_layers_outside_the_model_and_pairs_without_letters(refusing_model, tmp_path):
     lm = load_model(refusing_model, dtype="float32", device="cpu")
     v = tmp_path / "v.safetensors"
