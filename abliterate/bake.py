@@ -89,6 +89,9 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 def bake(checkpoint: str | Path, vector: np.ndarray, layer: int, coeff: float, out: str | Path, *,
          overwrite: bool = False, quiet: bool = False, vectors_source: str | None = None) -> BakeResult:
     """Write CHECKPOINT with coeff * vector added by a bias of layer `layer`'s MLP output projection."""
+    from .steer import check_coeff
+
+    check_coeff(coeff)
     ckpt = Checkpoint.open(checkpoint)
     if not 0 <= layer < ckpt.num_layers:
         raise AbliterateError(f"--layer {layer} is out of range; the model has decoder layers 0..{ckpt.num_layers - 1}")

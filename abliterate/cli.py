@@ -347,12 +347,13 @@ def extract(model: str, out: Path, harmful: str, harmless: str, field: str | Non
     used unless --harmful/--harmless say otherwise.
     """
     from .direction import SelectionSettings
-    from .extract import PromptSets, check_output_path, save_extraction, split_prompts
+    from .direction_file import check_output_file
+    from .extract import PromptSets, save_extraction, split_prompts
     from .extract import extract as run_extract
     from .loading import load_model
     from .templates import load_template
 
-    check_output_path(out)
+    check_output_file(out)
     harmful_train, harmful_val = split_prompts(harmful, n_train=n_train, n_val=n_val, field=field, kind="harmful")
     harmless_train, harmless_val = split_prompts(harmless, n_train=n_train, n_val=n_val, field=field,
                                                  kind="harmless")
@@ -627,9 +628,11 @@ def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: s
     A/B items are read at the answer letter after the chat-formatted question; positive/negative
     pairs at the last token of the raw texts. Saved as [layers + 1, d] (row L + 1: after layer L).
     """
+    from .direction_file import check_output_file
     from .steer import load_pairs, save_vectors, steering_vectors
     from .templates import load_template
 
+    check_output_file(out, "vectors.safetensors")
     pairs = load_pairs(pairs_path)
     lm = _load_lm(model, device, dtype, trust_remote_code)
     vectors = steering_vectors(lm, pairs, template=load_template(template), batch_size=batch_size, quiet=quiet)
@@ -693,6 +696,11 @@ def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | 
     vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
     chosen = parse_layers(layers) or range(lm.num_layers)
     chosen = range(chosen.start, min(chosen.stop, lm.num_layers))
+    if not chosen:
+        from .errors import AbliterateError
+
+        raise AbliterateError(f"--layers {layers} selects no layer of this model; it has layers 0 to "
+                              f"{lm.num_layers - 1}")
     table = sweep(lm, pairs, vectors, list(chosen), coeffs, template=load_template(template), batch_size=batch_size,
                   quiet=quiet)
     click.echo(format_table(table))

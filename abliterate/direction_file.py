@@ -67,6 +67,7 @@ def save_direction(path: str | Path, vectors: object, metadata: dict[str, object
     meta.setdefault("hidden_size", str(vectors.shape[-1]))
     tensors = {DIRECTION_KEY: vectors}
     tensors.update({k: as_numpy(v) for k, v in (extra or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
@@ -106,3 +107,12 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
             f"(needs {num_layers + 1}: embedding + one per layer){source}"
         )
     return Direction(normalise(vectors), metadata, path)
+
+
+def check_output_file(path: str | Path, example: str = "direction.safetensors") -> None:
+    """Checked before the model is loaded, so a bad --out does not cost a whole extraction."""
+    path = Path(path)
+    if path.is_dir():
+        raise AbliterateError(f"--out {path} is a folder; give the file's name, e.g. {path / example}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise AbliterateError(f"--out {path}: {path.parent} is a file, not a folder; choose another --out")

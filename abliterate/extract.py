@@ -23,7 +23,7 @@ from .direction import (
     score_candidates,
     scores_json,
 )
-from .direction_file import save_direction
+from .direction_file import check_output_file, save_direction
 from .errors import AbliterateError
 from .loading import LoadedModel
 from .prompts import PromptError, builtin, load_prompts
@@ -91,18 +91,10 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
     return Extraction(direction, best, scores, candidates, suffix, baseline, harmless_mean)
 
 
-def check_output_path(path: Path) -> None:
-    """Checked before the model is loaded, so a bad --out does not cost a whole extraction."""
-    if Path(path).is_dir():
-        raise AbliterateError(f"--out {path} is a folder; give the direction file's name, "
-                              f"e.g. {Path(path) / 'direction.safetensors'}")
-
-
 def save_extraction(result: Extraction, path: Path, lm: LoadedModel, extra_metadata: dict | None = None) -> None:
     """Direction, every candidate and their scores in one file; `command` in extra_metadata overrides sys.argv."""
     path = Path(path)
-    check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(path)
     best = result.best
     metadata = {
         "model": lm.name,

@@ -6,6 +6,7 @@ what "the edit" is by construction.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -149,7 +150,14 @@ def _scale_for(options: EditOptions, component: str, layer: int | None) -> float
 
 
 def _check_layer_scales(options: EditOptions, num_layers: int) -> None:
-    """Per-layer scales made for another depth (a recipe from another model) are refused, not truncated."""
+    """A scale that is not a number would write NaN weights; per-layer scales made for another depth
+    (a recipe from another model) are refused, not truncated."""
+    if not math.isfinite(options.scale):
+        raise AbliterateError(f"--scale {options.scale} is not a finite number; use e.g. 1 to remove the direction "
+                              "or -1 to amplify it")
+    bad = sorted(c for c, scales in options.layer_scales.items() if not all(math.isfinite(x) for x in scales))
+    if bad:
+        raise AbliterateError(f"layer scales for {', '.join(bad)} hold NaN or inf; every entry must be a number")
     for component, scales in options.layer_scales.items():
         need = 1 if component == "embed" else num_layers
         if len(scales) != need:

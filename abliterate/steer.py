@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,17 @@ def _letter(value: object, where: str, field: str) -> str:
 def load_pairs(path: str | Path) -> list[Pair]:
     """Read and validate a pairs file; every problem is one line naming the file, line and fix."""
     path = Path(path)
+    if path.is_dir():
+        raise AbliterateError(f"pairs file {path} is a folder; pass a JSONL file of contrastive pairs")
     if not path.is_file():
         raise AbliterateError(f"pairs file {path} does not exist; pass a JSONL file of contrastive pairs")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AbliterateError(f"pairs file {path} is not UTF-8 text; write one JSON object per line") from None
     pairs: list[Pair] = []
     kinds: set[str] = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -204,6 +211,11 @@ def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.n
     return vectors.astype(np.float32)
 
 
+def check_coeff(coeff: float) -> None:
+    if not math.isfinite(coeff):
+        raise AbliterateError(f"coefficient {coeff} is not a finite number; use e.g. 1 (toward the behaviour) or -1")
+
+
 def check_layer(layer: int, num_layers: int) -> None:
     if not 0 <= layer < num_layers:
         raise AbliterateError(f"--layer {layer} is out of range; the model has layers 0 to {num_layers - 1}")
@@ -225,6 +237,7 @@ def steering(model: torch.nn.Module, arch: Arch | None, layer: int, vector: obje
     vec = torch.as_tensor(np.asarray(vector), dtype=torch.float32)
     layers = decoder_layers(model, arch)
     check_layer(layer, len(layers))
+    check_coeff(coeff)
     generating = {"on": False, "forwards": 0}
 
     def positions(hidden: torch.Tensor) -> torch.Tensor:
@@ -326,6 +339,8 @@ def sweep(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray, layers: S
     """{layer: {coeff: mean matching probability}} over held-out A/B pairs."""
     for layer in layers:
         check_layer(layer, lm.num_layers)
+    for c in coeffs:
+        check_coeff(c)
     grid = [(layer, c) for layer in layers for c in coeffs]
     table: dict[int, dict[float, float]] = {layer: {} for layer in layers}
     for layer, c in tqdm(grid, desc="sweep", disable=quiet, leave=False):

@@ -124,6 +124,11 @@ def test_direction_file_without_direction_tensor(model):
     assert "no tensor named 'direction'" in apply_fails(model, direction=model.parent / "nodir.safetensors")
 
 
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf"])
+def test_a_scale_that_is_not_a_number_is_refused_instead_of_writing_nan_weights(model, scale):
+    assert f"--scale {float(scale)} is not a finite number" in apply_fails(model, f"--scale={scale}")
+
+
 def test_unknown_architecture_names_the_way_out(model):
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "brand_new_arch"

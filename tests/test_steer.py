@@ -256,16 +256,55 @@ def test_steer_chat_with_an_actadd_refusal_vector_makes_harmless_requests_refuse
     ('{"positive": "x"}\n', "negative"),
     ('{"prompt": "x"}\n', "expected question"),
     ('["a", "b"]\n', "expected a JSON object"),
+    (b"\xbd\xff binary", "not UTF-8 text"),
 ])
 def test_bad_pairs_file_is_one_clear_error_line(tmp_path, content, message):
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(content)
+    pairs.write_bytes(content) if isinstance(content, bytes) else pairs.write_text(content)
     result = CliRunner().invoke(cli, ["steer", "vectors", str(tmp_path / "no-model"), "--pairs", str(pairs),
                                       "--out", str(tmp_path / "v.safetensors")])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def steer_fails(*args: str) -> str:
+    result = CliRunner().invoke(cli, ["steer", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_a_folder_as_pairs_file_or_as_output_file_is_refused_before_loading_the_model(tmp_path):
+    (tmp_path / "folder").mkdir()
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"positive": "a", "negative": "b"}])
+    no_model = str(tmp_path / "no-model")
+    assert "is a folder" in steer_fails("vectors", no_model, "--pairs", str(tmp_path / "folder"), "--out",
+                                        str(tmp_path / "v.safetensors"))
+    line = steer_fails("vectors", no_model, "--pairs", str(pairs), "--out", str(tmp_path / "folder"))
+    assert "--out" in line and "is a folder" in line and "vectors.safetensors" in line
+
+
+def test_coefficients_that_are_not_numbers_and_layers_outside_the_model_are_refused(refusing_model, tmp_path):
+    from abliterate.direction_file import save_direction
+
+    lm = load_model(refusing_model, dtype="float32", device="cpu")
+    v = tmp_path / "v.safetensors"
+    save_direction(v, np.ones((lm.num_layers + 1, lm.hidden_size), dtype=np.float32), {"kind": "steering"})
+    held = write_jsonl(tmp_path / "held.jsonl", [{"question": "q", "answer_matching_behavior": "A",
+                                                  "answer_not_matching_behavior": "B"}])
+    model = ["--device", "cpu"]
+    assert "coefficient nan is not a finite number" in steer_fails(
+        "chat", str(refusing_model), "--vectors", str(v), "--layer", "1", "--coeff", "nan", "--prompt", "hi", *model)
+    assert "coefficient inf is not a finite number" in steer_fails(
+        "sweep", str(refusing_model), "--vectors", str(v), "--pairs", str(held), "--coeffs", "1,inf", "-q", *model)
+    assert "--layers 9:12 selects no layer" in steer_fails(
+        "sweep", str(refusing_model), "--vectors", str(v), "--pairs", str(held), "--layers", "9:12", "-q", *model)
+    assert "coefficient nan is not a finite number" in steer_fails(
+        "bake", str(refusing_model), "--vectors", str(v), "--layer", "1", "--coeff", "nan", "--out",
+        str(tmp_path / "baked"))
+    assert not (tmp_path / "baked").exists()
 
 
 def test_a_single_direction_steers_at_whichever_layer_is_chosen(tmp_path):
