@@ -27,11 +27,16 @@ def parse_layers(value: str | None) -> range | None:
         return None
     m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*))?\s*", value)
     if not m or (m.group(2) is None and not m.group(1)):
-        raise click.BadParameter(f"{value!r} is not a layer range; write START:END (END excluded), e.g. 8:20")
+        raise click.BadParameter(f"{value!r} is not a layer range; write START:END (END excluded), e.g. 8:20",
+                                 param_hint="'--layers'")
     start = int(m.group(1) or 0)
     if m.group(2) is None:
         return range(start, start + 1)
-    return range(start, int(m.group(2)) if m.group(2) else 1 << 30)
+    layers = range(start, int(m.group(2)) if m.group(2) else 1 << 30)
+    if not layers:
+        raise click.BadParameter(f"{value!r} selects no layer (END is excluded); write START:END with START < END",
+                                 param_hint="'--layers'")
+    return layers
 
 
 def parse_components(value: str) -> tuple[str, ...]:
@@ -283,6 +288,11 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     from .verify import verify as run_verify
 
     ckpt = Checkpoint.open(original)
+    if direction_path is None and not (edited / DIRECTION_NAME).is_file():
+        from .errors import AbliterateError
+
+        raise AbliterateError(f"{edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); pass "
+                              "--direction FILE with the direction the edit used")
     direction = load_direction(direction_path or edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
                                num_layers=ckpt.num_layers)
     options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None

@@ -72,7 +72,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     unknown = set(options.components) - set(COMPONENTS)
     if unknown:
         raise AbliterateError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)}")
-    _check_layer_scales(options, ckpt.num_layers)
+    _check_options(options, ckpt.num_layers)
     arch = None if options.targets else arch_for_config(ckpt.config)
     writers = _override_writers(options.targets) if options.targets else arch.writers  # type: ignore[union-attr]
     edits: dict[str, TensorEdit] = {}
@@ -149,12 +149,17 @@ def _scale_for(options: EditOptions, component: str, layer: int | None) -> float
     return options.scale * per_layer[index]
 
 
-def _check_layer_scales(options: EditOptions, num_layers: int) -> None:
-    """A scale that is not a number would write NaN weights; per-layer scales made for another depth
-    (a recipe from another model) are refused, not truncated."""
+def _check_options(options: EditOptions, num_layers: int) -> None:
+    """A scale that is not a number would write NaN weights and a layer range past the model would edit
+    only the embedding: both refused. Per-layer scales made for another depth (a recipe from another
+    model) are refused, not truncated."""
     if not math.isfinite(options.scale):
         raise AbliterateError(f"--scale {options.scale} is not a finite number; use e.g. 1 to remove the direction "
                               "or -1 to amplify it")
+    if options.layers is not None and not range(num_layers)[options.layers.start:options.layers.stop]:
+        stop = "" if options.layers.stop >= 1 << 30 else options.layers.stop  # "START:" means to the end
+        raise AbliterateError(f"--layers {options.layers.start}:{stop} selects no layer of this model; "
+                              f"it has layers 0 to {num_layers - 1}")
     bad = sorted(c for c, scales in options.layer_scales.items() if not all(math.isfinite(x) for x in scales))
     if bad:
         raise AbliterateError(f"layer scales for {', '.join(bad)} hold NaN or inf; every entry must be a number")

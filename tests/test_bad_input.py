@@ -129,6 +129,16 @@ def test_a_scale_that_is_not_a_number_is_refused_instead_of_writing_nan_weights(
     assert f"--scale {float(scale)} is not a finite number" in apply_fails(model, f"--scale={scale}")
 
 
+@pytest.mark.parametrize("layers, message", [("40:", "--layers 40: selects no layer of this model"),
+                                             ("3:3", "selects no layer (END is excluded)")])
+def test_a_layer_range_that_selects_no_layer_is_refused_instead_of_editing_only_the_embedding(model, layers,
+                                                                                            message):
+    out = model.parent / "out"
+    code, output = run_cli("apply", str(model), "--direction", str(model.parent / "dir.safetensors"), "--out",
+                           str(out), "-q", "--layers", layers)
+    assert code == 2 and message in output and not out.exists(), output
+
+
 def test_unknown_architecture_names_the_way_out(model):
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "brand_new_arch"
@@ -222,3 +232,10 @@ def test_sigterm_cleans_up_the_temporary_folder(tmp_path):
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.glob(".out.abliterate-tmp-*"))
+
+
+def test_verify_of_a_folder_without_a_direction_asks_for_one(model):
+    other = model.parent / "other"
+    shutil.copytree(model, other)
+    code, output = run_cli("verify", str(model), str(other))
+    assert code == 2 and "holds no refusal_direction.safetensors" in output and "--direction" in output
