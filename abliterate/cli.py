@@ -96,6 +96,14 @@ class Main(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; no output was written", err=True)
             sys.exit(130)
+        except Exception as e:
+            from .hub import network_problem
+
+            message = network_problem(e)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

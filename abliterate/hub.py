@@ -26,6 +26,26 @@ def is_local(model: str) -> bool:
     return Path(model).exists() or model.startswith((".", "/", "~"))
 
 
+NETWORK_PACKAGES = ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+NETWORK_WORDS = ("Connect", "Timeout", "Network", "Transport", "Proxy", "Protocol")
+
+
+def network_problem(error: BaseException) -> str | None:
+    """One line for a connection to the Hub that failed (whichever HTTP client huggingface_hub uses,
+    raised as is or wrapped in one of its own errors); None for any other error."""
+    seen: BaseException | None = error
+    while seen is not None:
+        for cls in type(seen).__mro__:
+            if cls.__module__.split(".")[0] in NETWORK_PACKAGES and any(w in cls.__name__ for w in NETWORK_WORDS):
+                from huggingface_hub import constants
+
+                reason = str(seen).splitlines()[0] if str(seen) else type(seen).__name__
+                return (f"cannot reach the Hub at {constants.ENDPOINT} ({reason}); check the network or HF_ENDPOINT, "
+                        "or pass a local model folder")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _hub_errors():
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -125,3 +125,12 @@ def test_a_card_names_a_hub_base_model_but_never_a_local_path(tmp_path):
     local = card(str(tmp_path / "owner"))
     assert local.data.base_model is None and "huggingface.co/" + str(tmp_path) not in local.text
     assert "abliterated" in local.data.tags
+
+
+def test_a_hub_that_cannot_be_reached_is_one_clear_error_and_writes_nothing(hub, direction, tmp_path):  # noqa: F811
+    hub.serving = False  # the server stops: its port refuses connections, as an unreachable Hub does
+    code, output = push(direction, tmp_path / "out", "--push")
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1, output
+    assert lines[0].startswith("error: cannot reach the Hub at http://127.0.0.1:") and "HF_ENDPOINT" in lines[0]
+    assert not (tmp_path / "out").exists()
