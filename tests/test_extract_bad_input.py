@@ -86,3 +86,16 @@ def test_an_output_path_that_is_a_folder_is_refused_before_loading_the_model(har
     line = extract_fails(tmp_path / "no-model-here", harmless_file, harmless_file, tmp_path / "out")
     assert "--out" in line and "folder" in line and "direction.safetensors" in line
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_before_loading_weights(refusing_model, harmless_file,
+                                                                                  tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in refusing_model.iterdir():
+        if f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / f.name)
+    line = extract_fails(folder, harmless_file, harmless_file, tmp_path / "d.safetensors")
+    assert "cannot load the tokenizer of" in line and "no-tokenizer" in line and "tokenizer.json" in line
