@@ -566,6 +566,7 @@ def search(model: str, direction_path: Path, out: Path, study_path: Path | None,
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
 @click.option("--dtype", default=None, help="Compute dtype for extraction/evaluation (default: the recipe's).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@click.option("--template", default=None, help="Chat template (Jinja file or text) for models without one.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--stream", is_flag=True, help="With --push and --direction: download, edit, upload and delete one "
               "shard at a time (disk for about two shards); a rerun resumes; --out is the work folder.")
@@ -573,7 +574,8 @@ def search(model: str, direction_path: Path, out: Path, study_path: Path | None,
 def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direction_path: Path | None,
         recipe_path: Path | None, harmful: str | None, harmless: str | None, field: str | None, eval_harmful: str,
         eval_harmless: str, no_eval: bool, private: bool, force: bool, revision: str | None, device: str,
-        dtype: str | None, trust_remote_code: bool, overwrite: bool, stream: bool, quiet: bool) -> None:
+        dtype: str | None, trust_remote_code: bool, template: str | None, overwrite: bool, stream: bool,
+        quiet: bool) -> None:
     """The whole job on MODEL (a Hub id or a local folder): an abliterated checkpoint or adapter.
 
     Fetches only safetensors weights, config, tokenizer and chat template (never pickles; remote
@@ -590,8 +592,8 @@ def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direct
         model=model, out=out, adapter=adapter, direction=direction_path, recipe=recipe_path, harmful=harmful,
         harmless=harmless, field=field, eval_harmful=eval_harmful, eval_harmless=eval_harmless, evaluate=not no_eval,
         push=push_to is not None, repo_id=push_to or None, private=private, force=force, revision=revision,
-        device=device, dtype=dtype, trust_remote_code=trust_remote_code, overwrite=overwrite, stream=stream,
-        quiet=quiet))
+        device=device, dtype=dtype, trust_remote_code=trust_remote_code, template=template, overwrite=overwrite,
+        stream=stream, quiet=quiet))
     if not stream:
         click.echo(f"wrote {result.out}")
     if result.url:

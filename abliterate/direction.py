@@ -128,8 +128,9 @@ def choose(scores: list[CandidateScore]) -> CandidateScore:
         hint = (f"; the best rejected one (layer {best.layer}, position {best.position}) was rejected because "
                 f"{best.rejected}") if best else ""
         raise AbliterateError(
-            "no candidate direction passed the filters" + hint + "; relax --kl-threshold / --induce-threshold, "
-            "use more prompts, or check that the model refuses the harmful prompts at all"
+            "no candidate direction passed the filters" + hint + "; relax the thresholds (`extract --kl-threshold "
+            "/ --induce-threshold`, or a recipe's extract.kl_threshold / induce_threshold), use more prompts, or "
+            "check that the model refuses the harmful prompts at all"
         )
     return min(kept, key=lambda s: s.refusal_ablated)
 

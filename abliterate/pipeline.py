@@ -40,6 +40,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str | None = None
     trust_remote_code: bool = False
+    template: str | None = None  # --template: a Jinja file or text, for models without a chat template
     overwrite: bool = False
     stream: bool = False
     quiet: bool = False
@@ -129,7 +130,7 @@ def regenerate_command(options: RunOptions) -> str:
     args = ["abliterate", options.model]
     flags = {"--revision": options.revision, "--direction": options.direction, "--recipe": options.recipe,
              "--harmful": options.harmful, "--harmless": options.harmless, "--field": options.field,
-             "--dtype": options.dtype}
+             "--dtype": options.dtype, "--template": options.template}
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
@@ -144,6 +145,7 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
     from .direction import SelectionSettings
     from .extract import PromptSets, extract, save_extraction, split_prompts
     from .loading import load_model
+    from .templates import load_template
 
     s = recipe.extract
     harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
@@ -155,7 +157,8 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
                     trust_remote_code=options.trust_remote_code)
     settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size)
     result = extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val), positions=s.positions,
-                     settings=settings, template_kwargs={"enable_thinking": False}, quiet=options.quiet)
+                     template=load_template(options.template), settings=settings,
+                     template_kwargs={"enable_thinking": False}, quiet=options.quiet)
     save_extraction(result, path, lm, {"model": options.model})
     say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
         f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
@@ -198,10 +201,12 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[st
 def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
     from .evaluate import EvalSettings, evaluate
     from .loading import LoadedModel, load_model
+    from .templates import load_template
 
     e = recipe.evaluate
     settings = EvalSettings(limit=e.limit or None, max_new_tokens=e.max_new_tokens, kl_tokens=e.kl_tokens,
-                            batch_size=e.batch_size, harmful=options.eval_harmful, harmless=options.eval_harmless)
+                            batch_size=e.batch_size, harmful=options.eval_harmful, harmless=options.eval_harmless,
+                            template=load_template(options.template))
     load = lambda path: load_model(path, dtype=options.dtype or "auto", device=options.device,  # noqa: E731
                                    trust_remote_code=options.trust_remote_code)
     baseline = load(source)
@@ -218,7 +223,8 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
                + (f" --harmful {shlex.quote(options.eval_harmful)}"
                   if options.eval_harmful != "builtin:harmful" else "")
                + (f" --harmless {shlex.quote(options.eval_harmless)}"
-                  if options.eval_harmless != "builtin:harmless" else ""))
+                  if options.eval_harmless != "builtin:harmless" else "")
+               + (f" --template {shlex.quote(options.template)}" if options.template else ""))
     report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command)
     say(report.table())
     return report

@@ -72,6 +72,33 @@ def test_whole_job_on_a_local_folder_writes_an_edited_model_with_card_and_checks
     assert run_cli("verify", str(refusing_model), str(out))[0] == 0  # the edit itself
 
 
+def test_a_model_without_a_chat_template_runs_with_template_and_is_refused_without(refusing_model, prompt_files,
+                                                                                 tmp_path):
+    import json
+    import shutil
+
+    from abliterate.toy import CHAT_TEMPLATE
+
+    bare = tmp_path / "no-template"
+    shutil.copytree(refusing_model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    code, output = run_cli(str(bare), "--out", str(tmp_path / "refused"), *job_args(prompt_files))
+    assert code == 2 and "no chat template" in output and "--template" in output
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "template.jinja").write_text(CHAT_TEMPLATE)
+    out = tmp_path / "with-template"
+    code, output = run_cli(str(bare), "--out", str(out), "--template", str(tmp_path / "template.jinja"),
+                           *job_args(prompt_files))
+    assert code == 0, output
+    card = ModelCard.load(out / "README.md")
+    refusal_row = next(line for line in card.text.splitlines() if line.startswith("| refusal rate"))
+    assert refusal_row.split("|")[2].strip() == "0.0 % (baseline 100.0 %)"
+    assert f"--template {tmp_path / 'template.jinja'}" in card.text  # in the regenerate and evaluate commands
+
+
 def test_push_publishes_edited_weights_that_download_to_the_same_logits_as_a_local_edit(hub, prompt_files, tmp_path,
                                                                                          refusing_model, capfd):
     code, output = run_cli("user/toy-chat", "--push", "--out", str(tmp_path / "out"), *job_args(prompt_files))
