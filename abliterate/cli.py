@@ -459,8 +459,11 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
 
         try:
             peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
-        except (OSError, ValueError) as e:
-            raise AbliterateError(f"cannot load the adapter {adapter_dir}: {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes of another model
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+            raise AbliterateError(f"cannot load the adapter {adapter_dir} onto {model} ({reason}); is it the "
+                                  "adapter of another model?") from None
         lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")
     base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
     argv = sys.argv[1:]  # the exact command line; rebuilt from the settings when called in-process

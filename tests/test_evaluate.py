@@ -167,3 +167,21 @@ def test_judge_without_yes_and_no_tokens_is_a_clear_error_before_generating(refu
 def test_bad_options_are_one_line_errors(refusing_model, args, message):
     result = CliRunner().invoke(cli, ["evaluate", str(refusing_model), "-q", *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_an_adapter_of_another_model_is_one_line_naming_the_mismatch(refusing_model, tmp_path):
+    import numpy as np
+
+    from abliterate.direction_file import save_direction
+    from tests.families import FAMILIES, build_model, save_sharded
+
+    other = save_sharded(build_model(FAMILIES["llama"]), tmp_path / "other")  # same width as the toy, other shapes
+    save_direction(tmp_path / "d.safetensors", np.ones(32, dtype=np.float32), {"model": "other"})
+    made = CliRunner().invoke(cli, ["apply", str(other), "--direction", str(tmp_path / "d.safetensors"), "--out",
+                                    str(tmp_path / "adapter"), "--adapter", "-q"])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(cli, ["evaluate", str(refusing_model), "--adapter", str(tmp_path / "adapter"), "-q",
+                                      "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: cannot load the adapter") and "size mismatch" in line and "another model" in line
