@@ -776,5 +776,9 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def main() -> None:
+    import warnings
+
+    # Deprecation notices from transformers/peft internals are for their developers, not ours to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     signal.signal(signal.SIGTERM, _interrupt)
     cli(prog_name="abliterate")
