@@ -682,6 +682,8 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
     from .steer import check_layer, generate_steered, load_vectors
     from .templates import load_template
 
+    if not prompts and sys.stdin.isatty():
+        click.echo("type one prompt per line; end with Ctrl-D", err=True)
     messages = list(prompts) or [line.strip() for line in sys.stdin if line.strip()]
     if not messages:
         raise AbliterateError("no prompts: pass --prompt TEXT or write one prompt per line on stdin")
