@@ -50,9 +50,9 @@ def bake_cli(original: Path, vectors: Path, layer: int, coeff: float, out: Path)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    """Tiny random Llama and GPT-2 checkpoints (sharded, float32)."""
+    """Tiny random Llama, GPT-2 and GPT-NeoX checkpoints (sharded, float32)."""
     root = tmp_path_factory.mktemp("tiny")
-    return {name: save_sharded(build_model(FAMILIES[name]), root / name) for name in ("llama", "gpt2")}
+    return {name: save_sharded(build_model(FAMILIES[name]), root / name) for name in ("llama", "gpt2", "gpt_neox")}
 
 
 def hook_and_baked_logits(original: Path, baked: Path, vector: np.ndarray, layer: int, coeff: float,
@@ -69,7 +69,7 @@ def hook_and_baked_logits(original: Path, baked: Path, vector: np.ndarray, layer
     return plain, hooked, baked_logits
 
 
-@pytest.mark.parametrize("name,layer", [("llama", 0), ("llama", 1), ("gpt2", 0)])
+@pytest.mark.parametrize("name,layer", [("llama", 0), ("llama", 1), ("gpt2", 0), ("gpt_neox", 1)])
 def test_baked_bias_logits_equal_hook_steering_logits_on_tiny_models(tiny, tmp_path, name, layer):
     original = tiny[name]
     config = json.loads((original / "config.json").read_text())
