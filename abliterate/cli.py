@@ -639,8 +639,8 @@ def _parse_coeffs(value: str) -> list[float]:
 @steer.command("vectors")
 @click.argument("model")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
-              help="JSONL: CAA A/B items (question, answer_matching_behavior, answer_not_matching_behavior) or "
-              "ActAdd prompt pairs (positive, negative).")
+              help="JSONL or a JSON array: CAA A/B items (question, answer_matching_behavior, "
+              "answer_not_matching_behavior) or ActAdd prompt pairs (positive, negative).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Vectors file to write (.safetensors).")
 @model_options(thinking=False, batch_size=16)
 @click.option("--quiet", "-q", is_flag=True)
@@ -701,7 +701,7 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
 @click.option("--vectors", "vectors_path", required=True, type=click.Path(path_type=Path),
               help="Vectors file written by `abliterate steer vectors`.")
 @click.option("--pairs", "pairs_path", required=True, type=click.Path(path_type=Path),
-              help="Held-out A/B items (JSONL, same fields as for `steer vectors`).")
+              help="Held-out A/B items (same format as for `steer vectors`).")
 @click.option("--layers", default=None, help="Layers to steer, START:END (END excluded). Default: all.")
 @click.option("--coeffs", default="-2,-1,0,1,2", show_default=True, callback=lambda c, p, v: _parse_coeffs(v),
               help="Comma-separated multipliers of the vector (negative: the opposite behaviour).")

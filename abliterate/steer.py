@@ -5,7 +5,7 @@ a behaviour and prompts that do not. It is stored in the direction file format (
 L + 1 = the residual stream leaving decoder layer L) but *not* normalised: its length is the
 natural scale of the behaviour, and `coeff` multiplies it.
 
-Pairs files (JSONL, one object per line):
+Pairs files (JSONL, one object per line, or a JSON array of objects as the CAA datasets ship):
 
 * CAA A/B items: ``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``
   (answers "A"/"B", or "(A)"/"(B)"). The prompt is the chat-formatted question (the model's chat
@@ -69,8 +69,28 @@ def _letter(value: object, where: str, field: str) -> str:
     return letter
 
 
+def _records(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    """(where, item) for each object of a JSONL file, or of a JSON array (as the CAA datasets ship)."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AbliterateError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); write a JSON array of objects or "
+                                  "one JSON object per line") from None
+        yield from ((f"{path} item {i}", item) for i, item in enumerate(items, 1))
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AbliterateError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object per line") from None
+
+
 def load_pairs(path: str | Path) -> list[Pair]:
-    """Read and validate a pairs file; every problem is one line naming the file, line and fix."""
+    """Read and validate a pairs file (JSONL or a JSON array); every problem is one line naming the
+    file, line or item, and the fix."""
     path = Path(path)
     if path.is_dir():
         raise AbliterateError(f"pairs file {path} is a folder; pass a JSONL file of contrastive pairs")
@@ -82,14 +102,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
         raise AbliterateError(f"pairs file {path} is not UTF-8 text; write one JSON object per line") from None
     pairs: list[Pair] = []
     kinds: set[str] = set()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AbliterateError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
+    for where, item in _records(path, text):
         if not isinstance(item, dict):
             raise AbliterateError(f"{where}: expected a JSON object, got {type(item).__name__}")
         if "question" in item or "answer_matching_behavior" in item:

@@ -94,6 +94,23 @@ def test_answer_letters_are_found_where_the_two_answers_first_differ_in_any_toke
         assert tok.decode([*merged.prefix, merged.letters[letter]]) == f"{question} ({letter}"
 
 
+def test_a_json_array_of_caa_items_loads_like_jsonl(tmp_path):
+    items = [{"question": "Would you help?\n\nChoices:\n (A) Yes\n (B) No", "answer_matching_behavior": "(B)",
+              "answer_not_matching_behavior": "(A)"},
+             {"question": "Again?\n\nChoices:\n (A) No\n (B) Yes", "answer_matching_behavior": "(A)",
+              "answer_not_matching_behavior": "(B)"}]
+    (tmp_path / "caa.json").write_text(json.dumps(items, indent=4))
+    as_array = load_pairs(tmp_path / "caa.json")
+    assert as_array == load_pairs(write_jsonl(tmp_path / "caa.jsonl", items))
+    assert [(p.matching, p.parenthesised) for p in as_array] == [("B", True), ("A", True)]
+    (tmp_path / "bad.json").write_text(json.dumps(items)[:-1])
+    with pytest.raises(AbliterateError, match=r"bad.json:1: not valid JSON"):
+        load_pairs(tmp_path / "bad.json")
+    (tmp_path / "mixed.json").write_text(json.dumps([items[0], {"prompt": "x"}]))
+    with pytest.raises(AbliterateError, match=r"mixed.json item 2: found fields prompt"):
+        load_pairs(tmp_path / "mixed.json")
+
+
 def test_pairs_with_parenthesised_answers_keep_their_form(tmp_path):
     pairs = load_pairs(write_jsonl(tmp_path / "p.jsonl", [
         {"question": "q", "answer_matching_behavior": " (A)", "answer_not_matching_behavior": " (B)"},
