@@ -442,7 +442,7 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
     """
     import shlex
 
-    from .errors import AbliterateError
+    from .errors import AbliterateError, first_line
     from .evaluate import EvalSettings
     from .evaluate import evaluate as run_evaluate
     from .loading import LoadedModel, load_model
@@ -460,8 +460,7 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
         try:
             peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes of another model
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+            reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
             raise AbliterateError(f"cannot load the adapter {adapter_dir} onto {model} ({reason}); is it the "
                                   "adapter of another model?") from None
         lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")

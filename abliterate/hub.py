@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
-from .errors import AbliterateError
+from .errors import AbliterateError, first_line
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 METADATA_PATTERNS = (
@@ -39,9 +39,8 @@ def network_problem(error: BaseException) -> str | None:
             if cls.__module__.split(".")[0] in NETWORK_PACKAGES and any(w in cls.__name__ for w in NETWORK_WORDS):
                 from huggingface_hub import constants
 
-                reason = str(seen).splitlines()[0] if str(seen) else type(seen).__name__
-                return (f"cannot reach the Hub at {constants.ENDPOINT} ({reason}); check the network or HF_ENDPOINT, "
-                        "or pass a local model folder")
+                return (f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(seen)}); check the network or "
+                        "HF_ENDPOINT, or pass a local model folder")
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -73,7 +72,7 @@ def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
             "(private? log in with `hf auth login` or set HF_TOKEN)"
         ) from None
     except http as e:
-        raise AbliterateError(f"the Hub refused to list {repo_id}: {str(e).splitlines()[0]}") from None
+        raise AbliterateError(f"the Hub refused to list {repo_id}: {first_line(e)}") from None
 
 
 def patterns(*, weights: bool, trust_remote_code: bool) -> list[str]:
@@ -104,7 +103,7 @@ def fetch(repo_id: str, dest: Path | None = None, *, revision: str | None = None
     except no_revision:
         raise AbliterateError(f"{repo_id} has no revision {revision!r}") from None
     except http as e:
-        raise AbliterateError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
+        raise AbliterateError(f"downloading {repo_id} failed: {first_line(e)}") from None
     return Path(path)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .archs import Arch, arch_for_config
-from .errors import AbliterateError
+from .errors import AbliterateError, first_line
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -58,32 +58,27 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise AbliterateError(f"cannot load the config of {name}: {_first_line(e)}") from None
+        raise AbliterateError(f"cannot load the config of {name}: {first_line(e)}") from None
     if not trust_remote_code:
         _check_causal_lm(name, config, AutoModelForCausalLM)
     arch = arch_for_config(config.to_dict())
     try:  # the tokenizer first: it fails in a second where the weights would take minutes
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise AbliterateError(f"cannot load the tokenizer of {name} ({_first_line(e)}); the model needs its "
+        raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
                               "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except OSError as e:
-        raise AbliterateError(f"cannot load {name}: {_first_line(e)}") from None
+        raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None
     model.to(resolve_device(device)).eval().requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding is masked out: any token will do, eos by convention
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
             tokenizer.convert_ids_to_tokens(0)
     return LoadedModel(model, tokenizer, arch, name)
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(error).__name__
 
 
 def _check_causal_lm(name: str, config, auto_class) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import AbliterateError
+from .errors import AbliterateError, first_line
 
 OWN_TAG = "abliterate"  # every card this tool writes carries it
 
@@ -26,12 +26,8 @@ def _user() -> str:
     try:
         return HfApi().whoami()["name"]
     except (http, OSError) as e:
-        raise AbliterateError(f"cannot push: the Hub did not accept the token ({_first_line(e)}); log in with "
+        raise AbliterateError(f"cannot push: the Hub did not accept the token ({first_line(e)}); log in with "
                               "`hf auth login` or set HF_TOKEN") from None
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def target_repo(repo_id: str | None, model: str) -> str:
@@ -54,7 +50,7 @@ def check_target(repo_id: str, *, force: bool) -> None:
     except not_found:
         return
     except http as e:
-        raise AbliterateError(f"cannot check {repo_id} on the Hub: {_first_line(e)}") from None
+        raise AbliterateError(f"cannot check {repo_id} on the Hub: {first_line(e)}") from None
     if not [f for f in files if f != ".gitattributes"] or force:
         return
     ours = False
@@ -80,6 +76,6 @@ def push(folder: Path, repo_id: str, *, private: bool = False, force: bool = Fal
         api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                           commit_message="abliterate: edited checkpoint, direction, card and checksums")
     except http as e:
-        raise AbliterateError(f"pushing to {repo_id} failed: {_first_line(e)}; check that you may write there "
+        raise AbliterateError(f"pushing to {repo_id} failed: {first_line(e)}; check that you may write there "
                               "(`hf auth whoami`)") from None
     return str(url)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .archs import COMPONENTS
-from .errors import AbliterateError
+from .errors import AbliterateError, first_line
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise AbliterateError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise AbliterateError(f"{path} is not valid YAML: {first_line(e)}") from None
     except OSError as e:
         raise AbliterateError(f"cannot read recipe {path}: {e.strerror}") from None
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from . import __version__
 from .direction import REFUSAL_PREFIXES, first_token_logprobs, kl_divergence, refusal_score, refusal_token_ids
 from .direction_file import save_direction
-from .errors import AbliterateError
+from .errors import AbliterateError, first_line
 from .hooks import ablate
 from .loading import LoadedModel
 from .plan import EditOptions
@@ -297,7 +297,7 @@ def open_study(path: Path, name: str, fingerprint: dict[str, str], seed: int, st
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{path.resolve()}")
     except Exception as e:  # sqlalchemy's errors for a file that is not an optuna SQLite database
-        raise AbliterateError(f"cannot open the study {path}: {str(e).splitlines()[0]}; pass another --study") from None
+        raise AbliterateError(f"cannot open the study {path}: {first_line(e)}; pass another --study") from None
     existing = {s.study_name for s in storage.get_all_studies()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
