@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .activations import batches, mean_residuals
+from .activations import batches
 from .errors import AbliterateError
 from .hooks import ablate, add
 from .loading import LoadedModel
@@ -81,14 +81,6 @@ def refusal_score(logprobs: torch.Tensor, refusal_ids: list[int]) -> torch.Tenso
 def kl_divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """KL(base || other) per row, from log-probabilities."""
     return (base.exp() * (base - other)).sum(-1)
-
-
-def candidate_directions(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], positions: int, *,
-                         batch_size: int = 16, quiet: bool = False) -> torch.Tensor:
-    """Difference of means [num_layers + 1, positions, d] at every layer and post-instruction position."""
-    mean_harmful = mean_residuals(lm, harmful, positions, batch_size=batch_size, desc="harmful", quiet=quiet)
-    mean_harmless = mean_residuals(lm, harmless, positions, batch_size=batch_size, desc="harmless", quiet=quiet)
-    return mean_harmful - mean_harmless
 
 
 def score_candidates(lm: LoadedModel, candidates: torch.Tensor, harmful_val: Sequence[str],

@@ -82,7 +82,7 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
     mean_harmful = mean_residuals(lm, harmful_train, k, batch_size=settings.batch_size, desc="harmful", quiet=quiet)
     harmless_mean = mean_residuals(lm, harmless_train, k, batch_size=settings.batch_size, desc="harmless",
                                    quiet=quiet)
-    candidates = mean_harmful - harmless_mean  # the difference of means (direction.candidate_directions)
+    candidates = mean_harmful - harmless_mean  # difference of means at every layer and post-instruction position
     ids = refusal_token_ids(lm.tokenizer, refusal_prefixes or REFUSAL_PREFIXES)
     baseline = refusal_score(first_token_logprobs(lm, harmful_val, settings.batch_size), ids).mean().item()
     scores = score_candidates(lm, candidates, harmful_val, harmless_val, ids, settings, quiet=quiet)
