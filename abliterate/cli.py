@@ -22,21 +22,14 @@ def parse_size(value: str) -> int:
 
 
 def parse_layers(value: str | None) -> range | None:
-    """'8:20' (start inclusive, end exclusive), '8:' or ':20', or one layer '12'."""
-    if value is None:
-        return None
-    m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*))?\s*", value)
-    if not m or (m.group(2) is None and not m.group(1)):
-        raise click.BadParameter(f"{value!r} is not a layer range; write START:END (END excluded), e.g. 8:20",
-                                 param_hint="'--layers'")
-    start = int(m.group(1) or 0)
-    if m.group(2) is None:
-        return range(start, start + 1)
-    layers = range(start, int(m.group(2)) if m.group(2) else 1 << 30)
-    if not layers:
-        raise click.BadParameter(f"{value!r} selects no layer (END is excluded); write START:END with START < END",
-                                 param_hint="'--layers'")
-    return layers
+    """--layers, read as plan.parse_layer_range reads it, its error reported as the option's."""
+    from .errors import AbliterateError
+    from .plan import parse_layer_range
+
+    try:
+        return parse_layer_range(value)
+    except AbliterateError as e:
+        raise click.BadParameter(str(e), param_hint="'--layers'") from None
 
 
 def parse_components(value: str) -> tuple[str, ...]:
@@ -718,8 +711,8 @@ def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | 
     pairs = load_pairs(pairs_path)
     lm = _load_lm(model, device, dtype, trust_remote_code)
     vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
-    chosen = parse_layers(layers) or range(lm.num_layers)
-    chosen = range(chosen.start, min(chosen.stop, lm.num_layers))
+    parsed = parse_layers(layers)
+    chosen = range(lm.num_layers) if parsed is None else range(lm.num_layers)[parsed.start:parsed.stop]
     if not chosen:
         from .errors import AbliterateError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .errors import AbliterateError
-from .plan import EditOptions
+from .plan import EditOptions, parse_layer_range
 
 
 @dataclass(frozen=True)
@@ -168,10 +168,10 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
 def edit_options(recipe) -> EditOptions:
     """The recipe's apply section as the editor's options."""
     a = recipe.apply
-    layers = None
-    if a.layers:
-        start, colon, end = a.layers.partition(":")
-        layers = range(int(start or 0), int(end) if end else 1 << 30) if colon else range(int(start), int(start) + 1)
+    try:
+        layers = parse_layer_range(a.layers or None)
+    except AbliterateError as e:
+        raise AbliterateError(f"recipe apply.layers: {e}") from None
     return EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
                        keep_tied=a.keep_tied, layer_scales=a.layer_scales)
 

@@ -18,6 +18,26 @@ from .safetensors_io import FLOAT_DTYPES, TensorInfo
 TIE_KEY = "tie_word_embeddings"
 
 
+TO_THE_END = 1 << 30  # the stop of an open range "START:"; layers past the model are never planned
+
+
+def parse_layer_range(text: str | None) -> range | None:
+    """'8:20' (start inclusive, end exclusive), '8:' or ':20', or one layer '12'; None: every layer.
+    The one reading of --layers and of a recipe's apply.layers."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*))?\s*", text)
+    if not m or (m.group(2) is None and not m.group(1)):
+        raise AbliterateError(f"{text!r} is not a layer range; write START:END (END excluded), e.g. 8:20")
+    start = int(m.group(1) or 0)
+    if m.group(2) is None:
+        return range(start, start + 1)
+    layers = range(start, int(m.group(2)) if m.group(2) else TO_THE_END)
+    if not layers:
+        raise AbliterateError(f"{text!r} selects no layer (END is excluded); write START:END with START < END")
+    return layers
+
+
 @dataclass(frozen=True)
 class EditOptions:
     """What to remove, where, and how strongly.
@@ -157,7 +177,7 @@ def _check_options(options: EditOptions, num_layers: int) -> None:
         raise AbliterateError(f"--scale {options.scale} is not a finite number; use e.g. 1 to remove the direction "
                               "or -1 to amplify it")
     if options.layers is not None and not range(num_layers)[options.layers.start:options.layers.stop]:
-        stop = "" if options.layers.stop >= 1 << 30 else options.layers.stop  # "START:" means to the end
+        stop = "" if options.layers.stop >= TO_THE_END else options.layers.stop
         raise AbliterateError(f"--layers {options.layers.start}:{stop} selects no layer of this model; "
                               f"it has layers 0 to {num_layers - 1}")
     bad = sorted(c for c, scales in options.layer_scales.items() if not all(math.isfinite(x) for x in scales))
