@@ -22,7 +22,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -86,18 +85,17 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def bake(checkpoint: str | Path, vector: np.ndarray, layer: int, coeff: float, out: str | Path, *,
-         overwrite: bool = False, quiet: bool = False, vectors_source: str | None = None) -> BakeResult:
-    """Write CHECKPOINT with coeff * vector added by a bias of layer `layer`'s MLP output projection."""
-    from .steer import check_coeff
+def bake(checkpoint: str | Path, vectors_path: str | Path, layer: int, coeff: float, out: str | Path, *,
+         overwrite: bool = False, quiet: bool = False) -> BakeResult:
+    """Write CHECKPOINT with coeff * (the steering vector after `layer`, row layer + 1 of the vectors
+    file) added by a bias of that layer's MLP output projection."""
+    from .steer import check_coeff, check_layer, load_vectors
 
     check_coeff(coeff)
     ckpt = Checkpoint.open(checkpoint)
-    if not 0 <= layer < ckpt.num_layers:
-        raise AbliterateError(f"--layer {layer} is out of range; the model has decoder layers 0..{ckpt.num_layers - 1}")
-    if vector.shape != (ckpt.hidden_size,):
-        raise AbliterateError(f"the steering vector has shape {list(vector.shape)}; the model needs "
-                              f"[{ckpt.hidden_size}]")
+    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    check_layer(layer, ckpt.num_layers)
+    vector = vectors[layer + 1]
     weight, bias = output_projection(ckpt, layer)
     weight_info = ckpt.tensors[weight][1]
     dtype = ckpt.tensors[bias][1].dtype if bias in ckpt.tensors else weight_info.dtype
@@ -147,7 +145,7 @@ def bake(checkpoint: str | Path, vector: np.ndarray, layer: int, coeff: float, o
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         skipped = copy_other_files(ckpt, tmp)
         (tmp / NOTE_FILE).write_text(json.dumps({
-            "steering": {"layer": layer, "coeff": coeff, "bias": bias, "vectors": vectors_source,
+            "steering": {"layer": layer, "coeff": coeff, "bias": bias, "vectors": str(vectors_path),
                          "residual": f"after decoder layer {layer} (steering-vector row {layer + 1})",
                          "positions": "every position, prompt included", "zero_biases_added": max(len(new) - 1, 0),
                          "config_flag": flag},

@@ -612,12 +612,6 @@ def steer() -> None:
     """
 
 
-def _load_lm(model: str, device: str, dtype: str, trust_remote_code: bool):
-    from .loading import load_model
-
-    return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
 def _parse_coeffs(value: str) -> list[float]:
     try:
         coeffs = [float(c) for c in value.split(",") if c.strip()]
@@ -644,12 +638,13 @@ def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: s
     pairs at the last token of the raw texts. Saved as [layers + 1, d] (row L + 1: after layer L).
     """
     from .direction_file import check_output_file
+    from .loading import load_model
     from .steer import load_pairs, save_vectors, steering_vectors
     from .templates import load_template
 
     check_output_file(out, "vectors.safetensors")
     pairs = load_pairs(pairs_path)
-    lm = _load_lm(model, device, dtype, trust_remote_code)
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     vectors = steering_vectors(lm, pairs, template=load_template(template), batch_size=batch_size, quiet=quiet)
     save_vectors(out, vectors, lm, pairs_path, pairs)
     norms = ", ".join(f"{n:.3g}" for n in vectors.norm(dim=-1).tolist()[1:])
@@ -671,7 +666,8 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
     """Greedy replies with coeff x vector added after --layer, on the assistant header and every
     generated token (not the user's message)."""
     from .errors import AbliterateError
-    from .steer import check_layer, generate_steered, load_vectors
+    from .loading import load_model
+    from .steer import generate_steered, load_vectors
     from .templates import load_template
 
     if not prompts and sys.stdin.isatty():
@@ -679,8 +675,7 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
     messages = list(prompts) or [line.strip() for line in sys.stdin if line.strip()]
     if not messages:
         raise AbliterateError("no prompts: pass --prompt TEXT or write one prompt per line on stdin")
-    lm = _load_lm(model, device, dtype, trust_remote_code)
-    check_layer(layer, lm.num_layers)
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
     replies = generate_steered(lm, messages, vectors, layer, coeff, max_new_tokens=max_new_tokens,
                                template=load_template(template), batch_size=batch_size)
@@ -705,11 +700,12 @@ def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | 
                 plot_path: Path | None, device: str, dtype: str, template: str | None, trust_remote_code: bool,
                 batch_size: int, quiet: bool) -> None:
     """Mean P(behaviour-matching letter), normalised over A and B, per layer and coefficient."""
+    from .loading import load_model
     from .steer import format_table, load_pairs, load_vectors, plot_table, sweep
     from .templates import load_template
 
     pairs = load_pairs(pairs_path)
-    lm = _load_lm(model, device, dtype, trust_remote_code)
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
     parsed = parse_layers(layers)
     chosen = range(lm.num_layers) if parsed is None else range(lm.num_layers)[parsed.start:parsed.stop]
@@ -747,17 +743,8 @@ def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, o
     biases on every MLP projection (the flag is global); families with an output bias change it.
     """
     from .bake import bake
-    from .checkpoint import Checkpoint
-    from .steer import load_vectors
 
-    ckpt = Checkpoint.open(checkpoint)
-    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
-    if not 0 <= layer < ckpt.num_layers:
-        from .errors import AbliterateError
-
-        raise AbliterateError(f"--layer {layer} is out of range; the model has layers 0 to {ckpt.num_layers - 1}")
-    result = bake(checkpoint, vectors[layer + 1], layer, coeff, out, overwrite=overwrite, quiet=quiet,
-                  vectors_source=str(vectors_path))
+    result = bake(checkpoint, vectors_path, layer, coeff, out, overwrite=overwrite, quiet=quiet)
     if result.config_flag:
         click.echo(f"note: set {result.config_flag}: true and added {len(result.added)} zero biases", err=True)
     if result.skipped_files:

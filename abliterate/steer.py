@@ -309,6 +309,7 @@ def _add_after_last_layer(block: torch.nn.Module, vec: torch.Tensor, coeff: floa
 def generate_steered(lm: LoadedModel, instructions: Sequence[str], vectors: np.ndarray, layer: int, coeff: float, *,
                      max_new_tokens: int = 64, template: str | None = None, batch_size: int = 8) -> list[str]:
     """Greedy replies with steering on the post-instruction tokens and every generated token."""
+    check_layer(layer, lm.num_layers)  # before vectors[layer + 1] is read
     prompts = [render(lm.tokenizer, text, template) for text in instructions]
     suffix = post_instruction_suffix(lm.tokenizer, template)
     k = max(1, min(count_suffix_tokens(lm.tokenizer, p, suffix) for p in prompts))
