@@ -433,8 +433,6 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
     KL of next-token distributions on harmless prompts along the baseline's own continuation, and
     every metric for the baseline too. Prints a Markdown table for a model card.
     """
-    import shlex
-
     from .errors import AbliterateError, first_line
     from .evaluate import EvalSettings
     from .evaluate import evaluate as run_evaluate
@@ -458,9 +456,7 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
                                   "adapter of another model?") from None
         lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")
     base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
-    argv = sys.argv[1:]  # the exact command line; rebuilt from the settings when called in-process
-    command = shlex.join(["abliterate", *argv]) if "evaluate" in argv else None
-    report = run_evaluate(lm, base, settings, quiet=quiet, command=command)
+    report = run_evaluate(lm, base, settings, quiet=quiet, command=_command_line(click.get_current_context()))
     click.echo(report.table())
     if report.counts["reasoning_unfinished"]:
         click.echo(f"note: {report.counts['reasoning_unfinished']} replies were still reasoning when --max-new-tokens "
