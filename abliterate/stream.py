@@ -115,12 +115,11 @@ def run_stream(options) -> str:
         new_map = {name: s for record in state["shards"].values() for name, s in record["tensors"].items()}
         (final / INDEX_NAME).write_text(json.dumps({"metadata": index.get("metadata", {}), "weight_map": dict(
             sorted(new_map.items()))}, indent=2) + "\n")
-    sums = {str(p.relative_to(final)): sha256_file(p) for p in sorted(final.rglob("*")) if p.is_file()}
-    sums.update({shard: record["sha256"] for shard, record in state["shards"].items()})
-    sums = dict(sorted(sums.items()))
-    from .card import CHECKSUMS_NAME, base_license
+    from .card import base_license, checksums, write_checksums
 
-    (final / CHECKSUMS_NAME).write_text("".join(f"{h}  {p}\n" for p, h in sums.items()))
+    # the shards are on the Hub only: their sums come from the state file
+    sums = dict(sorted({**checksums(final), **{s: r["sha256"] for s, r in state["shards"].items()}}.items()))
+    write_checksums(final, sums)
     card_text = (meta / "README.md").read_text(errors="replace") if (meta / "README.md").is_file() else None
     a = recipe.apply
     (final / "README.md").write_text(render_card(CardInfo(
