@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .activations import batches, mean_residuals
 from .archs import Arch
 from .errors import AbliterateError
+from .evaluate import EvalSettings, generate
 from .hooks import add, decoder_layers
 from .loading import LoadedModel
 from .templates import count_suffix_tokens, post_instruction_suffix, render
@@ -313,15 +314,10 @@ def generate_steered(lm: LoadedModel, instructions: Sequence[str], vectors: np.n
     prompts = [render(lm.tokenizer, text, template) for text in instructions]
     suffix = post_instruction_suffix(lm.tokenizer, template)
     k = max(1, min(count_suffix_tokens(lm.tokenizer, p, suffix) for p in prompts))
-    replies: list[str] = [""] * len(prompts)
-    with steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k), torch.inference_mode():
-        for batch in batches(lm, prompts, batch_size):
-            out = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=lm.tokenizer.pad_token_id)
-            for row, i in enumerate(batch.indices):
-                replies[i] = lm.tokenizer.decode(out[row, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
-    return replies
+    settings = EvalSettings(batch_size=batch_size, template=template, thinking=True)  # the template as it renders
+    with steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k):
+        replies = generate(lm, instructions, settings, max_new_tokens, quiet=True)
+    return [lm.tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids in replies]
 
 
 def matching_probability(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray | None, layer: int,
