@@ -11,13 +11,11 @@ import optuna
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from abliterate import toy
 from abliterate.archs import arch_for_config
 from abliterate.checkpoint import Checkpoint
-from abliterate.cli import cli
 from abliterate.direction import first_token_logprobs, kl_divergence
 from abliterate.direction_file import load_direction, save_direction
 from abliterate.errors import AbliterateError
@@ -42,13 +40,9 @@ from abliterate.search import (
 )
 from abliterate.strengths import Profile, layer_scales, uniform
 from tests.families import FAMILIES, build_model, save_sharded
+from tests.test_apply import run_cli
 
 N_TRAIN = 120  # toy train prompts per set used for the difference of means; the rest validate
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

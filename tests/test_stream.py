@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from transformers import AutoModelForCausalLM
@@ -13,15 +12,7 @@ from transformers import AutoModelForCausalLM
 import abliterate.stream as stream
 from tests.test_apply import run_cli
 from tests.test_pipeline import hub, logits, prompt_files  # noqa: F401  (fixtures)
-
-
-@pytest.fixture
-def direction(refusing_model, prompt_files, tmp_path) -> Path:  # noqa: F811
-    path = tmp_path / "d.safetensors"
-    code, out = run_cli("extract", str(refusing_model), "--harmful", prompt_files["harmful_train"], "--harmless",
-                        prompt_files["harmless_train"], "--out", str(path), "-q")
-    assert code == 0, out
-    return path
+from tests.test_push import direction  # noqa: F401  (fixture: extracted once per module)
 
 
 def sha256(path: Path) -> str:
