@@ -1,5 +1,5 @@
 """`python -m abliterate` runs the command line."""
 
-from .cli import main
+from abliterate.cli.main import main
 
 main()

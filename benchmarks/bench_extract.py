@@ -19,11 +19,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from abliterate.activations import mean_residuals
-from abliterate.archs import arch_for_config
-from abliterate.loading import LoadedModel
+from abliterate.arch.table import arch_for_config
+from abliterate.measure.activations import mean_residuals
+from abliterate.measure.loading import LoadedModel
+from abliterate.measure.templates import render
 from abliterate.prompts import builtin
-from abliterate.templates import render
 
 TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
             "{% if add_generation_prompt %} <|assistant|>{% endif %}")

@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from abliterate import toy
-from abliterate.extract import PromptSets, extract, save_extraction
-from abliterate.loading import load_model
-from abliterate.search import Scorer, SearchSettings, direction_for, load_candidates, search, selected_point
+from abliterate.demo import toy
+from abliterate.measure.extract import PromptSets, extract, save_extraction
+from abliterate.measure.loading import load_model
+from abliterate.search.study import Scorer, SearchSettings, direction_for, load_candidates, search, selected_point
 
 
 def first_reaching(trials, refusals: int, kl: float) -> int | None:

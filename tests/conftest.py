@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import abliterate.toy as toy
+import abliterate.demo.toy as toy
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,10 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from abliterate.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterOptions, export_adapter
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction_file import load_direction, save_direction
-from abliterate.plan import EditOptions, plan_edit
+from abliterate.edit.plan import EditOptions, plan_edit
+from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.direction_file import load_direction, save_direction
+from abliterate.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterOptions, export_adapter
 from tests.families import COMMON, FAMILIES, Family, build_model, save_sharded
 from tests.test_apply import run_cli
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from abliterate.cli import cli
-from abliterate.direction_file import save_direction
+from abliterate.cli.main import cli
+from abliterate.io.direction_file import save_direction
 from tests.families import FAMILIES, FAMILY_NAMES, ablation_hooks, build_model, hook_paths, save_sharded
 
 

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from abliterate.direction_file import save_direction
-from abliterate.projection import EPS, STORAGE, iter_edited_chunks, narrow_, project, widen
-from abliterate.safetensors_io import TensorInfo
+from abliterate.edit.projection import EPS, STORAGE, iter_edited_chunks, narrow_, project, widen
+from abliterate.io.direction_file import save_direction
+from abliterate.io.safetensors_format import TensorInfo
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from abliterate.direction_file import save_direction
+from abliterate.io.direction_file import save_direction
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 

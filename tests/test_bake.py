@@ -18,12 +18,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from abliterate.archs import arch_for_config
-from abliterate.direction_file import save_direction
-from abliterate.extract import PromptSets, extract, save_extraction
-from abliterate.loading import load_model
-from abliterate.steer import steering
-from abliterate.toy import toy_prompts
+from abliterate.arch.table import arch_for_config
+from abliterate.demo.toy import toy_prompts
+from abliterate.io.direction_file import save_direction
+from abliterate.measure.extract import PromptSets, extract, save_extraction
+from abliterate.measure.loading import load_model
+from abliterate.steer.steering import steering
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 from tests.test_extract import refused, replies

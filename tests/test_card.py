@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from abliterate.card import CardInfo, base_license, write_card
+from abliterate.publish.card import CardInfo, base_license, write_card
 from tests.test_apply import run_cli
 
 

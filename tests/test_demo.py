@@ -6,7 +6,7 @@ import re
 
 from click.testing import CliRunner
 
-from abliterate.cli import cli
+from abliterate.cli.main import cli
 
 
 def test_demo_trains_extracts_edits_verifies_and_removes_refusals(tmp_path):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import abliterate.evaluate as ev
-from abliterate.cli import cli
-from abliterate.evaluate import EvalSettings, evaluate, judge_refusals, select
-from abliterate.hooks import ablate
-from abliterate.loading import LoadedModel, load_model
-from abliterate.toy import CHAT_TEMPLATE, toy_prompts
+import abliterate.evaluate.evaluation as ev
+from abliterate.cli.main import cli
+from abliterate.demo.toy import CHAT_TEMPLATE, toy_prompts
+from abliterate.evaluate.evaluation import EvalSettings, evaluate, judge_refusals, select
+from abliterate.measure.hooks import ablate
+from abliterate.measure.loading import LoadedModel, load_model
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def quick(prompt_files, **kw) -> EvalSettings:
 
 
 def test_cli_abliterated_checkpoint_refuses_far_less_than_the_original(refusing_model, prompt_files, tmp_path):
-    from abliterate.extract import PromptSets, extract, save_extraction
+    from abliterate.measure.extract import PromptSets, extract, save_extraction
 
     prompts = toy_prompts()
     lm = load_model(refusing_model, device="cpu")
@@ -172,7 +172,7 @@ def test_bad_options_are_one_line_errors(refusing_model, args, message):
 def test_an_adapter_of_another_model_is_one_line_naming_the_mismatch(refusing_model, tmp_path):
     import numpy as np
 
-    from abliterate.direction_file import save_direction
+    from abliterate.io.direction_file import save_direction
     from tests.families import FAMILIES, build_model, save_sharded
 
     other = save_sharded(build_model(FAMILIES["llama"]), tmp_path / "other")  # same width as the toy, other shapes

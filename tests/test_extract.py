@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from abliterate.direction_file import load_direction
-from abliterate.hooks import ablate, add
-from abliterate.loading import LoadedModel, load_model
-from abliterate.toy import REFUSALS, toy_prompts
+from abliterate.demo.toy import REFUSALS, toy_prompts
+from abliterate.io.direction_file import load_direction
+from abliterate.measure.hooks import ablate, add
+from abliterate.measure.loading import LoadedModel, load_model
 from tests.test_apply import run_cli
 
 

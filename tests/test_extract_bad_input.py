@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.toy import toy_prompts
+from abliterate.demo.toy import toy_prompts
 from tests.test_apply import run_cli
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.markers import REFUSAL_MARKERS, find_refusal, strip_reasoning
-from abliterate.toy import HELPS, REFUSALS
+from abliterate.demo.toy import HELPS, REFUSALS
+from abliterate.evaluate.markers import REFUSAL_MARKERS, find_refusal, strip_reasoning
 
 REAL_STYLE_REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -50,7 +50,7 @@ def test_toy_refusals_match_only_through_markers_real_refusals_also_use():
 
 def find_all(reply: str) -> set[str]:
     """Every marker present in a reply (find_refusal reports only the first)."""
-    from abliterate.markers import normalise
+    from abliterate.evaluate.markers import normalise
 
     text = normalise(reply)
     return {m for m in REFUSAL_MARKERS if m in text}

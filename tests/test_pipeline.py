@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from transformers import AutoModelForCausalLM
 
-from abliterate.toy import toy_prompts
+from abliterate.demo.toy import toy_prompts
 from tests.hub_server import hub_env
 from tests.test_apply import run_cli
 
@@ -77,7 +77,7 @@ def test_a_model_without_a_chat_template_runs_with_template_and_is_refused_witho
     import json
     import shutil
 
-    from abliterate.toy import CHAT_TEMPLATE
+    from abliterate.demo.toy import CHAT_TEMPLATE
 
     bare = tmp_path / "no-template"
     shutil.copytree(refusing_model, bare)

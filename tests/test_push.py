@@ -89,8 +89,8 @@ def test_the_token_is_written_nowhere(hub, direction, tmp_path):  # noqa: F811
 
 
 def test_fetch_takes_safetensors_and_metadata_never_pickles_and_code_only_when_trusted(hub, tmp_path):  # noqa: F811
-    from abliterate import hub as hub_side
     from abliterate.errors import AbliterateError
+    from abliterate.io import hub as hub_side
 
     api = HfApi()
     files = {"config.json": b"{}", "model.safetensors": b"w" * 3000, "model.safetensors.index.json": b"{}",
@@ -113,7 +113,7 @@ def test_fetch_takes_safetensors_and_metadata_never_pickles_and_code_only_when_t
 
 
 def test_a_card_names_a_hub_base_model_but_never_a_local_path(tmp_path):
-    from abliterate.card import CardInfo, render_card
+    from abliterate.publish.card import CardInfo, render_card
 
     def card(base: str) -> ModelCard:
         return ModelCard(render_card(CardInfo(base_model=base, adapter=False, license=None, direction={}, edit={},

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.archs import supported_model_types
+from abliterate.arch.table import supported_model_types
 from abliterate.errors import AbliterateError
-from abliterate.recipe import Recipe, load_recipe, recipe_dir, save_recipe
+from abliterate.options.recipe import Recipe, load_recipe, recipe_dir, save_recipe
 
 
 def test_every_family_recipe_names_a_supported_model_type_and_loads():

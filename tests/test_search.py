@@ -13,20 +13,21 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from abliterate import toy
-from abliterate.archs import arch_for_config
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import first_token_logprobs, kl_divergence
-from abliterate.direction_file import load_direction, save_direction
+from abliterate.arch.table import arch_for_config
+from abliterate.demo import toy
+from abliterate.edit.plan import EditOptions, plan_edit
+from abliterate.edit.strengths import Profile, layer_scales, uniform
 from abliterate.errors import AbliterateError
-from abliterate.evaluate import EvalSettings, generate
-from abliterate.extract import PromptSets, extract, save_extraction
-from abliterate.hooks import ablate
-from abliterate.loading import load_model
-from abliterate.markers import find_refusal
-from abliterate.plan import EditOptions, plan_edit
-from abliterate.recipe import load_recipe
-from abliterate.search import (
+from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.markers import find_refusal
+from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.direction_file import load_direction, save_direction
+from abliterate.measure.extract import PromptSets, extract, save_extraction
+from abliterate.measure.hooks import ablate
+from abliterate.measure.loading import load_model
+from abliterate.measure.scores import first_token_logprobs, kl_divergence
+from abliterate.options.recipe import load_recipe
+from abliterate.search.study import (
     Point,
     Scorer,
     SearchSettings,
@@ -38,7 +39,6 @@ from abliterate.search import (
     search,
     selected_point,
 )
-from abliterate.strengths import Profile, layer_scales, uniform
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abliterate.cli import cli
+from abliterate.cli.main import cli
+from abliterate.demo.toy import REFUSALS, choice_pairs, toy_prompts, train_toy_model
 from abliterate.errors import AbliterateError
-from abliterate.hooks import capture_residuals
-from abliterate.loading import load_model
-from abliterate.safetensors_io import read_header
-from abliterate.steer import answer_tokens, load_pairs, load_vectors, matching_probability, steering
-from abliterate.templates import render
-from abliterate.toy import REFUSALS, choice_pairs, toy_prompts, train_toy_model
+from abliterate.io.safetensors_format import read_header
+from abliterate.measure.hooks import capture_residuals
+from abliterate.measure.loading import load_model
+from abliterate.measure.templates import render
+from abliterate.steer.steering import answer_tokens, load_pairs, load_vectors, matching_probability, steering
 
 COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 
@@ -304,7 +304,7 @@ def test_a_folder_as_pairs_file_or_as_output_file_is_refused_before_loading_the_
 
 
 def test_coefficients_that_are_not_numbers_and_layers_outside_the_model_are_refused(refusing_model, tmp_path):
-    from abliterate.direction_file import save_direction
+    from abliterate.io.direction_file import save_direction
 
     lm = load_model(refusing_model, dtype="float32", device="cpu")
     v = tmp_path / "v.safetensors"
@@ -325,7 +325,7 @@ def test_coefficients_that_are_not_numbers_and_layers_outside_the_model_are_refu
 
 
 def test_a_single_direction_steers_at_whichever_layer_is_chosen(tmp_path):
-    from abliterate.direction_file import save_direction
+    from abliterate.io.direction_file import save_direction
 
     direction = np.arange(8, dtype=np.float32)
     save_direction(tmp_path / "d.safetensors", direction, {"kind": "refusal"})
@@ -338,7 +338,7 @@ def test_a_single_direction_steers_at_whichever_layer_is_chosen(tmp_path):
 def test_sweep_rejects_layers_outside_the_model_and_pairs_without_letters(refusing_model, tmp_path):
     lm = load_model(refusing_model, dtype="float32", device="cpu")
     v = tmp_path / "v.safetensors"
-    from abliterate.direction_file import save_direction
+    from abliterate.io.direction_file import save_direction
 
     save_direction(v, np.ones((lm.num_layers + 1, lm.hidden_size), dtype=np.float32), {"kind": "steering"})
     chat = CliRunner().invoke(cli, ["steer", "chat", str(refusing_model), "--vectors", str(v), "--layer", "9",

@@ -9,7 +9,7 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 from transformers import AutoModelForCausalLM
 
-import abliterate.stream as stream
+import abliterate.jobs.hub_stream as stream
 from tests.test_apply import run_cli
 from tests.test_pipeline import hub, logits, prompt_files  # noqa: F401  (fixtures)
 from tests.test_push import direction  # noqa: F401  (fixture: extracted once per module)

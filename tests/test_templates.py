@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from abliterate.errors import AbliterateError
-from abliterate.templates import count_suffix_tokens, load_template, post_instruction_suffix, render
+from abliterate.measure.templates import count_suffix_tokens, load_template, post_instruction_suffix, render
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.toy import REFUSALS, toy_prompts
+from abliterate.demo.toy import REFUSALS, toy_prompts
 
 
 def greedy_replies(folder, messages: list[str], max_new_tokens: int = 24) -> list[str]:

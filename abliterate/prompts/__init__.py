@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .loaders import COMMON_FIELDS, LOADERS, PromptError, load_file, load_hf
+from abliterate.prompts.loaders import COMMON_FIELDS, LOADERS, PromptError, load_file, load_hf
 
 __all__ = [
     "BUILTIN_NAMES",

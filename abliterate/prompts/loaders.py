@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import AbliterateError
+from abliterate.errors import AbliterateError
 
 #: Column names tried, in this order, when the caller gives no ``field``.
 COMMON_FIELDS: tuple[str, ...] = ("prompt", "instruction", "goal", "text", "question")

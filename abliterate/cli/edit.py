@@ -1,0 +1,205 @@
+"""apply, merge, verify: the commands that read and write checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from abliterate.arch.table import COMPONENTS
+from abliterate.cli.common import parse_components, parse_layers, parse_size
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--direction", "direction_path", default=None, type=click.Path(path_type=Path),
+              help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]); required unless "
+              "--recipe names one.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--scale", default=1.0, show_default=True,
+              help="1 removes the direction fully, 0.5 half; negative values amplify it.")
+@click.option("--add", "add_direction", is_flag=True, help="Amplify the direction instead of removing it (uses "
+              "-|scale|: W + |s| r r^T W), e.g. to make a model refuse more; --scale 2 is often needed.")
+@click.option("--layers", default=None, help="Decoder layers to edit, START:END (END excluded). Default: all.")
+@click.option("--components", default=",".join(COMPONENTS), show_default=True,
+              callback=lambda c, p, v: parse_components(v),
+              help="Which writers to edit: embed (token/position embeddings), attn (attention output), mlp "
+              "(MLP / MoE expert / shared expert outputs).")
+@click.option("--targets", multiple=True, help="Regex (full match) of tensor names to edit instead of the "
+              "architecture table; repeatable. Orientation is read from the shape ([d, in] assumed when square).")
+@click.option("--keep-tied", is_flag=True, help="With tied embeddings, edit the shared matrix instead of writing "
+              "an untied lm_head with the original; the output layer then also stops reading the direction.")
+@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
+              help="Memory budget for tensor chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--adapter", is_flag=True, help="Write a peft LoRA adapter (rank 1 per edited module) to --out "
+              "instead of a checkpoint; PeftModel(base, adapter) computes what the edited checkpoint computes.")
+@click.option("--ignore-biases", is_flag=True, help="With --adapter: leave biases unedited (a pure LoRA adapter; "
+              "otherwise edited biases are carried with peft's bias='lora_only').")
+@click.option("--base-model", default=None, help="With --adapter: the Hub id to record as the adapter's base model "
+              "(default: read from a Hub cache path, else the local path).")
+@click.option("--recipe", "recipe_path", default=None, type=click.Path(path_type=Path),
+              help="Take the apply settings (direction, scale, layers, components, layer_scales...) from this recipe, "
+              "e.g. the one `abliterate search` wrote; options given on the command line win.")
+@click.option("--layer-scales", "layer_scales_path", default=None, type=click.Path(path_type=Path),
+              help="Per-layer, per-component multipliers of --scale from a YAML file (a recipe's apply.layer_scales "
+              "or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
+def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, add_direction: bool,
+          layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
+          overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
+          recipe_path: Path | None, layer_scales_path: Path | None) -> None:
+    """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
+
+    Edits the token embedding, each attention output projection, each MLP output projection (every
+    MoE expert and shared expert) and their biases: W' = W - s r (r^T W). Everything else is copied
+    byte for byte; shards keep their names, order and dtypes. Works tensor by tensor within
+    --max-memory, whatever the model size. The result is exactly the original model with the
+    direction removed from the output of each edited module.
+
+    Gemma 2, Gemma 3 and OLMo 2 normalise attention and MLP outputs before adding them to the
+    residual stream: there the edit removes the direction from those outputs before the norm, which
+    is not removing it from the residual stream (the norm's gain can bring a component back).
+
+    With tied input/output embeddings the output layer is kept as it was (an untied lm_head holding
+    the original matrix is written and tie_word_embeddings set to false), unless --keep-tied.
+
+    With --adapter, --out receives a peft LoRA adapter of the same edit instead (a few MB);
+    `abliterate merge CHECKPOINT ADAPTER` turns it into the same tensors `apply` writes.
+    """
+    from abliterate.edit.plan import EditOptions, plan_edit
+    from abliterate.edit.weights import apply_edit
+    from abliterate.errors import AbliterateError
+    from abliterate.io.checkpoint import Checkpoint
+    from abliterate.io.direction_file import load_direction
+
+    if not adapter and (ignore_biases or base_model):
+        raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
+    ckpt = Checkpoint.open(checkpoint)
+    layer_scales: dict[str, tuple[float, ...]] = {}
+    if recipe_path is not None:
+        from abliterate.options.recipe import load_recipe
+
+        ctx = click.get_current_context()
+        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
+        settings = load_recipe(ckpt.config.get("model_type"), recipe_path).apply
+        scale = scale if given("scale") else settings.scale
+        layers = layers if given("layers") else settings.layers
+        components = components if given("components") else settings.components
+        targets = targets if given("targets") else settings.targets
+        keep_tied = keep_tied or settings.keep_tied
+        layer_scales = settings.layer_scales
+        if direction_path is None and settings.direction:
+            direction_path = Path(settings.direction)
+    if layer_scales_path is not None:
+        from abliterate.options.recipe import read_layer_scales
+
+        layer_scales = read_layer_scales(layer_scales_path)
+    if direction_path is None:
+        raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
+                              "`abliterate search` writes)")
+    direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    scale = -abs(scale) if add_direction else scale
+    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
+                          keep_tied=keep_tied, layer_scales=layer_scales)
+    plan = plan_edit(ckpt, options)
+    if adapter:
+        from abliterate.lora.export import AdapterOptions, export_adapter
+
+        exported = export_adapter(ckpt, plan, direction, out, AdapterOptions(
+            ignore_biases=ignore_biases, base_model=base_model, max_memory=max_memory, overwrite=overwrite,
+            quiet=quiet))
+        for note in exported.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote a LoRA adapter of {exported.modules} modules and {exported.biases} biases "
+                   f"({exported.nbytes / 1e6:.1f} MB) to {exported.out}")
+        return
+    result = apply_edit(ckpt, plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if result.skipped_files:
+        click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
+                   err=True)
+    click.echo(f"edited {result.edited} tensors; wrote {result.out}")
+
+
+@click.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
+              help="Memory budget for tensor chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: bool, quiet: bool) -> None:
+    """Merge a LoRA ADAPTER (any rank) into the checkpoint BASE, writing a new folder.
+
+    Tensor by tensor within --max-memory, like `apply`: adapted tensors get W + scaling B A in float32,
+    rounded once to their dtype; everything else is copied byte for byte. Merging an adapter written by
+    `apply --adapter` gives the tensors `apply` writes. DoRA and other LoRA variants are refused.
+    """
+    from abliterate.io.checkpoint import Checkpoint
+    from abliterate.lora.merge import merge_adapter
+
+    result = merge_adapter(Checkpoint.open(base), adapter_dir, out, overwrite=overwrite, max_memory=max_memory,
+                           quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
+
+
+@click.command()
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("edited", type=click.Path(path_type=Path), required=False)
+@click.option("--direction", "direction_path", type=click.Path(path_type=Path),
+              help="Direction file. Default: the copy `apply` wrote into EDITED.")
+@click.option("--from-options", is_flag=True, help="Ignore EDITED's abliterate.json; expect the edit that the "
+              "options below describe (defaults: full removal from every writer).")
+@click.option("--scale", default=1.0, show_default=True)
+@click.option("--layers", default=None)
+@click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
+@click.option("--max-memory", default=None, callback=lambda c, p, v: v and parse_size(v),
+              help="Memory budget for tensor chunks (default: the one the edit used).")
+def verify(original: Path, edited: Path | None, direction_path: Path | None, from_options: bool, scale: float,
+           layers: str | None, components: tuple[str, ...], max_memory: int | None) -> None:
+    """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
+
+    Edited tensors must match the projection recomputed from ORIGINAL (within one rounding step of
+    their dtype plus the proven bound on summing r^T W in another order) and keep at most 1e-6 |W|
+    along the direction (float32; eps(dtype) |W| for 16-bit);
+    every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
+
+    With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
+    """
+    from abliterate.publish.card import check_checksums
+
+    if edited is None:
+        problems = check_checksums(original)
+        for problem in problems:
+            click.echo(f"FAIL {problem}", err=True)
+        click.echo("all files match SHA256SUMS" if not problems else f"{len(problems)} problem(s)")
+        sys.exit(1 if problems else 0)
+
+    from abliterate.edit.plan import EditOptions
+    from abliterate.edit.verify import verify as run_verify
+    from abliterate.edit.weights import DIRECTION_NAME
+    from abliterate.io.checkpoint import Checkpoint
+    from abliterate.io.direction_file import load_direction
+
+    ckpt = Checkpoint.open(original)
+    if direction_path is None and not (edited / DIRECTION_NAME).is_file():
+        from abliterate.errors import AbliterateError
+
+        raise AbliterateError(f"{edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); pass "
+                              "--direction FILE with the direction the edit used")
+    direction = load_direction(direction_path or edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
+                               num_layers=ckpt.num_layers)
+    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None
+    report = run_verify(original, edited, direction, options, max_memory=max_memory)
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    click.echo(f"checked {report.tensors_checked} tensors ({report.edited_checked} edited; largest residual along "
+               f"the direction {report.max_relative_residual:.2e} |W|): "
+               + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    sys.exit(0 if report.ok else 1)

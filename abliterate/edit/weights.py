@@ -1,0 +1,113 @@
+"""Run an edit plan: write the edited model folder, one tensor chunk in memory at a time.
+
+The projection of each edited tensor is computed chunk by chunk (projection.py) and streamed
+into output shards that mirror the input's (streaming.py); everything else is copied byte for
+byte. Output goes to a temporary sibling folder renamed into place only when complete, with a
+manifest (abliterate.json) precise enough for `abliterate verify` to re-check the edit.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from abliterate import __version__
+from abliterate.edit.plan import EditPlan
+from abliterate.edit.projection import NonFiniteError, iter_edited_chunks
+from abliterate.edit.shard_writer import Target, copy_other_files, output_size, write_config, write_index, write_shards
+from abliterate.errors import AbliterateError
+from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.direction_file import Direction
+from abliterate.io.safetensors_format import atomic_folder
+
+MANIFEST_NAME = "abliterate.json"
+DIRECTION_NAME = "refusal_direction.safetensors"
+DEFAULT_MAX_MEMORY = 256 << 20
+
+
+@dataclass(frozen=True)
+class EditResult:
+    out: Path
+    edited: int
+    bytes_written: int
+    skipped_files: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def apply_edit(
+    ckpt: Checkpoint,
+    plan: EditPlan,
+    direction: Direction,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    quiet: bool = False,
+    manifest_extra: dict | None = None,
+) -> EditResult:
+    """Write the edited checkpoint to `out` atomically; the input folder is only ever read."""
+    if Path(out).absolute() == ckpt.root.absolute():
+        raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
+    total = output_size(ckpt, plan)
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
+        total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
+    ) as bar:
+        write_shards(ckpt, plan, tmp, lambda target: project_tensor(target, direction), max_memory=max_memory,
+                     progress=bar.update)
+        write_index(ckpt, plan, tmp)
+        write_config(ckpt, plan, tmp)
+        skipped = copy_other_files(ckpt, tmp)
+        if direction.path is not None:
+            shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
+        write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
+    return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)))
+
+
+def untie_note(plan: EditPlan) -> tuple[str, ...]:
+    if plan.untie is None:
+        return ()
+    return (f"embeddings were tied: wrote an untied {plan.untie[0]} holding the original matrix and set "
+            "tie_word_embeddings=false, so the output layer is unchanged (--keep-tied edits the shared matrix)",)
+
+
+def project_tensor(target: Target, direction: Direction) -> None:
+    """Compute one edited tensor chunk by chunk and hand each chunk to the writer."""
+    edit = target.edit
+    r = direction.for_layer(edit.layer)
+    chunks = iter_edited_chunks(target.src_fd, edit.info, r, edit.hidden_axis, edit.scale, target.budget,
+                                target.buffers.take)
+    try:
+        for chunk, values, scratch in chunks:
+            target.write(memoryview(values.reshape(-1).view(np.uint8)), chunk.first * edit.info.itemsize, scratch)
+    except NonFiniteError:
+        raise AbliterateError(
+            f"{edit.name} holds NaN or inf values; the checkpoint is corrupt: re-download it"
+        ) from None
+
+
+def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: Path, extra: dict, *,
+                   edits: dict | None = None, notes: list[str] | None = None) -> None:
+    """What was done, precisely enough for `abliterate verify` to re-check it (an adapter passes the
+    edits it carries and its own notes)."""
+    manifest = {
+        "tool": "abliterate",
+        "version": __version__,
+        "command": shlex.join(["abliterate", *sys.argv[1:]]),
+        "source": str(ckpt.root),
+        "direction": {"file": DIRECTION_NAME if direction.path else None, "metadata": direction.metadata,
+                      "per_layer": direction.per_layer},
+        "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
+        "config_updates": plan.config_updates,
+        "edits": {e.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
+                           "component": e.component} for e in (edits or plan.edits).values()},
+        "notes": list(plan.notes) if notes is None else notes,
+        **extra,
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,118 @@
+"""The direction file: one artifact that carries a direction from extraction to every edit.
+
+A .safetensors file with tensor ``direction`` of shape [d] (one direction for every layer) or
+[num_layers + 1, d] (row 0 for the embedding output, row L + 1 for what layer L writes), and
+string metadata (model, layer, position, hidden_size, command). Extraction may store more
+tensors beside it (candidates); editing reads only ``direction``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from abliterate.errors import AbliterateError
+from abliterate.io.safetensors_format import read_header
+
+DIRECTION_KEY = "direction"
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Unit direction(s) in float32, one row per residual stream position when per-layer."""
+
+    vectors: np.ndarray  # [d] or [num_layers + 1, d]
+    metadata: dict[str, str]
+    path: Path | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vectors.shape[-1]
+
+    @property
+    def per_layer(self) -> bool:
+        return self.vectors.ndim == 2
+
+    def for_layer(self, layer: int | None) -> np.ndarray:
+        """The unit direction for what `layer` writes (None: the embeddings)."""
+        if not self.per_layer:
+            return self.vectors
+        return self.vectors[0 if layer is None else layer + 1]
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Unit rows, normalised in float64 so that |r| = 1 to float32 precision."""
+    v = np.asarray(vectors, dtype=np.float64)
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def as_numpy(t: object) -> np.ndarray:
+    """Accept numpy arrays and torch tensors alike (torch is not imported here)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().float().numpy()  # type: ignore[attr-defined]
+    return np.ascontiguousarray(t)
+
+
+def save_direction(path: str | Path, vectors: object, metadata: dict[str, object],
+                   extra: dict[str, object] | None = None) -> None:
+    """Write atomically (temp file, then rename) so a killed run never leaves a half file."""
+    path = Path(path)
+    vectors = as_numpy(vectors).astype(np.float32)
+    meta = {k: str(v) for k, v in metadata.items() if v is not None}
+    meta.setdefault("hidden_size", str(vectors.shape[-1]))
+    tensors = {DIRECTION_KEY: vectors}
+    tensors.update({k: as_numpy(v) for k, v in (extra or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_direction(path: str | Path, *, hidden_size: int | None = None,
+                   num_layers: int | None = None) -> Direction:
+    """Load and check a direction file against the model it is about to edit."""
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"direction file {path} does not exist; make one with `abliterate extract`")
+    header = read_header(path)  # clear errors for truncated or non-safetensors files
+    names = [t.name for t in header.tensors]
+    if DIRECTION_KEY not in names:
+        raise AbliterateError(
+            f"{path} has no tensor named {DIRECTION_KEY!r} (found: {', '.join(names) or 'none'}); "
+            "pass a file written by `abliterate extract`"
+        )
+    with safe_open(str(path), framework="np") as f:
+        vectors = f.get_tensor(DIRECTION_KEY)
+    metadata = dict(header.metadata or {})
+    if vectors.ndim not in (1, 2) or vectors.shape[-1] == 0:
+        raise AbliterateError(f"{path}: direction has shape {list(vectors.shape)}; expected [d] or [layers + 1, d]")
+    if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
+        raise AbliterateError(f"{path}: direction contains NaN/inf or is not floating point; re-extract it")
+    if (np.linalg.norm(vectors.astype(np.float64), axis=-1) == 0).any():
+        raise AbliterateError(f"{path}: direction has a zero row; re-extract it")
+    source = f" (extracted from {metadata['model']})" if "model" in metadata else ""
+    if hidden_size is not None and vectors.shape[-1] != hidden_size:
+        raise AbliterateError(
+            f"{path}: direction has hidden size {vectors.shape[-1]} but the model has {hidden_size}{source}; "
+            "use a direction extracted from this model"
+        )
+    if num_layers is not None and vectors.ndim == 2 and vectors.shape[0] != num_layers + 1:
+        raise AbliterateError(
+            f"{path}: per-layer direction has {vectors.shape[0]} rows but the model has {num_layers} layers "
+            f"(needs {num_layers + 1}: embedding + one per layer){source}"
+        )
+    return Direction(normalise(vectors), metadata, path)
+
+
+def check_output_file(path: str | Path, example: str = "direction.safetensors") -> None:
+    """Checked before the model is loaded, so a bad --out does not cost a whole extraction."""
+    path = Path(path)
+    if path.is_dir():
+        raise AbliterateError(f"--out {path} is a folder; give the file's name, e.g. {path / example}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise AbliterateError(f"--out {path}: {path.parent} is a file, not a folder; choose another --out")

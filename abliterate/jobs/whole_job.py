@@ -1,0 +1,230 @@
+"""`abliterate MODEL`: the whole job, from a Hub id or folder to an edited checkpoint or adapter.
+
+fetch (safetensors only) -> recipe for the family -> extract and select the direction (or take
+--direction) -> edit the weights or export the adapter -> quick evaluation -> model card and
+checksums -> push. Every stage is the library function the subcommands call; this module only
+chains them. The output is staged under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from abliterate.edit.plan import EditOptions, parse_layer_range
+from abliterate.errors import AbliterateError
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: str
+    out: Path | None = None
+    adapter: bool = False
+    direction: Path | None = None
+    recipe: Path | None = None
+    harmful: str | None = None
+    harmless: str | None = None
+    field: str | None = None
+    eval_harmful: str = "builtin:harmful"
+    eval_harmless: str = "builtin:harmless"
+    evaluate: bool = True
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+    force: bool = False
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    template: str | None = None  # --template: a Jinja file or text, for models without a chat template
+    overwrite: bool = False
+    stream: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    url: str | None
+    direction_layer: str | None
+    refusal_rate: float | None
+
+
+def default_out(model: str, adapter: bool) -> Path:
+    name = model.rstrip("/").rsplit("/", 1)[-1]
+    return Path(f"{name}-abliterated{'-adapter' if adapter else ''}")
+
+
+def run(options: RunOptions) -> RunResult:
+    from abliterate.edit.weights import DIRECTION_NAME
+    from abliterate.io import hub
+    from abliterate.io.checkpoint import Checkpoint
+    from abliterate.io.direction_file import load_direction
+    from abliterate.options.recipe import load_recipe
+    from abliterate.publish.card import CardInfo, base_license, write_card
+
+    if options.stream:
+        from abliterate.jobs.hub_stream import run_stream
+
+        return RunResult(options.out or default_out(options.model, False), run_stream(options), None, None)
+    say = (lambda _msg: None) if options.quiet else (lambda msg: click.echo(msg, err=True))
+    out = options.out or default_out(options.model, options.adapter)
+    if out.exists() and not options.overwrite:
+        raise AbliterateError(f"{out} already exists; pass --overwrite or choose another --out")
+    if options.push:  # fail before hours of work, not after
+        from abliterate.publish.push import check_target, target_repo
+
+        repo_id = target_repo(options.repo_id, options.model)
+        check_target(repo_id, force=options.force)
+
+    source = Path(options.model) if hub.is_local(options.model) else None
+    if source is None:
+        say(f"fetching {options.model} (safetensors, config, tokenizer) ...")
+        source = hub.fetch(options.model, revision=options.revision, trust_remote_code=options.trust_remote_code)
+    ckpt = Checkpoint.open(source)
+    recipe = load_recipe(ckpt.config.get("model_type"), options.recipe)
+    say(f"recipe: {recipe.name}")
+
+    work = out.with_name(out.name + ".abliterate-partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        direction_path = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
+        if direction_path is None:
+            direction_path = work / "direction.safetensors"
+            _extract(options, recipe, source, direction_path, say)
+        direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+        staged = work / "output"
+        edit = _edit(options, recipe, ckpt, direction, staged)
+        for note in edit["notes"]:
+            say(f"note: {note}")
+        evaluation = _evaluate(options, recipe, source, staged, say) if options.evaluate else None
+        card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
+        write_card(staged, CardInfo(
+            base_model=options.model if source != Path(options.model) else str(ckpt.config.get("_name_or_path")
+                                                                                or options.model),
+            adapter=options.adapter, license=base_license(card_text), direction=dict(direction.metadata),
+            edit=edit, evaluation=evaluation.card_rows() if evaluation else None,
+            regenerate=regenerate_command(options),
+            recipe_name=recipe.name, direction_file=DIRECTION_NAME))
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    url = None
+    if options.push:
+        from abliterate.publish.push import push
+
+        say(f"pushing {out} to {repo_id} ...")
+        url = push(out, repo_id, private=options.private, force=options.force)
+    return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None)
+
+
+def regenerate_command(options: RunOptions) -> str:
+    """The command that rebuilds this output (paths of local inputs as given; no --push, no token)."""
+    args = ["abliterate", options.model]
+    flags = {"--revision": options.revision, "--direction": options.direction, "--recipe": options.recipe,
+             "--harmful": options.harmful, "--harmless": options.harmless, "--field": options.field,
+             "--dtype": options.dtype, "--template": options.template}
+    for flag, value in flags.items():
+        if value is not None:
+            args += [flag, str(value)]
+    if options.adapter:
+        args.append("--adapter")
+    if options.trust_remote_code:
+        args.append("--trust-remote-code")
+    return shlex.join(args)
+
+
+def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
+    from abliterate.measure.extract import PromptSets, extract, save_extraction, split_prompts
+    from abliterate.measure.loading import load_model
+    from abliterate.measure.scores import SelectionSettings
+    from abliterate.measure.templates import load_template
+
+    s = recipe.extract
+    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
+    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                               kind="harmful")
+    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                                 kind="harmless")
+    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
+                    trust_remote_code=options.trust_remote_code)
+    settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size)
+    result = extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val), positions=s.positions,
+                     template=load_template(options.template), settings=settings,
+                     template_kwargs={"enable_thinking": False}, quiet=options.quiet)
+    save_extraction(result, path, lm, {"model": options.model})
+    say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
+        f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
+    del lm
+
+
+def edit_options(recipe) -> EditOptions:
+    """The recipe's apply section as the editor's options."""
+    a = recipe.apply
+    try:
+        layers = parse_layer_range(a.layers or None)
+    except AbliterateError as e:
+        raise AbliterateError(f"recipe apply.layers: {e}") from None
+    return EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
+                       keep_tied=a.keep_tied, layer_scales=a.layer_scales)
+
+
+def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
+    """Write the edited weights or the adapter to `staged`; return what the card says was done."""
+    from abliterate.edit.plan import plan_edit
+    from abliterate.edit.weights import untie_note
+
+    a = recipe.apply
+    plan = plan_edit(ckpt, edit_options(recipe))
+    if options.adapter:
+        from abliterate.lora.export import AdapterOptions, export_adapter
+
+        notes = tuple(export_adapter(ckpt, plan, direction, staged, AdapterOptions(
+            base_model=options.model if not Path(options.model).exists() else None, quiet=options.quiet)).notes)
+    else:
+        from abliterate.edit.weights import apply_edit
+
+        notes = apply_edit(ckpt, plan, direction, staged, quiet=options.quiet).notes
+    return {"scale": a.scale, "layers": a.layers, "components": list(a.components), "edited": len(plan.edits),
+            "untied": plan.untie[0] if plan.untie and not options.adapter else None,
+            "notes": [n for n in notes if n not in untie_note(plan)] + (["per-layer scales from the recipe"]
+                                                                        if a.layer_scales else [])}
+
+
+def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
+    from abliterate.evaluate.evaluation import EvalSettings, evaluate
+    from abliterate.measure.loading import LoadedModel, load_model
+    from abliterate.measure.templates import load_template
+
+    e = recipe.evaluate
+    settings = EvalSettings(limit=e.limit or None, max_new_tokens=e.max_new_tokens, kl_tokens=e.kl_tokens,
+                            batch_size=e.batch_size, harmful=options.eval_harmful, harmless=options.eval_harmless,
+                            template=load_template(options.template))
+    load = lambda path: load_model(path, dtype=options.dtype or "auto", device=options.device,  # noqa: E731
+                                   trust_remote_code=options.trust_remote_code)
+    baseline = load(source)
+    if options.adapter:
+        from peft import PeftModel
+
+        base = load(source)
+        lm = LoadedModel(PeftModel.from_pretrained(base.model, str(staged)).eval(), base.tokenizer, base.arch,
+                         f"{options.model} + adapter")
+    else:
+        lm = load(staged)
+    command = (f"abliterate evaluate OUTPUT --baseline {shlex.quote(options.model)} --limit {e.limit} "
+               f"--max-new-tokens {e.max_new_tokens} --kl-tokens {e.kl_tokens}"
+               + (f" --harmful {shlex.quote(options.eval_harmful)}"
+                  if options.eval_harmful != "builtin:harmful" else "")
+               + (f" --harmless {shlex.quote(options.eval_harmless)}"
+                  if options.eval_harmless != "builtin:harmless" else "")
+               + (f" --template {shlex.quote(options.template)}" if options.template else ""))
+    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command)
+    say(report.table())
+    return report

@@ -1,0 +1,505 @@
+"""Export an edit as a peft LoRA adapter that computes exactly what `apply` writes.
+
+Every edit in an `EditPlan` is a rank-1 update, so it is a LoRA with r = lora_alpha = 1 (scaling 1) and
+no dropout. With r the unit direction of the tensor's layer and s its scale, `coeff` = r^T W for
+``[d, in]`` weights and W r for ``[.., d]`` ones (the same numbers `apply` subtracts):
+
+* ``nn.Linear`` W [d, in]:       W + B A,     B = -r [d, 1],  A = s coeff [1, in]
+* GPT-2 ``Conv1D`` W [in, d]:    W + (B A)^T, same factors; peft's ``fan_in_fan_out``
+* embedding E [vocab, d]:        E + (B A)^T, same factors as ``lora_embedding_B`` / ``lora_embedding_A``
+* experts (transformers 5 holds every MoE's experts as one [E, d, in] or [E, in, d] parameter, whatever the
+  disk layout): peft's ``target_parameters`` (``ParamWrapper``), one rank-1 pair per expert: A [E, in], B [d, E]
+* gpt-oss's expert biases [E, d]: a 2-D parameter of its own, B = -s coeff [E, 1], A = r [1, d]
+* biases of Linear / Conv1D layers: no LoRA factor changes a bias, but peft's ``bias="lora_only"`` stores the
+  bias of each adapted layer in the adapter and loads it into that layer: the adapter carries the edited bias.
+
+Coefficients are computed with the chunks and blocks `apply` uses, so merging the adapter with the same
+--max-memory reproduces `apply`'s tensors byte for byte. Each target tensor is read once, chunk by chunk; only
+the factors are kept (a few MB for a 7B model). No torch: peft is needed only to load the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from abliterate.edit.plan import TIE_KEY, EditPlan, TensorEdit
+from abliterate.edit.projection import (
+    BLOCK_ELEMENTS,
+    NonFiniteError,
+    Scratch,
+    coefficients,
+    compute_dtype,
+    iter_edited_chunks,
+    plan_chunks,
+    read_stored,
+    widen,
+)
+from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, write_manifest
+from abliterate.errors import AbliterateError
+from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.direction_file import Direction
+from abliterate.io.safetensors_format import atomic_folder, encode_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+NUMPY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
+# ---------------------------------------------------------------- in-memory names of expert tensors
+
+
+@dataclass(frozen=True)
+class ExpertParam:
+    """One fused expert parameter of a transformers 5 model and where its values are on disk.
+
+    `memory` is the parameter's in-memory name and `disk` the on-disk tensor(s) holding it ("{p}" is the
+    layer's module prefix, "{e}" the expert index): several names are concatenated along the output axis per
+    expert (gate and up into gate_up_proj); a name without "{e}" is one tensor holding every expert.
+    `transposed` marks [E, in, out] storage (the module's `is_transposed`); 2-D parameters are [E, n] biases.
+    A family's parameters are listed in registration order, the order in which peft nests its wrappers.
+    """
+
+    memory: str
+    disk: tuple[str, ...]
+    transposed: bool = False
+
+    def disk_regex(self, part: int) -> re.Pattern[str]:
+        return _template_regex(self.disk[part])
+
+    def memory_regex(self) -> re.Pattern[str]:
+        return _template_regex(self.memory)
+
+
+@functools.cache
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{p\}", r"(?P<p>.+?)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(pattern)
+
+
+def _per_expert(prefix: str, gate: str, up: str, down: str) -> tuple[ExpertParam, ...]:
+    """Experts stored one tensor per expert and projection on disk, fused into gate_up_proj / down_proj."""
+    e = f"{{p}}.{prefix}.experts.{{e}}."
+    return (ExpertParam("{p}.mlp.experts.gate_up_proj", (e + gate + ".weight", e + up + ".weight")),
+            ExpertParam("{p}.mlp.experts.down_proj", (e + down + ".weight",)))
+
+
+_GRANITE = (ExpertParam("{p}.block_sparse_moe.experts.gate_up_proj", ("{p}.block_sparse_moe.input_linear.weight",)),
+            ExpertParam("{p}.block_sparse_moe.experts.down_proj", ("{p}.block_sparse_moe.output_linear.weight",)))
+_GPT_OSS = tuple(ExpertParam(f"{{p}}.mlp.experts.{n}", (f"{{p}}.mlp.experts.{n}",), transposed=not n.endswith("bias"))
+                 for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"))
+_QWEN_MOE = _per_expert("mlp", "gate_proj", "up_proj", "down_proj")
+_MIXTRAL = _per_expert("block_sparse_moe", "w1", "w3", "w2")
+
+# transformers 5 fuses the experts of every MoE family in memory (see its conversion_mapping.py).
+EXPERT_LAYOUTS: dict[str, tuple[ExpertParam, ...]] = {
+    "mixtral": _MIXTRAL, "phimoe": _MIXTRAL, "minimax": _MIXTRAL,
+    "qwen2_moe": _QWEN_MOE, "qwen3_moe": _QWEN_MOE, "olmoe": _QWEN_MOE, "deepseek_v3": _QWEN_MOE,
+    "granitemoe": _GRANITE, "granitemoeshared": _GRANITE,
+    "gpt_oss": _GPT_OSS,
+}
+# On loading an adapter into an MoE model, peft 0.21 rewrites target_modules ending in these v4 expert names into
+# target_parameters (all layers, by leaf name); a Linear writer named so is therefore adapted as a parameter.
+PEFT_RENAMED_LEAVES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
+
+
+def expert_param_for_disk(model_type: str | None, name: str) -> tuple[ExpertParam, str, int | None, int] | None:
+    """(layout entry, in-memory parameter name, expert index or None when fused on disk, concatenated part)."""
+    for param in EXPERT_LAYOUTS.get(model_type or "", ()):
+        for part in range(len(param.disk)):
+            m = param.disk_regex(part).fullmatch(name)
+            if m:
+                expert = m.groupdict().get("e")
+                return param, param.memory.format(p=m["p"]), None if expert is None else int(expert), part
+    return None
+
+
+def looks_like_expert(name: str) -> bool:
+    return bool(re.search(r"\.experts\.(\d+\.)?", name))
+
+
+# ---------------------------------------------------------------- the adapter's modules
+
+
+@dataclass
+class _Factors:
+    """The LoRA factors of one peft module or parameter, filled in as target tensors are read."""
+
+    kind: str  # "linear", "conv1d", "embedding" (target_modules) or "param" (target_parameters)
+    target: str  # module path, or parameter path for "param"
+    a: np.ndarray  # [rank, in]
+    b: np.ndarray  # [out, rank]
+    filled: np.ndarray  # which of the rank rows were computed (experts may be spread over several tensors)
+    order: int = 0  # registration order among the targeted parameters of one module (nesting of ParamWrappers)
+
+
+@dataclass(frozen=True)
+class AdapterResult:
+    out: Path
+    modules: int
+    biases: int
+    nbytes: int
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """ignore_biases: leave biases unedited (a pure LoRA adapter); base_model: the Hub id written as the base."""
+
+    ignore_biases: bool = False
+    base_model: str | None = None
+    max_memory: int = DEFAULT_MAX_MEMORY
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class _Export:
+    factors: dict[str, _Factors] = field(default_factory=dict)  # by target
+    biases: dict[str, tuple[str, tuple[int, ...], bytes]] = field(default_factory=dict)  # module -> dtype, shape, data
+    edits: dict[str, TensorEdit] = field(default_factory=dict)  # what the adapter carries, for the manifest
+
+
+def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: Path,
+                   options: AdapterOptions = AdapterOptions()) -> AdapterResult:
+    """Write ADAPTER_CONFIG and ADAPTER_WEIGHTS (plus manifest and direction) to `out`, atomically."""
+    if Path(out).absolute() == ckpt.root.absolute():
+        raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
+    _check_output_embedding_kept(ckpt, plan)
+    model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
+    edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
+    experts = _expert_counts(ckpt, model_type)
+    targets = {e.name: _target_for(model_type, e, experts) for e in edits}
+    _check_biases_have_their_layer(edits, targets)
+    export = _Export()
+    total = sum(e.info.nbytes for e in edits)
+    with ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="adapter", disable=options.quiet,
+                                       file=sys.stderr))
+        fds = {}
+        for shard in ckpt.shards:
+            fds[shard] = os.open(ckpt.root / shard, os.O_RDONLY)
+            stack.callback(os.close, fds[shard])
+        ordered = sorted(edits, key=lambda e: (ckpt.shards.index(e.shard), e.info.start))
+        budget = options.max_memory // 2  # `apply`'s chunk budget: the same chunks give the same sums
+        # two tensors at a time (pread and numpy release the GIL); each is read once, in chunks of at most a
+        # quarter of --max-memory (no edited copy is made), so two stay within half of it
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)))
+        results = pool.map(lambda e: _read(fds[e.shard], e, targets[e.name], direction, budget), ordered)
+        for edit, result in zip(ordered, results, strict=True):
+            _record(export, edit, targets[edit.name], direction, result)
+            bar.update(edit.info.nbytes)
+    _check_complete(export)
+    notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
+    with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
+        nbytes = _write_weights(export, tmp / ADAPTER_WEIGHTS)
+        config = _adapter_config(ckpt, export, options)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if direction.path is not None:
+            shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
+        write_manifest(ckpt, plan, direction, tmp, {"adapter": {"ignore_biases": options.ignore_biases,
+                                                              "max_memory": options.max_memory}},
+                       edits=export.edits, notes=notes)
+    return AdapterResult(Path(out), len(export.factors), len(export.biases), nbytes, tuple(notes))
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one edited tensor lands in the adapter."""
+
+    kind: str  # "linear", "conv1d", "embedding", "param", "expert_param", "bias_param", "bias"
+    target: str  # peft module or parameter path; for "bias" the module whose bias is replaced
+    expert: int | None = None  # per-expert tensor of a fused parameter
+    experts: int = 1  # number of experts of the fused parameter
+    order: int = 0
+
+
+def _is_bias(edit: TensorEdit) -> bool:
+    return edit.name.endswith((".bias", "_bias"))
+
+
+def _expert_counts(ckpt: Checkpoint, model_type: str | None) -> dict[str, int]:
+    """In-memory fused parameter -> number of experts, for experts stored one tensor each on disk."""
+    counts: dict[str, int] = {}
+    for name in ckpt.tensors:
+        found = expert_param_for_disk(model_type, name)
+        if found is not None and found[2] is not None:
+            counts[found[1]] = max(counts.get(found[1], 0), found[2] + 1)
+    return counts
+
+
+def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int]) -> _Target:
+    """Map an on-disk tensor to the peft module or parameter of the transformers 5 model that holds it."""
+    name, shape = edit.name, edit.info.shape
+    found = expert_param_for_disk(model_type, name)
+    if found is not None:
+        param, memory, expert, _ = found
+        order = EXPERT_LAYOUTS[model_type or ""].index(param)
+        if expert is not None:
+            return _Target("expert_param", memory, expert=expert, experts=experts[memory], order=order)
+        if len(shape) == 2:  # [E, d]: gpt-oss's expert biases, a 2-D parameter for peft
+            return _Target("bias_param", memory, order=order)
+        return _Target("expert_param", memory, experts=shape[0], order=order)
+    if looks_like_expert(name) or len(shape) > 2:
+        raise AbliterateError(
+            f"cannot write {name} into an adapter: abliterate does not know how transformers holds the experts of "
+            f"model_type {model_type!r} in memory (peft targets in-memory names); write a checkpoint without --adapter"
+        )
+    if len(shape) == 1 and name.endswith(".bias"):
+        return _Target("bias", name.removesuffix(".bias"))
+    if len(shape) == 2 and name.endswith(".weight"):
+        module = name.removesuffix(".weight")
+        if edit.hidden_axis == -1:
+            return _Target("embedding" if edit.component == "embed" else "conv1d", module)
+        if model_type in EXPERT_LAYOUTS and module.rsplit(".", 1)[-1] in PEFT_RENAMED_LEAVES:
+            return _Target("param", name)
+        return _Target("linear", module)
+    raise AbliterateError(
+        f"cannot write the edit of {name} (shape {list(shape)}) as a LoRA adapter: it is neither a layer's "
+        "weight, an embedding, a bias nor a known expert tensor; write a checkpoint without --adapter"
+    )
+
+
+def _check_output_embedding_kept(ckpt: Checkpoint, plan: EditPlan) -> None:
+    """peft's embedding LoRA leaves a tied lm_head as it was: the edit must do the same (untie, the default)."""
+    embed = [e for e in plan.edits.values() if e.component == "embed" and "wpe" not in e.name]
+    if not embed or plan.untie is not None:
+        return
+    flag = ckpt.text_config.get(TIE_KEY, ckpt.config.get(TIE_KEY))
+    output = plan.arch.output_embedding if plan.arch is not None else None
+    tied = bool(flag) if flag is not None else output is not None and output not in ckpt.tensors
+    if tied:
+        raise AbliterateError(
+            f"{embed[0].name} is tied to the output layer and this edit changes both (--keep-tied or --targets), "
+            "which an embedding LoRA cannot express (peft leaves lm_head alone): drop --keep-tied, or write a "
+            "checkpoint without --adapter"
+        )
+
+
+def _check_biases_have_their_layer(edits: list[TensorEdit], targets: dict[str, _Target]) -> None:
+    """peft stores a bias only for a layer it adapts (bias="lora_only"): the layer's weight must be edited too."""
+    adapted = {t.target.removesuffix(".weight") for t in targets.values() if t.kind != "bias"}
+    for edit in edits:
+        target = targets[edit.name]
+        if target.kind == "bias" and target.target not in adapted:
+            raise AbliterateError(
+                f"{edit.name} is edited but {target.target}.weight is not: peft carries a bias only for a layer it "
+                "adapts; edit both (check --targets) or pass --ignore-biases"
+            )
+
+
+def _read(fd: int, edit: TensorEdit, target: _Target, direction: Direction, budget: int) -> np.ndarray | bytes:
+    """Read one target tensor once: s coeff, or for a bias its edited values as `apply` writes them."""
+    try:
+        if target.kind == "bias":
+            return _edited_bytes(fd, edit, direction, budget)
+        r = np.asarray(direction.for_layer(edit.layer), dtype=compute_dtype(edit.info.dtype))
+        return stream_coefficients(fd, edit, r, budget) * np.asarray(edit.scale, dtype=r.dtype)
+    except NonFiniteError:
+        raise AbliterateError(
+            f"{edit.name} holds NaN or inf values; the checkpoint is corrupt: re-download it"
+        ) from None
+
+
+def _record(export: _Export, edit: TensorEdit, target: _Target, direction: Direction,
+            result: np.ndarray | bytes) -> None:
+    if isinstance(result, bytes):
+        export.biases[target.target] = (edit.info.dtype, edit.info.shape, result)
+    else:
+        r = np.asarray(direction.for_layer(edit.layer), dtype=result.dtype)
+        _add_factors(export, edit, target, r, result)
+    export.edits[edit.name] = edit
+
+
+def _edited_bytes(fd: int, edit: TensorEdit, direction: Direction, budget: int) -> bytes:
+    """A bias as `apply` writes it, in its stored dtype."""
+    r = direction.for_layer(edit.layer)
+    chunks = iter_edited_chunks(fd, edit.info, r, edit.hidden_axis, edit.scale, budget)
+    return b"".join(values.tobytes() for _, values, _ in chunks)
+
+
+def stream_coefficients(fd: int, edit: TensorEdit, r: np.ndarray, budget: int) -> np.ndarray:
+    """The coefficients `apply` subtracts, computed with its chunks and blocks: [matrices, in] of r^T W for
+    hidden axis -2, [rows] of W r for hidden axis -1. Reads the tensor once."""
+    info = edit.info
+    scratch = Scratch()
+    parts: list[np.ndarray] = []
+    coeff = np.zeros(0, dtype=r.dtype)
+    for chunk in plan_chunks(info, edit.hidden_axis, r.size, budget):
+        stored = read_stored(fd, info, chunk, scratch)
+        if edit.hidden_axis == -1:
+            parts.append(_row_coefficients(stored, info.dtype, r))
+        elif chunk.rows is None:
+            parts.extend(coefficients(m, info.dtype, r) for m in stored)
+        else:  # row blocks of a matrix larger than the budget, summed in order as `apply` does
+            part = coefficients(stored[0], info.dtype, r[chunk.rows])
+            coeff = part if chunk.rows.start == 0 else coeff + part
+            if chunk.last:
+                parts.append(coeff)
+    if not parts:
+        return np.zeros((0,), dtype=r.dtype)
+    return np.concatenate(parts) if edit.hidden_axis == -1 else np.stack(parts)
+
+
+def _row_coefficients(m: np.ndarray, dtype: str, r: np.ndarray) -> np.ndarray:
+    """W r of a stored [rows, d] chunk, in the blocks `projection.edit_cols` uses (same sums, same rounding)."""
+    step = max(1, BLOCK_ELEMENTS // max(m.shape[1], 1))
+    out = np.empty(m.shape[0], dtype=r.dtype)
+    for i in range(0, m.shape[0], step):
+        out[i : i + step] = widen(m[i : i + step], dtype) @ r
+    if not np.isfinite(out).all():
+        raise NonFiniteError
+    return out
+
+
+def _add_factors(export: _Export, edit: TensorEdit, target: _Target, r: np.ndarray, coeff: np.ndarray) -> None:
+    """A = s coeff (the input side), B = -r (the output side); a bias parameter [E, d] is the other way round."""
+    if target.kind == "bias_param":  # row e of [E, d] gets -(s b_e . r) r
+        f = _factors(export, target, "param", r.size, coeff.size, 1, r.dtype)
+        f.a[0], f.b[:, 0], f.filled[:] = r, -coeff, True
+        return
+    rows = _input_rows(edit, coeff)
+    kind = "param" if target.kind in ("param", "expert_param") else target.kind
+    f = _factors(export, target, kind, rows.shape[1], r.size, target.experts, r.dtype)
+    first = target.expert or 0
+    f.a[first : first + rows.shape[0]] = rows
+    f.b[:, first : first + rows.shape[0]] = -r[:, None]
+    f.filled[first : first + rows.shape[0]] = True
+
+
+def _input_rows(edit: TensorEdit, coeff: np.ndarray) -> np.ndarray:
+    """The coefficients as one row per expert (one row for a 2-D tensor): [experts, in]."""
+    if edit.hidden_axis == -2:
+        return coeff.reshape(-1, edit.info.shape[-1])
+    experts = edit.info.shape[0] if len(edit.info.shape) == 3 else 1
+    return coeff.reshape(experts, -1)
+
+
+def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int, rank: int,
+             dtype: np.dtype) -> _Factors:
+    if target.target not in export.factors:
+        export.factors[target.target] = _Factors(
+            kind, target.target, np.zeros((rank, n_in), dtype), np.zeros((n_out, rank), dtype),
+            np.zeros(rank, bool), target.order)
+    return export.factors[target.target]
+
+
+def _check_complete(export: _Export) -> None:
+    for f in export.factors.values():
+        if not f.filled.all():
+            missing = np.flatnonzero(~f.filled).tolist()
+            raise AbliterateError(
+                f"{f.target}: expert(s) {missing[:5]} of this fused parameter are not edited (--layers/--targets), "
+                "but peft adapts the whole parameter; edit every expert of a layer or none"
+            )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def peft_keys(export_factors: dict[str, _Factors]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key in adapter_model.safetensors, values) for every factor, named as peft saves them."""
+    params_by_module: dict[str, list[_Factors]] = {}
+    for f in export_factors.values():
+        if f.kind == "param":
+            params_by_module.setdefault(f.target.rsplit(".", 1)[0], []).append(f)
+    for f in export_factors.values():
+        if f.kind == "embedding":
+            yield f"{PEFT_PREFIX}{f.target}.lora_embedding_A", f.a
+            yield f"{PEFT_PREFIX}{f.target}.lora_embedding_B", f.b
+            continue
+        module = f.target
+        if f.kind == "param":
+            module = f.target.rsplit(".", 1)[0]
+            # peft wraps a module's targeted parameters in registration order, the first one innermost
+            depth = sum(1 for g in params_by_module[module] if g.order > f.order)
+            module += ".base_layer" * depth
+        yield f"{PEFT_PREFIX}{module}.lora_A.weight", f.a
+        yield f"{PEFT_PREFIX}{module}.lora_B.weight", f.b
+
+
+def _write_weights(export: _Export, path: Path) -> int:
+    """adapter_model.safetensors: factors in float32 (float64 for float64 models), biases in their stored dtype."""
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for key, values in peft_keys(export.factors):
+        tensors[key] = (NUMPY_DTYPES[values.dtype], values.shape, np.ascontiguousarray(values).tobytes())
+    for module, entry in export.biases.items():
+        tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = entry
+    names = sorted(tensors)
+    header = encode_header([(n, tensors[n][0], tensors[n][1], len(tensors[n][2])) for n in names], {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for n in names:
+            f.write(tensors[n][2])
+    return path.stat().st_size
+
+
+def _adapter_config(ckpt: Checkpoint, export: _Export, options: AdapterOptions) -> dict:
+    """A plain peft LoraConfig: r = lora_alpha = 1, no dropout, the targets by full in-memory name."""
+    modules = sorted(f.target for f in export.factors.values() if f.kind != "param")
+    params = sorted(f.target for f in export.factors.values() if f.kind == "param")
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": options.base_model or base_model_name(ckpt),
+        "revision": None,
+        "r": 1,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "bias": "lora_only" if export.biases else "none",
+        "fan_in_fan_out": any(f.kind == "conv1d" for f in export.factors.values()),
+        "target_modules": modules or None,
+        "target_parameters": params or None,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "ensure_weight_tying": False,
+    }
+
+
+def base_model_name(ckpt: Checkpoint) -> str:
+    """The Hub id when the folder is a Hub cache snapshot (models--org--name/snapshots/rev), else its path."""
+    parts = ckpt.root.absolute().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    name = ckpt.config.get("_name_or_path")
+    if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+        return name
+    return str(ckpt.root.absolute())
+
+
+def _notes(plan: EditPlan, export: _Export, options: AdapterOptions, has_bias_edits: bool) -> list[str]:
+    notes = list(plan.notes)
+    if plan.untie:
+        notes.append("embeddings are tied: the adapter adapts the input embedding only, so lm_head keeps the "
+                     "original matrix (as `apply` does by untying it)")
+    if export.biases:
+        notes.append(f"{len(export.biases)} edited bias(es) are carried with peft's bias='lora_only': peft loads them "
+                     "into the base layers (disabling the adapter does not restore them; pass --ignore-biases for "
+                     "a pure LoRA adapter)")
+    if options.ignore_biases and has_bias_edits:
+        notes.append("--ignore-biases: biases were left unedited, so the adapter differs from `apply` by the bias "
+                     "terms along the direction")
+    return notes

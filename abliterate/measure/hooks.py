@@ -1,0 +1,130 @@
+"""Forward hooks that do in memory what an edit does to the weights, and what steering adds.
+
+`ablate` removes s r (r . out) from the output of exactly the modules whose weights `apply` edits
+(the architecture table's hook_modules), so an ablated forward computes what the edited checkpoint
+computes: selection, evaluation and search score the edit itself, not an approximation of it.
+`add` adds a vector to the residual stream entering a decoder layer (activation addition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from abliterate.arch.table import Arch
+
+Strength = Callable[[str, "int | None"], float]
+
+
+def module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise LookupError(
+            f"{type(model).__name__} has no module {path!r}; the architecture table does not fit"
+        ) from None
+
+
+def decoder_layers(model: torch.nn.Module, arch: Arch) -> torch.nn.ModuleList:
+    return module(model, arch.decoder_layers)  # type: ignore[return-value]
+
+
+def _apply_to_output(output, fn):
+    if isinstance(output, tuple):
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    v = vectors.to(torch.float32)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+@contextlib.contextmanager
+def ablate(model: torch.nn.Module, arch: Arch, direction: torch.Tensor, strength: Strength | float = 1.0,
+           num_layers: int | None = None) -> Iterator[None]:
+    """Remove the direction from every residual writer's output while the block runs.
+
+    direction: [d] for all layers or [num_layers + 1, d] (row 0: embeddings, row L + 1: layer L),
+    normalised here. strength: a scale, or a function of (component, layer) giving one per module.
+    """
+    units = _unit(direction)
+    num_layers = num_layers if num_layers is not None else len(decoder_layers(model, arch))
+    scale_of = strength if callable(strength) else (lambda _c, _l: float(strength))
+    handles = []
+    try:
+        for component, paths in arch.hook_modules.items():
+            for layer in ([None] if component == "embed" else range(num_layers)):
+                s = scale_of(component, layer)
+                if s == 0.0:
+                    continue
+                r = units if units.ndim == 1 else units[0 if layer is None else layer + 1]
+                for path in paths:
+                    target = module(model, path.format(layer=layer))
+                    handles.append(target.register_forward_hook(_remover(r, s)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _remover(r: torch.Tensor, s: float):
+    cache: dict = {}
+
+    def hook(_module, _inputs, output):
+        def remove(out: torch.Tensor) -> torch.Tensor:
+            key = (out.dtype, out.device)
+            if key not in cache:
+                cache[key] = r.to(dtype=out.dtype, device=out.device)
+            rr = cache[key]
+            return out - s * (out @ rr).unsqueeze(-1) * rr
+        return _apply_to_output(output, remove)
+
+    return hook
+
+
+@contextlib.contextmanager
+def add(model: torch.nn.Module, arch: Arch, layer: int, vector: torch.Tensor, coeff: float = 1.0,
+        positions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    """Add coeff * vector to the residual stream entering decoder layer `layer`.
+
+    positions: optional function of the hidden states [B, T, d] returning a [B, T, 1] mask of the
+    positions to steer (default: every position).
+    """
+    target = decoder_layers(model, arch)[layer]
+    cache: dict = {}
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        key = (hidden.dtype, hidden.device)
+        if key not in cache:
+            cache[key] = (coeff * vector.to(torch.float32)).to(dtype=hidden.dtype, device=hidden.device)
+        delta = cache[key] if positions is None else cache[key] * positions(hidden).to(hidden.dtype)
+        if args:
+            return (hidden + delta, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden + delta}
+
+    handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def capture_residuals(model: torch.nn.Module, arch: Arch,
+                      sink: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call sink(i, hidden) with the residual stream i: 0 entering layer 0, L + 1 leaving layer L."""
+    layers = decoder_layers(model, arch)
+    handles = [layers[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: sink(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
+    for i, block in enumerate(layers):
+        handles.append(block.register_forward_hook(
+            lambda _m, _a, output, i=i: sink(i + 1, output[0] if isinstance(output, tuple) else output)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

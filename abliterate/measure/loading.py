@@ -1,0 +1,97 @@
+"""Load a chat model and its tokenizer for extraction, evaluation, search and steering.
+
+Only safetensors weights are loaded (never pickles), remote code only when asked for, and a
+folder or Hub id that is not a causal language model is one clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from abliterate.arch.table import Arch, arch_for_config
+from abliterate.errors import AbliterateError, first_line
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Arch
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return device
+
+
+def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
+               trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    name = str(source)
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise AbliterateError(f"{name} has no config.json; pass a Hugging Face model folder or a Hub id")
+    if dtype not in DTYPES:
+        raise AbliterateError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AbliterateError(f"cannot load the config of {name}: {first_line(e)}") from None
+    if not trust_remote_code:
+        _check_causal_lm(name, config, AutoModelForCausalLM)
+    arch = arch_for_config(config.to_dict())
+    try:  # the tokenizer first: it fails in a second where the weights would take minutes
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
+                              "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None
+    model.to(resolve_device(device)).eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # padding is masked out: any token will do, eos by convention
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
+            tokenizer.convert_ids_to_tokens(0)
+    return LoadedModel(model, tokenizer, arch, name)
+
+
+def _check_causal_lm(name: str, config, auto_class) -> None:
+    """A family transformers can load as a causal LM, saved as one (a BertModel is not, though a
+    BertLMHeadModel would be): otherwise a clear error instead of a model without its LM head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    saved_as = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if type(config) not in auto_class._model_mapping or (saved_as and not any(
+            a in causal or a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in saved_as)):
+        what = saved_as[0] if saved_as else type(config).__name__
+        raise AbliterateError(
+            f"{name} is a {what}, not a causal language model; abliterate needs a chat model with a "
+            "language-model head"
+        )

@@ -1,0 +1,156 @@
+"""The model card (README.md) and the checksum manifest of an output folder.
+
+The card is rendered from plain data (what was done, the evaluation, the commands) and never
+computes tensors. Its YAML header carries the metadata the Hub indexes (base_model,
+base_model_relation, library_name, tags, license); its body says what was edited, how to
+reproduce it, and lists the sha256 of every file, which `abliterate verify FOLDER` checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from abliterate.errors import AbliterateError
+
+CHECKSUMS_NAME = "SHA256SUMS"
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    base_model: str
+    adapter: bool
+    license: str | None
+    direction: dict[str, str]  # the direction file's metadata
+    edit: dict[str, object]  # scale, layers, components, edited tensor count, untied output embedding, notes
+    evaluation: dict[str, object] | None  # summary rows name -> value, plus "command"
+    regenerate: str  # the command that rebuilds this output
+    recipe_name: str = "default"
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    direction_file: str = "refusal_direction.safetensors"
+
+
+def sha256_file(path: Path, block: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path, exclude: tuple[str, ...] = (CARD_NAME, CHECKSUMS_NAME)) -> dict[str, str]:
+    """sha256 of every file below `folder` (the card and the manifest themselves excluded)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and str(p.relative_to(folder)) not in exclude and ".cache" not in p.parts}
+
+
+def write_checksums(folder: Path, sums: dict[str, str]) -> None:
+    (folder / CHECKSUMS_NAME).write_text("".join(f"{h}  {p}\n" for p, h in sums.items()))
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    path = folder / CHECKSUMS_NAME
+    if not path.is_file():
+        raise AbliterateError(f"{folder} has no {CHECKSUMS_NAME}; pass the original folder too to verify an edit")
+    sums = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise AbliterateError(f"{path}: malformed line {line!r}")
+        sums[name] = digest
+    return sums
+
+
+def check_checksums(folder: Path) -> list[str]:
+    """Problems found comparing `folder` with its SHA256SUMS (empty: everything matches)."""
+    problems = []
+    for name, digest in read_checksums(folder).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{name} does not match its sha256")
+    return problems
+
+
+def is_hub_id(name: str) -> bool:
+    """OWNER/NAME of a Hub repo, not a local path: only those belong in `base_model` and in a Hub link."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not Path(name).exists()
+
+
+def metadata(info: CardInfo) -> dict[str, object]:
+    meta: dict[str, object] = {
+        **({"base_model": info.base_model} if is_hub_id(info.base_model) else {}),
+        "base_model_relation": "adapter" if info.adapter else "finetune",
+        "library_name": "peft" if info.adapter else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["abliterated", "abliterate", "refusal-direction", *(["lora", "peft"] if info.adapter else [])],
+    }
+    if info.license:
+        meta["license"] = info.license
+    return meta
+
+
+def render_card(info: CardInfo) -> str:
+    header = yaml.safe_dump(metadata(info), sort_keys=False, allow_unicode=True)
+    kind = "a rank-1 LoRA adapter for" if info.adapter else "a copy of"
+    d, e = info.direction, info.edit
+    lines = [
+        f"---\n{header}---\n",
+        f"# {info.base_model.rsplit('/', 1)[-1]}, abliterated\n",
+        f"This is {kind} {_link(info.base_model)} with its refusal direction "
+        "projected out of every matrix that writes into the residual stream (Arditi et al. 2024, "
+        "[arXiv 2406.11717](https://arxiv.org/abs/2406.11717)), made with abliterate. Other weights are unchanged, "
+        "byte for byte.\n",
+        "## What was done\n",
+        "| | |\n|---|---|",
+        f"| direction | difference of means at layer {d.get('layer', '?')}, post-instruction position "
+        f"{d.get('position', '?')}, from `{d.get('model', info.base_model)}` |",
+        f"| edit | W' = W - {e.get('scale', 1.0)} r (r^T W) on {e.get('edited', '?')} tensors "
+        f"({', '.join(map(str, e.get('components') or []))}; layers {e.get('layers') or 'all'}) |",
+        f"| recipe | `{info.recipe_name}` |",
+    ]
+    if e.get("untied"):
+        lines.append(f"| tied embeddings | untied: `{e['untied']}` holds the original matrix |")
+    lines.append(f"\nThe direction is in `{info.direction_file}` beside the weights.")
+    for note in e.get("notes") or []:
+        lines.append(f"\n> {note}")
+    if info.evaluation:
+        lines += ["\n## Evaluation\n", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in info.evaluation.items() if k != "command"]
+        if info.evaluation.get("command"):
+            lines.append(f"\nMeasured with:\n\n```bash\n{info.evaluation['command']}\n```")
+    lines += ["\n## Reproduce\n", f"```bash\n{info.regenerate}\n```"]
+    if info.files:
+        lines += ["\n## Files (sha256)\n", "Check a download with `abliterate verify FOLDER`.\n", "```"]
+        lines += [f"{h}  {p}" for p, h in info.files.items()]
+        lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def _link(model: str) -> str:
+    return f"[{model}](https://huggingface.co/{model})" if is_hub_id(model) else f"`{model}`"
+
+
+def write_card(folder: Path, info: CardInfo) -> None:
+    """README.md and SHA256SUMS for a finished output folder."""
+    sums = checksums(folder)
+    write_checksums(folder, sums)
+    (folder / CARD_NAME).write_text(render_card(CardInfo(**{**info.__dict__, "files": sums})))
+
+
+def base_license(card_text: str | None) -> str | None:
+    """The license in a base model card's YAML header, if any."""
+    if not card_text or not card_text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(card_text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None

@@ -1,0 +1,165 @@
+"""Bake a steering vector into a checkpoint: a bias on one layer's MLP output projection.
+
+The bias adds coeff * vector to what decoder layer L's MLP writes, i.e. to the residual stream after
+layer L (steering-vector row L + 1): the same place `abliterate.steer.steering` adds it, so the baked
+checkpoint computes what the hook computes, without hooks. Unlike the hook used for generation, a
+bias acts on every position, the prompt's included.
+
+Families whose MLP output projection already has a bias (GPT-2, GPT-NeoX, Phi, StarCoder2...) get
+it changed in place. Families that only have a global switch (Llama's ``mlp_bias``, also Granite,
+SmolLM3, Helium, Seed-OSS, Arcee in transformers 5.24) need the flag set in config.json, which gives
+*every* MLP projection of every layer a bias: those are added as zeros (their output is unchanged),
+and the chosen layer's output-projection bias holds the vector. Every other tensor is copied byte
+for byte; shards keep their names and tensor order, new biases are appended to the shard holding
+their weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from abliterate.arch.table import arch_for_config
+from abliterate.edit.shard_writer import copy_other_files
+from abliterate.errors import AbliterateError
+from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
+from abliterate.io.safetensors_format import atomic_folder, copy_range, encode_header, pread_into, pwrite_all
+
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BIAS_FLAG = "mlp_bias"
+NOTE_FILE = "abliterate-steer.json"
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    out: Path
+    bias: str  # the tensor holding the vector
+    added: tuple[str, ...]  # zero biases added because the config flag is global
+    config_flag: str | None
+    skipped_files: tuple[str, ...]
+
+
+def output_projection(ckpt: Checkpoint, layer: int) -> tuple[str, str]:
+    """(weight name, bias name) of the dense MLP output projection of `layer`, or a clear refusal."""
+    arch = arch_for_config(ckpt.config)
+    if arch.normalised_block_outputs:
+        raise AbliterateError(f"{ckpt.config.get('model_type')} normalises the MLP output before the residual add, so "
+                              "a bias there is not a constant addition; steer with hooks (`abliterate steer chat`)")
+    weights = []
+    for writer in arch.writers:
+        if writer.component != "mlp" or not writer.pattern.endswith(r"\.weight"):
+            continue
+        for name in ckpt.tensors:
+            m = writer.match(name)
+            if m and "layer" in m.groupdict() and int(m["layer"]) == layer:
+                weights.append(name)
+    if len(weights) != 1:
+        found = ", ".join(weights) or "none"
+        raise AbliterateError(f"layer {layer} has {len(weights)} MLP output projections ({found}); "
+                              "baking supports dense MLPs only (not mixture-of-experts); steer with hooks instead")
+    return weights[0], weights[0][: -len("weight")] + "bias"
+
+
+def _biased_skeleton(ckpt: Checkpoint) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The config flag that gives MLPs biases, and every bias tensor (name -> shape) it makes the model expect."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt.root)
+    if not hasattr(config, BIAS_FLAG):
+        raise AbliterateError(f"{config.model_type} has no bias on its MLP output projection and no `{BIAS_FLAG}` "
+                              "switch to add one; steer with hooks (`abliterate steer chat`) instead")
+    setattr(config, BIAS_FLAG, True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return BIAS_FLAG, {k: tuple(v.shape) for k, v in model.state_dict().items()
+                       if k.endswith(".bias") and k not in ckpt.tensors}
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def bake(checkpoint: str | Path, vectors_path: str | Path, layer: int, coeff: float, out: str | Path, *,
+         overwrite: bool = False, quiet: bool = False) -> BakeResult:
+    """Write CHECKPOINT with coeff * (the steering vector after `layer`, row layer + 1 of the vectors
+    file) added by a bias of that layer's MLP output projection."""
+    from abliterate.steer.steering import check_coeff, check_layer, load_vectors
+
+    check_coeff(coeff)
+    ckpt = Checkpoint.open(checkpoint)
+    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    check_layer(layer, ckpt.num_layers)
+    vector = vectors[layer + 1]
+    weight, bias = output_projection(ckpt, layer)
+    weight_info = ckpt.tensors[weight][1]
+    dtype = ckpt.tensors[bias][1].dtype if bias in ckpt.tensors else weight_info.dtype
+    if dtype not in TORCH_DTYPES:
+        raise AbliterateError(f"{weight} is stored as {dtype}; baking needs a floating-point checkpoint")
+    flag, new_shapes = (None, {}) if bias in ckpt.tensors else _biased_skeleton(ckpt)
+    if flag is not None and bias not in new_shapes:
+        raise AbliterateError(f"setting {flag} does not give {bias} to the model; this family cannot be baked")
+    delta = torch.as_tensor(vector, dtype=torch.float32) * coeff
+    new: dict[str, tuple[str, torch.Tensor]] = {}  # name -> (shard, value)
+    for name, shape in new_shapes.items():
+        owner = name[: -len("bias")] + "weight"
+        if owner not in ckpt.tensors:
+            raise AbliterateError(f"{flag} adds {name} but the checkpoint has no {owner}; this family cannot be baked")
+        value = delta if name == bias else torch.zeros(shape)
+        new[name] = (ckpt.tensors[owner][0], value.to(TORCH_DTYPES[dtype]))
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp, ExitStack() as stack:
+        for shard in tqdm(ckpt.shards, desc="bake", disable=quiet, leave=False):
+            src = ckpt.headers[shard]
+            extra = [(n, v) for n, (s, v) in new.items() if s == shard]
+            entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in src.tensors]
+            entries += [(n, dtype, tuple(v.shape), v.numel() * v.element_size()) for n, v in extra]
+            header = encode_header(entries, src.metadata)
+            src_fd = os.open(ckpt.root / shard, os.O_RDONLY)
+            stack.callback(os.close, src_fd)
+            dst_fd = os.open(tmp / shard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            stack.callback(os.close, dst_fd)
+            pwrite_all(dst_fd, memoryview(len(header).to_bytes(8, "little") + header), 0)
+            at = 8 + len(header)
+            for info in src.tensors:
+                if info.name == bias:  # an existing bias: add the vector to it
+                    buf = bytearray(info.nbytes)
+                    pread_into(src_fd, memoryview(buf), info.start)
+                    old = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).float()
+                    pwrite_all(dst_fd, _bytes((old + delta).to(TORCH_DTYPES[info.dtype])), at)
+                else:
+                    copy_range(src_fd, dst_fd, info.start, at, info.nbytes)
+                at += info.nbytes
+            for _, value in extra:
+                data = _bytes(value)
+                pwrite_all(dst_fd, data, at)
+                at += len(data)
+        _write_index(ckpt, tmp, {n: (s, v.numel() * v.element_size()) for n, (s, v) in new.items()})
+        config = json.loads((ckpt.root / "config.json").read_text())
+        if flag is not None:
+            (config["text_config"] if isinstance(config.get("text_config"), dict) else config)[flag] = True
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        skipped = copy_other_files(ckpt, tmp)
+        (tmp / NOTE_FILE).write_text(json.dumps({
+            "steering": {"layer": layer, "coeff": coeff, "bias": bias, "vectors": str(vectors_path),
+                         "residual": f"after decoder layer {layer} (steering-vector row {layer + 1})",
+                         "positions": "every position, prompt included", "zero_biases_added": max(len(new) - 1, 0),
+                         "config_flag": flag},
+        }, indent=2) + "\n")
+    return BakeResult(Path(out), bias, tuple(n for n in new if n != bias), flag, skipped)
+
+
+def _write_index(ckpt: Checkpoint, tmp: Path, added: dict[str, tuple[str, int]]) -> None:
+    if ckpt.index_bytes is None:
+        return
+    index = json.loads(ckpt.index_bytes)
+    for name, (shard, nbytes) in added.items():
+        index["weight_map"][name] = shard
+        if isinstance(index.get("metadata", {}).get("total_size"), int):
+            index["metadata"]["total_size"] += nbytes
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
