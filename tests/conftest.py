@@ -11,6 +11,13 @@ import pytest
 
 import abliterate.demo.toy as toy
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker: `-n 2` on 2 cores is already one process per core, and more threads
+    # only oversubscribe the CPU (OpenMP workers spin while they wait).
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def refusing_model(tmp_path_factory) -> Path:
