@@ -6,7 +6,7 @@ an edit must be equivalent to ablating: the reference the exactness tests compar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,32 +24,66 @@ class Family:
     hooks: tuple[str, ...] = LLAMA_HOOKS  # "{L}" is every layer
     final_norm: str = "model.norm"
     tied: bool = False
-    notes: dict = field(default_factory=dict)
 
 
-FAMILIES: dict[str, Family] = {f.model_type + f.notes.get("suffix", ""): f for f in [
+# Llama-like configs also name special tokens inside the tiny vocabulary (several defaults point past it).
+LLAMA_LIKE = dict(COMMON, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_local_experts=3, num_experts_per_tok=2)
+GPT2_LIKE = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+GPT2_HOOKS = ("transformer.wte", "transformer.wpe", "transformer.h.{L}.attn.c_proj", "transformer.h.{L}.mlp")
+GRANITE_MOE_HOOKS = ("model.embed_tokens", "model.layers.{L}.self_attn.o_proj", "model.layers.{L}.block_sparse_moe")
+# Granite scales embeddings and block outputs by config multipliers: set them away from 1 so they matter.
+GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0)
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llama", COMMON),
     Family("mistral", COMMON),
+    Family("ministral", LLAMA_LIKE),
     Family("qwen2", dict(COMMON, tie_word_embeddings=True), tied=True),
     Family("qwen3", dict(COMMON, head_dim=8)),
+    Family("gemma", LLAMA_LIKE, tied=True),
     Family("gemma2", dict(COMMON, head_dim=8), tied=True),
     Family("gemma3_text", dict(COMMON, head_dim=8), tied=True),
     Family("phi3", dict(COMMON, pad_token_id=0)),
+    Family("olmo", LLAMA_LIKE),
     Family("olmo2", COMMON),
-    Family("gpt2", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64), tied=True,
-           hooks=("transformer.wte", "transformer.wpe", "transformer.h.{L}.attn.c_proj", "transformer.h.{L}.mlp"),
-           final_norm="transformer.ln_f"),
+    Family("olmo3", LLAMA_LIKE),
+    Family("granite", dict(LLAMA_LIKE, **GRANITE)),
+    Family("cohere", LLAMA_LIKE, tied=True),
+    Family("cohere2", LLAMA_LIKE, tied=True),
+    Family("stablelm", LLAMA_LIKE),
+    Family("glm", LLAMA_LIKE),
+    Family("glm4", LLAMA_LIKE),
+    Family("smollm3", LLAMA_LIKE, tied=True),
+    Family("exaone4", LLAMA_LIKE),
+    Family("seed_oss", LLAMA_LIKE),
+    Family("arcee", LLAMA_LIKE),
+    Family("apertus", LLAMA_LIKE),
+    Family("helium", LLAMA_LIKE),
+    Family("hunyuan_v1_dense", dict(LLAMA_LIKE, rope_scaling=None)),
+    Family("gpt2", GPT2_LIKE, tied=True, hooks=GPT2_HOOKS, final_norm="transformer.ln_f"),
+    Family("gpt_bigcode", GPT2_LIKE, tied=True, hooks=GPT2_HOOKS, final_norm="transformer.ln_f"),
     Family("gpt_neox", dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64),
            hooks=("gpt_neox.embed_in", "gpt_neox.layers.{L}.attention.dense", "gpt_neox.layers.{L}.mlp"),
            final_norm="gpt_neox.final_layer_norm"),
-    Family("mixtral", dict(COMMON, num_local_experts=3, num_experts_per_tok=2)),
+    Family("phi", LLAMA_LIKE, hooks=("model.embed_tokens", "model.layers.{L}.self_attn.dense", "model.layers.{L}.mlp"),
+           final_norm="model.final_layernorm"),
+    Family("starcoder2", LLAMA_LIKE, tied=True),
+    Family("mixtral", dict(COMMON, **MOE)),
+    Family("phimoe", dict(LLAMA_LIKE, **MOE)),
     Family("qwen2_moe", dict(COMMON, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16,
                              shared_expert_intermediate_size=24)),
     Family("qwen3_moe", dict(COMMON, head_dim=8, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16)),
+    Family("olmoe", dict(COMMON, num_experts=3, num_experts_per_tok=2)),
+    Family("deepseek_v3", dict(
+        COMMON, num_key_value_heads=4, n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=16,
+        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, head_dim=8, rope_scaling=None)),
     Family("gpt_oss", dict(COMMON, head_dim=8, num_local_experts=3, num_experts_per_tok=2, layer_types=None)),
-    Family("granitemoe", dict(COMMON, num_local_experts=3, num_experts_per_tok=2),
-           hooks=("model.embed_tokens", "model.layers.{L}.self_attn.o_proj", "model.layers.{L}.block_sparse_moe")),
+    Family("granitemoe", dict(COMMON, **MOE, **GRANITE), hooks=GRANITE_MOE_HOOKS),
+    Family("granitemoeshared", dict(LLAMA_LIKE, **MOE, **GRANITE, shared_intermediate_size=24),
+           hooks=(*GRANITE_MOE_HOOKS, "model.layers.{L}.shared_mlp")),
 ]}
 
 # Families the exactness test runs on: every one above.

@@ -23,18 +23,10 @@ from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import load_direction, save_direction
 from abliterate.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterOptions, export_adapter
-from tests.families import COMMON, FAMILIES, Family, build_model, save_sharded
+from tests.families import FAMILIES, Family, build_model, save_sharded
 from tests.test_apply import run_cli
 
-# MoE families whose v4 expert names peft 0.21 rewrites on loading (their shared/dense down_proj included).
-EXTRA_FAMILIES = {
-    "olmoe": Family("olmoe", dict(COMMON, num_experts=3, num_experts_per_tok=2)),
-    "deepseek_v3": Family("deepseek_v3", dict(
-        COMMON, num_key_value_heads=4, n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=16,
-        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, head_dim=8, rope_scaling=None)),
-}
-ALL_FAMILIES = {**FAMILIES, **EXTRA_FAMILIES}
+ALL_FAMILIES = FAMILIES
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
 
 

@@ -103,8 +103,8 @@ def test_edit_touches_only_residual_writers_and_removes_the_direction(edited_fam
                 assert along.norm() <= 1e-6 * a.double().norm(), name
                 assert not torch.equal(a, b)
             elif name != untied:
-                assert a.view(torch.uint8).reshape(-1).numpy().tobytes() == \
-                    b.view(torch.uint8).reshape(-1).numpy().tobytes(), f"{name} changed"
+                assert a.reshape(-1).view(torch.uint8).numpy().tobytes() == \
+                    b.reshape(-1).view(torch.uint8).numpy().tobytes(), f"{name} changed"
     for name in ("config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (original / name).exists():
             assert (edited / name).exists(), name

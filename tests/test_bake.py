@@ -24,7 +24,7 @@ from abliterate.io.direction_file import save_direction
 from abliterate.measure.extract import PromptSets, extract, save_extraction
 from abliterate.measure.loading import load_model
 from abliterate.steer.steering import steering
-from tests.families import FAMILIES, build_model, save_sharded
+from tests.families import FAMILIES, FAMILY_NAMES, build_model, save_sharded
 from tests.test_apply import run_cli
 from tests.test_extract import refused, replies
 
@@ -83,6 +83,34 @@ def test_baked_bias_logits_equal_hook_steering_logits_on_tiny_models(tiny, tmp_p
     plain, hooked, baked = hook_and_baked_logits(original, tmp_path / "baked", vectors[layer + 1], layer, 1.5, ids)
     assert (hooked - plain).abs().max() > 1e-2  # the steering changes the logits: the comparison means something
     assert (baked - hooked).abs().max() <= TOLERANCE
+
+
+# Why bake refuses a family: its MLP output is normalised, it has no bias to write to, or its MLP is MoE.
+REFUSALS = ("normalises", "no bias", "dense MLPs only")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_bake_is_exact_on_every_family_it_accepts(tmp_path, name):
+    """Every family bake accepts gets the hook's logits (Granite's residual_multiplier folded into the bias);
+    the others are refused with one of the known reasons, never baked approximately."""
+    model = build_model(FAMILIES[name])
+    config = model.config.get_text_config()
+    original = save_sharded(model, tmp_path / name)
+    vectors = random_vectors(config.num_hidden_layers, config.hidden_size)
+    save_direction(tmp_path / "v.safetensors", vectors, {"kind": "steering"})
+    code, out = bake_cli(original, tmp_path / "v.safetensors", 1, 1.5, tmp_path / "baked")
+    if code != 0:
+        assert code == 2 and any(why in out for why in REFUSALS) and "Traceback" not in out, out
+        assert name not in BAKED, out
+        return
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    plain, hooked, baked = hook_and_baked_logits(original, tmp_path / "baked", vectors[2], 1, 1.5, ids)
+    assert (hooked - plain).abs().max() > 1e-2
+    assert (baked - hooked).abs().max() <= TOLERANCE
+
+
+# Families bake must accept (a dense MLP with a bias or an mlp_bias switch, outputs added without a norm).
+BAKED = {"llama", "gpt2", "gpt_neox", "granite", "phi", "starcoder2", "gpt_bigcode", "smollm3"}
 
 
 def test_baking_llama_sets_mlp_bias_adds_zero_biases_and_copies_every_other_tensor(tiny, tmp_path):

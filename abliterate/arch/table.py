@@ -50,6 +50,9 @@ class Arch:
     # Families that normalise a block's output before adding it to the residual (Gemma 2/3, OLMo 2):
     # the edit removes r from the block output *before* that norm, not from the residual stream.
     normalised_block_outputs: bool = False
+    # The config key of a scalar multiplying every block output before the residual add (Granite): an edit is
+    # unaffected (the product is linear), but a bias written to steer must be divided by it.
+    residual_multiplier: str | None = None
     notes: str = ""
 
 
@@ -84,16 +87,23 @@ ARCHS: tuple[Arch, ...] = (
     Arch(
         name="llama-like",
         model_types=(
-            "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite",
-            "cohere", "cohere2", "stablelm", "glm", "glm4", "smollm3", "exaone4", "seed_oss", "arcee",
+            "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "phi3", "olmo",
+            "cohere", "cohere2", "stablelm", "glm", "smollm3", "seed_oss", "arcee",
             "apertus", "helium", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "hunyuan_v1_dense",
         ),
         writers=_LLAMA_WRITERS,
         hook_modules=_LLAMA_HOOKS,
     ),
     Arch(
+        name="granite (block outputs scaled by residual_multiplier)",
+        model_types=("granite",),
+        writers=_LLAMA_WRITERS,
+        hook_modules=_LLAMA_HOOKS,
+        residual_multiplier="residual_multiplier",
+    ),
+    Arch(
         name="llama-like, normalised block outputs",
-        model_types=("gemma2", "gemma3_text", "olmo2", "olmo3"),
+        model_types=("gemma2", "gemma3_text", "olmo2", "olmo3", "glm4", "exaone4"),
         writers=_LLAMA_WRITERS,
         hook_modules=_LLAMA_HOOKS,
         normalised_block_outputs=True,
@@ -131,6 +141,7 @@ ARCHS: tuple[Arch, ...] = (
         ),
         hook_modules={**_LLAMA_HOOKS, "mlp": ("model.layers.{layer}.block_sparse_moe",
                                                "model.layers.{layer}.shared_mlp")},
+        residual_multiplier="residual_multiplier",
     ),
     Arch(
         name="gpt2 (Conv1D)",

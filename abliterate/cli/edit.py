@@ -58,7 +58,7 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
     --max-memory, whatever the model size. The result is exactly the original model with the
     direction removed from the output of each edited module.
 
-    Gemma 2, Gemma 3 and OLMo 2 normalise attention and MLP outputs before adding them to the
+    Gemma 2, Gemma 3, OLMo 2, OLMo 3, GLM-4 and EXAONE 4 normalise attention and MLP outputs before adding them to the
     residual stream: there the edit removes the direction from those outputs before the norm, which
     is not removing it from the residual stream (the norm's gain can bring a component back).
 

@@ -17,6 +17,7 @@ their weight.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ def output_projection(ckpt: Checkpoint, layer: int) -> tuple[str, str]:
     return weights[0], weights[0][: -len("weight")] + "bias"
 
 
+def residual_scale(ckpt: Checkpoint) -> float:
+    """The multiplier the family applies to block outputs before the residual add (1.0 for most)."""
+    key = arch_for_config(ckpt.config).residual_multiplier
+    if key is None:
+        return 1.0
+    value = ckpt.config.get(key, 1.0)  # transformers' default for the families that have one
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
+        raise AbliterateError(f"config.json's {key} is {value!r}; baking divides the vector by it, so it must be a "
+                              "finite non-zero number")
+    return float(value)
+
+
 def _biased_skeleton(ckpt: Checkpoint) -> tuple[str, dict[str, tuple[int, ...]]]:
     """The config flag that gives MLPs biases, and every bias tensor (name -> shape) it makes the model expect."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -104,7 +117,9 @@ def bake(checkpoint: str | Path, vectors_path: str | Path, layer: int, coeff: fl
     flag, new_shapes = (None, {}) if bias in ckpt.tensors else _biased_skeleton(ckpt)
     if flag is not None and bias not in new_shapes:
         raise AbliterateError(f"setting {flag} does not give {bias} to the model; this family cannot be baked")
-    delta = torch.as_tensor(vector, dtype=torch.float32) * coeff
+    # Granite-style families scale each block output by a config multiplier before the residual add: divide it
+    # out so that the bias adds coeff * vector to the residual stream, exactly what the hook adds.
+    delta = (torch.as_tensor(vector, dtype=torch.float64) * coeff / residual_scale(ckpt)).float()
     new: dict[str, tuple[str, torch.Tensor]] = {}  # name -> (shard, value)
     for name, shape in new_shapes.items():
         owner = name[: -len("bias")] + "weight"

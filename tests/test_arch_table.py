@@ -1,0 +1,118 @@
+"""The architecture table says what each family's code does, and the README's family list is what the tests cover.
+
+Each family's block outputs are classified from behaviour, not from the table: in layer 0, one residual
+writer's output y is doubled while the layer's other writers are held at their recorded outputs. If the
+block adds its writers to the residual stream linearly, the layer's output moves by exactly c * y, where c
+is the family's residual multiplier (1 for most, Granite's `residual_multiplier`); if it normalises the
+writer's output first, the move is not a multiple of y. The table must agree on both counts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from abliterate.arch.table import arch_for_config, supported_model_types
+from abliterate.edit.plan import EditOptions, plan_edit
+from abliterate.io.checkpoint import Checkpoint
+from tests.families import FAMILIES, FAMILY_NAMES, build_model, save_sharded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_output(module: torch.nn.Module, value_of):
+    def hook(_module, _inputs, output):
+        new = value_of(first(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return module.register_forward_hook(hook)
+
+
+def residual_response(model: torch.nn.Module, layer_path: str, writers: list[str], doubled: str):
+    """(y, delta): the doubled writer's output and how much the layer's output moved."""
+    modules = dict(model.named_modules())
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    recorded: dict[str, torch.Tensor] = {}
+    hooks = [replace_output(modules[w], lambda y, w=w: recorded.setdefault(w, y.detach().clone()))
+             for w in writers]
+    hooks.append(replace_output(modules[layer_path], lambda o: recorded.setdefault("layer", o.detach().clone())))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    after: dict[str, torch.Tensor] = {}
+    hooks = [replace_output(modules[w], (lambda y, w=w: 2 * y) if w == doubled else (lambda y, w=w: recorded[w]))
+             for w in writers]
+    hooks.append(replace_output(modules[layer_path], lambda o: after.setdefault("layer", o.detach().clone())))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return recorded[doubled].double(), (after["layer"] - recorded["layer"]).double()
+
+
+def classify(family) -> tuple[bool, set[float]]:
+    """(normalises some writer's output, the multipliers of the writers added linearly) in layer 0."""
+    model = build_model(family)
+    writers = [h.replace("{L}", "0") for h in family.hooks if "{L}" in h]
+    layer_path = writers[0][: writers[0].index(".0.") + 2]
+    normalised, multipliers = False, set()
+    for w in writers:
+        y, delta = residual_response(model, layer_path, writers, w)
+        c = (delta * y).sum() / (y * y).sum()
+        if (delta - c * y).norm() <= 1e-5 * y.norm() and abs(c) > 1e-3:
+            multipliers.add(round(c.item(), 4))
+        else:
+            normalised = True
+    return normalised, multipliers
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_table_classifies_block_outputs_as_the_family_code_computes_them(name):
+    family = FAMILIES[name]
+    arch = arch_for_config({"model_type": name})
+    normalised, multipliers = classify(family)
+    assert arch.normalised_block_outputs == normalised
+    if not normalised:
+        expected = family.config.get(arch.residual_multiplier, None) if arch.residual_multiplier else 1.0
+        assert multipliers == {expected}, (multipliers, arch.residual_multiplier)
+
+
+NORMALISING = [n for n in FAMILY_NAMES if arch_for_config({"model_type": n}).normalised_block_outputs]
+
+
+@pytest.mark.parametrize("name", NORMALISING)
+def test_families_that_normalise_block_outputs_carry_the_caveat(name, tmp_path):
+    folder = save_sharded(build_model(FAMILIES[name]), tmp_path / name)
+    notes = plan_edit(Checkpoint.open(folder), EditOptions()).notes
+    assert any("normalises attention and MLP outputs" in n for n in notes), notes
+
+
+def test_every_model_type_in_the_table_has_a_tiny_model_in_the_exactness_tests():
+    assert set(supported_model_types()) == set(FAMILIES)
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"### {title}")
+    end = text.find("\n#", start + 4)
+    return text[start:end]
+
+
+def listed_after(section: str, label: str) -> list[str]:
+    """The `names` of the paragraph starting with **label**, after its "(...):" introduction."""
+    paragraph = section.split(f"**{label}**", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"`([a-z0-9_]+)`", paragraph.split("):", 1)[1])
+
+
+def test_readme_family_lists_are_the_tested_model_types():
+    section = readme_section("Supported families")
+    assert sorted(listed_after(section, "Tested")) == sorted(FAMILIES)
+    caveat = listed_after(section, "Normalised block outputs")
+    assert sorted(caveat) == NORMALISING
