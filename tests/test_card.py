@@ -52,3 +52,16 @@ def test_verify_with_one_folder_checks_the_download_against_its_manifest(tmp_pat
 def test_base_license_is_read_from_the_base_card():
     assert base_license("---\nlicense: llama3\ntags: [x]\n---\n# card") == "llama3"
     assert base_license("# no header") is None
+
+
+def test_card_says_which_selection_filter_was_relaxed_only_when_one_was(tmp_path):
+    relaxed = "induction filter relaxed: adding no candidate raised the refusal log-odds above 0.0 (highest -1.12)"
+    for selection, shown in (("every filter held", False), (relaxed, True)):
+        folder = tmp_path / str(shown)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        write_card(folder, CardInfo(base_model="someone/tiny-chat", adapter=False, license=None,
+                                    direction={"layer": "3", "position": "-1", "selection": selection},
+                                    edit={}, evaluation=None, regenerate="abliterate x", recipe_name="llama"))
+        text = (folder / "README.md").read_text()
+        assert (f"| selection | {relaxed} |" in text) is shown and ("every filter held" in text) is False

@@ -98,7 +98,8 @@ def test_extract_saves_the_selected_direction_with_metadata_and_all_candidates(e
     assert torch.equal(extracted.direction, extracted.candidates[layer, position])
     scores = json.loads(meta["candidate_scores"])
     assert {(s["layer"], s["position"]) for s in scores} >= {(layer, position)}
-    assert f"{len(scores)} candidates scored" in extracted.output
+    assert f"{len(scores)} candidates screened" in extracted.output
+    assert meta["selection"] == "every filter held"  # the toy's direction passes the strict filters
 
 
 def test_extract_records_its_own_command_not_the_callers_argv(extracted, refusing_model):

@@ -81,6 +81,9 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
         raise AbliterateError(f"direction file {path} does not exist; make one with `abliterate extract`")
     header = read_header(path)  # clear errors for truncated or non-safetensors files
     names = [t.name for t in header.tensors]
+    if DIRECTION_KEY not in names and "candidates" in names:
+        raise AbliterateError(f"{path} holds extraction candidates but no chosen direction; choose one with "
+                              f"`abliterate extract --reselect {path} --out direction.safetensors`")
     if DIRECTION_KEY not in names:
         raise AbliterateError(
             f"{path} has no tensor named {DIRECTION_KEY!r} (found: {', '.join(names) or 'none'}); "

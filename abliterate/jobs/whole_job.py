@@ -114,6 +114,11 @@ def run(options: RunOptions) -> RunResult:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
+    except BaseException:
+        if (work / "direction.safetensors").is_file():  # never lose an extraction to a later failure
+            (work / "direction.safetensors").replace(kept_path(options, "direction"))
+            say(f"the extracted direction is kept in {kept_path(options, 'direction')} (rerun with --direction)")
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     url = None
@@ -144,7 +149,7 @@ def regenerate_command(options: RunOptions) -> str:
 def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
     from abliterate.measure.extract import PromptSets, extract, save_extraction, split_prompts
     from abliterate.measure.loading import load_model
-    from abliterate.measure.scores import SelectionSettings
+    from abliterate.measure.selection import SelectionSettings
     from abliterate.measure.templates import load_template
 
     s = recipe.extract
@@ -155,14 +160,26 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
                                                  kind="harmless")
     lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
                     trust_remote_code=options.trust_remote_code)
-    settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size)
+    settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size, s.screen_prompts,
+                                 s.finalists)
+    pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
     result = extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val), positions=s.positions,
                      template=load_template(options.template), settings=settings,
-                     template_kwargs={"enable_thinking": False}, quiet=options.quiet)
-    save_extraction(result, path, lm, {"model": options.model})
+                     template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
+                     metadata={"model": options.model})
+    save_extraction(result, path)
+    pending.unlink(missing_ok=True)
+    if result.relaxed:
+        say(f"note: {result.relaxed}")
     say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
         f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
     del lm
+
+
+def kept_path(options: RunOptions, what: str) -> Path:
+    """A file kept beside the output folder when the job fails after computing it."""
+    out = options.out or default_out(options.model, options.adapter)
+    return out.with_name(f"{out.name}.{what}.safetensors")
 
 
 def edit_options(recipe) -> EditOptions:

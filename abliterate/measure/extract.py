@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,19 +15,11 @@ import torch
 from abliterate import __version__
 from abliterate.errors import AbliterateError
 from abliterate.io.direction_file import check_output_file, save_direction
+from abliterate.io.safetensors_format import read_header
 from abliterate.measure.activations import mean_residuals
 from abliterate.measure.loading import LoadedModel
-from abliterate.measure.scores import (
-    REFUSAL_PREFIXES,
-    CandidateScore,
-    SelectionSettings,
-    choose,
-    first_token_logprobs,
-    refusal_score,
-    refusal_token_ids,
-    score_candidates,
-    scores_json,
-)
+from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids, score_candidates
+from abliterate.measure.selection import CandidateScore, SelectionSettings, choose, scores_from_json, scores_json
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render
 from abliterate.prompts import PromptError, builtin, load_prompts
 
@@ -49,6 +43,11 @@ class Extraction:
     suffix: str
     baseline_refusal: float
     harmless_mean: torch.Tensor | None = None  # [num_layers + 1, positions, d]: `search` projects against it
+    relaxed: str | None = None  # which filter the choice relaxed and why (None: every filter held)
+    settings: SelectionSettings = field(default_factory=SelectionSettings)
+    model: str = ""
+    num_layers: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)  # recorded as given (command, model name, ...)
 
 
 def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, seed: int = 0,
@@ -68,9 +67,20 @@ def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, s
     return train[:n_train], val[:n_val]
 
 
+def pending_path(out: Path) -> Path:
+    """Where candidates and scores are kept while scoring runs (and after a failed choice)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.candidates{out.suffix or '.safetensors'}")
+
+
 def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None, positions: int | None = None,
             settings: SelectionSettings | None = None, refusal_prefixes: tuple[str, ...] | None = None,
-            template_kwargs: dict | None = None, quiet: bool = False) -> Extraction:
+            template_kwargs: dict | None = None, quiet: bool = False, pending: Path | None = None,
+            metadata: dict[str, str] | None = None) -> Extraction:
+    """Candidates, their scores and the choice. With `pending`, the candidates and every round's scores are
+    saved there before the next step (a failed or interrupted choice then costs no forward pass again).
+    `metadata` is recorded in the files as given (e.g. the command line)."""
+    metadata = metadata or {}
     settings = settings or SelectionSettings()
     kwargs = template_kwargs or {}
     suffix = post_instruction_suffix(lm.tokenizer, template, **kwargs)
@@ -84,35 +94,108 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
                                    quiet=quiet)
     candidates = mean_harmful - harmless_mean  # difference of means at every layer and post-instruction position
     ids = refusal_token_ids(lm.tokenizer, refusal_prefixes or REFUSAL_PREFIXES)
-    baseline = refusal_score(first_token_logprobs(lm, harmful_val, settings.batch_size), ids).mean().item()
-    scores = score_candidates(lm, candidates, harmful_val, harmless_val, ids, settings, quiet=quiet)
-    best = choose(scores)
-    direction = candidates[best.layer, best.position + k]
-    return Extraction(direction, best, scores, candidates, suffix, baseline, harmless_mean)
+    scorer = Scorer(lm, harmful_val, harmless_val, ids, settings.batch_size)
+    baseline = scorer.base_harmful.mean().item()
+    partial = lambda scores: Extraction(  # noqa: E731
+        candidates[0, 0], None, scores, candidates, suffix, baseline, harmless_mean, None, settings, lm.name,
+        lm.num_layers, metadata)
+    save = (lambda scores: save_candidates(partial(scores), pending)) if pending else None
+    if save:
+        save([])
+    scores = score_candidates(lm, candidates, scorer, settings, quiet=quiet, on_round=save)
+    try:
+        choice = choose(scores, settings, lm.num_layers)
+    except AbliterateError as e:
+        if pending is None:
+            raise
+        raise AbliterateError(f"{e}; every candidate and its scores are saved in {pending}: `abliterate extract "
+                              f"--reselect {pending} --out FILE` chooses again with other thresholds") from None
+    best = choice.best
+    return Extraction(candidates[best.layer, best.position + k], best, choice.scores, candidates, suffix, baseline,
+                      harmless_mean, choice.relaxed, settings, lm.name, lm.num_layers, metadata)
 
 
-def save_extraction(result: Extraction, path: Path, lm: LoadedModel, extra_metadata: dict | None = None) -> None:
+def reselect(path: Path, settings: SelectionSettings) -> Extraction:
+    """Choose again among the candidates an extraction saved, with other thresholds; no model needed."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AbliterateError(f"--reselect {path} does not exist; pass a file written by `abliterate extract`")
+    read_header(path)  # one clear line for a truncated or non-safetensors file
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, names = dict(f.metadata() or {}), set(f.keys())
+            if "candidates" not in names or "candidate_scores" not in metadata:
+                raise AbliterateError(f"--reselect {path} holds no candidates with scores; pass a file written by "
+                                      "`abliterate extract` (its direction file, or the .candidates file it kept)")
+            candidates = f.get_tensor("candidates").float()
+            harmless = f.get_tensor("harmless_mean").float() if "harmless_mean" in names else None
+    except (OSError, ValueError) as e:
+        raise AbliterateError(f"cannot read {path}: {e}") from None
+    num_layers = int(metadata.get("num_layers", candidates.shape[0] - 1))
+    choice = choose(scores_from_json(metadata["candidate_scores"]), settings, num_layers)
+    best = choice.best
+    return Extraction(candidates[best.layer, best.position + candidates.shape[1]], best, choice.scores, candidates,
+                      metadata.get("post_instruction_suffix", ""), float(metadata.get("refusal_score_baseline", "nan")),
+                      harmless, choice.relaxed, replace(settings, batch_size=_saved_batch_size(metadata)),
+                      metadata.get("model", ""), num_layers, {"extract_command": metadata.get("command", "")})
+
+
+def _saved_batch_size(metadata: dict[str, str]) -> int:
+    try:
+        return int(json.loads(metadata.get("selection_settings", "{}")).get("batch_size", 16))
+    except (ValueError, AttributeError):
+        return 16
+
+
+def _common_metadata(result: Extraction) -> dict[str, str]:
+    return {
+        "model": result.model,
+        "hidden_size": str(result.candidates.shape[-1]),
+        "num_layers": str(result.num_layers),
+        "command": shlex.join(["abliterate", *sys.argv[1:]]),
+        "tool": f"abliterate {__version__}",
+        "refusal_score_baseline": f"{result.baseline_refusal:.4f}",
+        "post_instruction_suffix": result.suffix,
+        "candidate_scores": scores_json(result.scores),
+        "selection_settings": json.dumps(asdict(result.settings), separators=(",", ":")),
+    }
+
+
+def _extra_tensors(result: Extraction) -> dict[str, torch.Tensor]:
+    extra = {"candidates": result.candidates}
+    if result.harmless_mean is not None:
+        extra["harmless_mean"] = result.harmless_mean
+    return extra
+
+
+def save_candidates(result: Extraction, path: Path) -> None:
+    """The candidates and the scores so far, without a chosen direction (written atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tensors = {k: v.contiguous() for k, v in _extra_tensors(result).items()}
+    save_file(tensors, str(tmp), metadata={**_common_metadata(result), **result.metadata, "status": "scoring"})
+    tmp.replace(path)
+
+
+def save_extraction(result: Extraction, path: Path, extra_metadata: dict | None = None) -> None:
     """Direction, every candidate and their scores in one file; `command` in extra_metadata overrides sys.argv."""
     path = Path(path)
     check_output_file(path)
     best = result.best
     metadata = {
-        "model": lm.name,
+        **_common_metadata(result),
         "layer": best.layer,
         "position": best.position,
-        "hidden_size": lm.hidden_size,
-        "num_layers": lm.num_layers,
-        "command": shlex.join(["abliterate", *sys.argv[1:]]),
-        "tool": f"abliterate {__version__}",
-        "refusal_score_baseline": f"{result.baseline_refusal:.4f}",
         "refusal_score_ablated": f"{best.refusal_ablated:.4f}",
         "refusal_score_added": f"{best.refusal_added:.4f}",
         "kl": f"{best.kl:.5f}",
-        "post_instruction_suffix": result.suffix,
-        "candidate_scores": scores_json(result.scores),
+        "selection": result.relaxed or "every filter held",
+        **result.metadata,
         **(extra_metadata or {}),
     }
-    extra = {"candidates": result.candidates}
-    if result.harmless_mean is not None:
-        extra["harmless_mean"] = result.harmless_mean
-    save_direction(path, result.direction, metadata, extra=extra)
+    save_direction(path, result.direction, metadata, extra=_extra_tensors(result))

@@ -1,52 +1,41 @@
-"""Candidate refusal directions and the selection among them (Arditi et al. 2024, section 2.3).
+"""Scoring candidate refusal directions (Arditi et al. 2024, section 2.3), by successive halving.
 
 Candidates are differences of means, harmful minus harmless, at every (layer, post-instruction
 position). Each is scored on validation prompts by what the weight edit would actually do (the
 ablation hooks remove it from exactly the modules `apply` edits):
 
 * refusal score with it ablated on harmful prompts (lower is better),
-* refusal score with it added at its layer on harmless prompts (must induce refusal: > threshold),
-* first-token KL divergence on harmless prompts under ablation (must stay <= threshold),
+* refusal score with it added at its layer on harmless prompts (must induce refusal),
+* first-token KL divergence on harmless prompts under ablation (must stay small).
 
-skipping the last 20 % of layers; the lowest ablation score among the survivors wins.
-The refusal score is the log-odds of the refusal tokens at the first generated position.
+The refusal score is the log-odds of the refusal tokens at the first generated position. Scoring
+every candidate fully costs three forward sets each; instead every candidate is screened by its
+ablation score on the few harmful prompts the model refuses most, the best quarter is scored on
+all harmful prompts (reusing the screened ones), and only the best `finalists` get the other two
+scores. What the pruning can miss: a candidate whose ablation score on the screening prompts ranks
+it out although it would win on all of them, and one that ranks below the finalists by ablation
+score but passes the filters when none of them does (the next `finalists` are scored fully in that
+case before any filter is relaxed). `finalists=0` scores every candidate fully.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
-from abliterate.measure.activations import batches
+from abliterate.measure.activations import Batch, batches
 from abliterate.measure.hooks import ablate, add
 from abliterate.measure.loading import LoadedModel
+from abliterate.measure.selection import CandidateScore, SelectionSettings, verdict
 
 REFUSAL_PREFIXES = ("I", "As", "Sorry", "I'm sorry", "I am sorry", "Unfortunately", "I cannot", "I can't",
                     "I apologize", "My apologies", "I must decline")
-
-
-@dataclass(frozen=True)
-class CandidateScore:
-    layer: int  # residual stream index: the stream entering decoder layer `layer`
-    position: int  # negative index among the post-instruction tokens (-1: the last)
-    refusal_ablated: float
-    refusal_added: float
-    kl: float
-    rejected: str | None  # why the candidate was filtered out, or None
-
-
-@dataclass(frozen=True)
-class SelectionSettings:
-    prune_layers: float = 0.2
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    batch_size: int = 16
+HALVING = 4  # each round keeps a quarter of the candidates and scores them on four times the prompts
 
 
 def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> list[int]:
@@ -62,14 +51,19 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
     return sorted(ids)
 
 
-def first_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
-    """log p(first reply token) [N, vocab] in float32, rows in the order of `prompts`."""
-    out = torch.empty(len(prompts), lm.model.config.get_text_config().vocab_size)
+def _logprobs(lm: LoadedModel, batch_list: Sequence[Batch], n: int) -> torch.Tensor:
+    out = torch.empty(n, lm.model.config.get_text_config().vocab_size)
     with torch.inference_mode():
-        for batch in batches(lm, prompts, batch_size):
+        for batch in batch_list:
             logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1, :]
             out[batch.indices] = torch.log_softmax(logits.float(), dim=-1).cpu()[:, : out.shape[1]]
     return out
+
+
+def first_token_logprobs(lm: LoadedModel, prompts: Sequence[str] | Sequence[list[int]],
+                         batch_size: int) -> torch.Tensor:
+    """log p(first reply token) [N, vocab] in float32, rows in the order of `prompts`."""
+    return _logprobs(lm, list(batches(lm, prompts, batch_size)), len(prompts))
 
 
 def refusal_score(logprobs: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
@@ -83,49 +77,93 @@ def kl_divergence(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (base.exp() * (base - other)).sum(-1)
 
 
-def score_candidates(lm: LoadedModel, candidates: torch.Tensor, harmful_val: Sequence[str],
-                     harmless_val: Sequence[str], refusal_ids: list[int], settings: SelectionSettings,
-                     quiet: bool = False) -> list[CandidateScore]:
-    """Score every candidate below the pruned layers; the filters' verdicts are kept with the scores."""
-    bs = settings.batch_size
-    base_harmless = first_token_logprobs(lm, harmless_val, bs)
-    max_layer = int(lm.num_layers * (1 - settings.prune_layers))
+class Scorer:
+    """The validation prompts tokenised and batched once, their unedited scores, and the three scores."""
+
+    def __init__(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: list[int],
+                 batch_size: int) -> None:
+        self.lm, self.ids, self.bs = lm, refusal_ids, batch_size
+        encode = lambda texts: lm.tokenizer(list(texts), add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.harmful, self.harmless = encode(harmful), encode(harmless)
+        self._harmless_batches = list(batches(lm, self.harmless, batch_size))
+        self.base_harmful = self.refusal(list(range(len(self.harmful))))  # [n], unedited
+        self.base_harmless = _logprobs(lm, self._harmless_batches, len(self.harmless))
+        # the prompts the model refuses most first: they show best which directions carry the refusal
+        self.order = sorted(range(len(self.harmful)), key=lambda i: -float(self.base_harmful[i]))
+
+    def refusal(self, prompt_indices: Sequence[int]) -> torch.Tensor:
+        """Per-prompt refusal log-odds on these harmful prompts, under whatever hooks are active."""
+        subset = [self.harmful[i] for i in prompt_indices]
+        return refusal_score(_logprobs(self.lm, list(batches(self.lm, subset, self.bs)), len(subset)), self.ids)
+
+    def ablated(self, vector: torch.Tensor, prompt_indices: Sequence[int]) -> torch.Tensor:
+        with ablate(self.lm.model, self.lm.arch, vector):
+            return self.refusal(prompt_indices)
+
+    def added_and_kl(self, layer: int, vector: torch.Tensor) -> tuple[float, float]:
+        n = len(self.harmless)
+        with ablate(self.lm.model, self.lm.arch, vector):
+            kl = kl_divergence(self.base_harmless, _logprobs(self.lm, self._harmless_batches, n)).mean().item()
+        with add(self.lm.model, self.lm.arch, layer, vector):
+            added = refusal_score(_logprobs(self.lm, self._harmless_batches, n), self.ids).mean().item()
+        return added, kl
+
+
+def score_candidates(lm: LoadedModel, candidates: torch.Tensor, scorer: Scorer, settings: SelectionSettings,
+                     quiet: bool = False,
+                     on_round: Callable[[list[CandidateScore]], None] | None = None) -> list[CandidateScore]:
+    """Score the candidates below the pruned layers by successive halving (see the module docstring).
+
+    on_round(scores) is called after every round with every candidate's scores so far, so that the
+    caller can save them before the next, longer round.
+    """
     k = candidates.shape[1]
-    grid = [(layer, j) for layer in range(max_layer) for j in range(k)]
-    scores = []
-    for layer, j in tqdm(grid, desc="scoring candidates", disable=quiet, leave=False):
-        vector = candidates[layer, j]
-        if not torch.isfinite(vector).all() or vector.norm() == 0:
-            continue
-        with ablate(lm.model, lm.arch, vector):
-            ablated = refusal_score(first_token_logprobs(lm, harmful_val, bs), refusal_ids).mean().item()
-            kl = kl_divergence(base_harmless, first_token_logprobs(lm, harmless_val, bs)).mean().item()
-        with add(lm.model, lm.arch, layer, vector):
-            added = refusal_score(first_token_logprobs(lm, harmless_val, bs), refusal_ids).mean().item()
-        rejected = None
-        if not math.isfinite(ablated) or not math.isfinite(kl):
-            rejected = "non-finite score"
-        elif added <= settings.induce_threshold:
-            rejected = f"adding it does not induce refusal ({added:.2f} <= {settings.induce_threshold})"
-        elif kl > settings.kl_threshold:
-            rejected = f"KL {kl:.3f} > {settings.kl_threshold}"
-        scores.append(CandidateScore(layer, j - k, ablated, added, kl, rejected))
-    return scores
+    top = int(lm.num_layers * (1 - settings.prune_layers))
+    grid = [(layer, j) for layer in range(top) for j in range(k)
+            if torch.isfinite(candidates[layer, j]).all() and candidates[layer, j].norm() > 0]
+    n = len(scorer.harmful)
+    per_prompt: dict[tuple[int, int], torch.Tensor] = {c: torch.empty(0) for c in grid}
+    full: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def snapshot() -> list[CandidateScore]:
+        scores = [CandidateScore(layer, j - k, per_prompt[(layer, j)].mean().item(),
+                                 *full.get((layer, j), (None, None)), None, len(per_prompt[(layer, j)]))
+                  for layer, j in grid if len(per_prompt[(layer, j)])]
+        return [replace(s, rejected=verdict(s, settings, lm.num_layers)) for s in scores]
+
+    def rank(pool: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return sorted(pool, key=lambda c: _mean_or_inf(per_prompt[c]))
+
+    exhaustive = settings.finalists <= 0 or settings.finalists >= len(grid)
+    size = n if exhaustive else min(n, max(1, settings.screen_prompts))
+    alive = grid
+    while True:
+        for c in tqdm(alive, desc=f"ablation score, {len(alive)} candidates x {size} prompts", disable=quiet,
+                      leave=False):
+            todo = scorer.order[len(per_prompt[c]):size]
+            if todo:
+                per_prompt[c] = torch.cat([per_prompt[c], scorer.ablated(candidates[c], todo)])
+        if on_round:
+            on_round(snapshot())
+        if size >= n:
+            break
+        alive = rank(alive)[: max(settings.finalists, math.ceil(len(alive) / HALVING))]
+        size = min(n, size * HALVING)
+    ranked = rank(alive)
+    count = len(ranked) if exhaustive else settings.finalists
+    for start in (0, count):  # a second group only when none of the first passes every filter
+        group = ranked[start : start + count]
+        if not group:
+            break
+        for c in tqdm(group, desc=f"full scores, {len(group)} candidates", disable=quiet, leave=False):
+            full[c] = scorer.added_and_kl(c[0], candidates[c])
+        if on_round:
+            on_round(snapshot())
+        if any(s.rejected is None for s in snapshot()):
+            break
+    return snapshot()
 
 
-def choose(scores: list[CandidateScore]) -> CandidateScore:
-    kept = [s for s in scores if s.rejected is None]
-    if not kept:
-        best = min(scores, key=lambda s: s.refusal_ablated) if scores else None
-        hint = (f"; the best rejected one (layer {best.layer}, position {best.position}) was rejected because "
-                f"{best.rejected}") if best else ""
-        raise AbliterateError(
-            "no candidate direction passed the filters" + hint + "; relax the thresholds (`extract --kl-threshold "
-            "/ --induce-threshold`, or a recipe's extract.kl_threshold / induce_threshold), use more prompts, or "
-            "check that the model refuses the harmful prompts at all"
-        )
-    return min(kept, key=lambda s: s.refusal_ablated)
-
-
-def scores_json(scores: list[CandidateScore]) -> str:
-    return json.dumps([asdict(s) for s in scores], separators=(",", ":"))
+def _mean_or_inf(values: torch.Tensor) -> float:
+    m = values.mean().item() if len(values) else math.inf
+    return m if math.isfinite(m) else math.inf

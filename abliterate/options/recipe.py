@@ -28,6 +28,8 @@ class ExtractSettings:
     prune_layers: float = 0.2
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
+    screen_prompts: int = 8
+    finalists: int = 8
     dtype: str = "auto"
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"

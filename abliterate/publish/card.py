@@ -115,6 +115,8 @@ def render_card(info: CardInfo) -> str:
         f"({', '.join(map(str, e.get('components') or []))}; layers {e.get('layers') or 'all'}) |",
         f"| recipe | `{info.recipe_name}` |",
     ]
+    if d.get("selection") and d["selection"] != "every filter held":
+        lines.append(f"| selection | {d['selection']} |")
     if e.get("untied"):
         lines.append(f"| tied embeddings | untied: `{e['untied']}` holds the original matrix |")
     lines.append(f"\nThe direction is in `{info.direction_file}` beside the weights.")

@@ -1,0 +1,122 @@
+"""Choosing among scored candidates: pure, so a saved extraction can be re-chosen without the model.
+
+The filters of Arditi et al. (2024, section 2.3) keep candidates whose ablation leaves harmless
+replies nearly unchanged (first-token KL <= kl_threshold) and whose addition makes harmless
+prompts refused (refusal log-odds > induce_threshold), outside the last `prune_layers` of layers;
+the lowest ablation score among them wins. When no candidate passes every filter, the choice is
+still made, with the filters relaxed one at a time and the reason recorded:
+
+1. the induction filter is dropped (the best ablation score among those within the KL limit);
+2. else the KL limit is raised to twice the lowest KL any remaining candidate reaches;
+3. else both.
+
+Only when no candidate has finite full scores is there nothing to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from abliterate.errors import AbliterateError
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    prune_layers: float = 0.2
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    batch_size: int = 16
+    screen_prompts: int = 8  # harmful validation prompts in the first (cheap) round of successive halving
+    finalists: int = 8  # candidates that get all three scores; 0: every candidate (exhaustive)
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    layer: int  # residual stream index: the stream entering decoder layer `layer`
+    position: int  # negative index among the post-instruction tokens (-1: the last)
+    refusal_ablated: float  # mean refusal log-odds on `prompts` harmful validation prompts, direction ablated
+    refusal_added: float | None  # None: pruned before the full scores (see `prompts`)
+    kl: float | None
+    rejected: str | None  # why the candidate was not chosen by the strict filters, or None
+    prompts: int = 0  # harmful validation prompts behind refusal_ablated
+
+    @property
+    def full(self) -> bool:
+        return self.refusal_added is not None and self.kl is not None
+
+
+@dataclass(frozen=True)
+class Choice:
+    best: CandidateScore
+    scores: list[CandidateScore]  # every candidate with the verdict of the strict filters
+    relaxed: str | None  # one line: which filter was relaxed and why; None when all filters held
+
+
+def max_layer(num_layers: int, prune_layers: float) -> int:
+    """Residual streams at or above this index are never chosen."""
+    return int(num_layers * (1 - prune_layers))
+
+
+def verdict(s: CandidateScore, settings: SelectionSettings, num_layers: int) -> str | None:
+    """Why the strict filters reject `s` (None: it passes)."""
+    if not s.full:
+        return f"pruned after screening (ablation score on {s.prompts} prompts)"
+    if not all(math.isfinite(x) for x in (s.refusal_ablated, s.refusal_added, s.kl)):
+        return "non-finite score"
+    if s.layer >= max_layer(num_layers, settings.prune_layers):
+        return f"in the last {settings.prune_layers:.0%} of layers"
+    if s.refusal_added <= settings.induce_threshold:
+        return f"adding it does not induce refusal ({s.refusal_added:.2f} <= {settings.induce_threshold})"
+    if s.kl > settings.kl_threshold:
+        return f"KL {s.kl:.3f} > {settings.kl_threshold}"
+    return None
+
+
+def choose(scores: list[CandidateScore], settings: SelectionSettings, num_layers: int) -> Choice:
+    """The best candidate under the strict filters, else under relaxed ones (saying which and why)."""
+    judged = [replace(s, rejected=verdict(s, settings, num_layers)) for s in scores]
+    top = max_layer(num_layers, settings.prune_layers)
+    usable = [s for s in judged if s.full and s.layer < top
+              and all(math.isfinite(x) for x in (s.refusal_ablated, s.refusal_added, s.kl))]
+    if not usable:
+        raise AbliterateError(
+            f"none of the {len(scores)} candidates has finite full scores below the last "
+            f"{settings.prune_layers:.0%} of layers; check that the model runs in this dtype (try --dtype float32) "
+            "and refuses the harmful prompts at all")
+    best = lambda pool: min(pool, key=lambda s: s.refusal_ablated)  # noqa: E731
+    induces = lambda s: s.refusal_added > settings.induce_threshold  # noqa: E731
+    passed = [s for s in usable if s.rejected is None]
+    if passed:
+        return Choice(best(passed), judged, None)
+    within_kl = [s for s in usable if s.kl <= settings.kl_threshold]
+    if within_kl:
+        strongest = max(s.refusal_added for s in usable)
+        return Choice(best(within_kl), judged, (
+            f"induction filter relaxed: adding no candidate raised the harmless prompts' refusal log-odds above "
+            f"{settings.induce_threshold} (highest {strongest:.2f}); chose the best ablation score among the "
+            f"{len(within_kl)} within KL {settings.kl_threshold}"))
+    inducing = [s for s in usable if induces(s)]
+    pool, what = (inducing, "KL limit relaxed") if inducing else (usable, "KL limit and induction filter relaxed")
+    lowest = min(s.kl for s in pool)
+    limit = 2 * lowest
+    chosen = best([s for s in pool if s.kl <= limit])
+    why = "" if inducing else f" and none induces refusal (threshold {settings.induce_threshold})"
+    return Choice(chosen, judged, (
+        f"{what}: no candidate stays within KL {settings.kl_threshold} (lowest {lowest:.3f}){why}; chose the best "
+        f"ablation score among those within KL {limit:.3f} (twice the lowest)"))
+
+
+def scores_json(scores: list[CandidateScore]) -> str:
+    return json.dumps([asdict(s) for s in scores], separators=(",", ":"))
+
+
+def scores_from_json(text: str) -> list[CandidateScore]:
+    """Scores as saved by `scores_json` (files written before screening existed lack `prompts`)."""
+    names = {f.name for f in fields(CandidateScore)}
+    try:
+        rows = json.loads(text)
+        return [CandidateScore(**{k: v for k, v in row.items() if k in names}) for row in rows]
+    except (ValueError, TypeError) as e:
+        raise AbliterateError(f"the saved candidate scores cannot be read ({e}); re-run `abliterate extract`") from None
