@@ -58,7 +58,7 @@ def main() -> None:
         harmful, harmless = p.harmful_train[-n:], p.harmless_train[-n:]
         extraction = extract(lm, PromptSets(p.harmful_train[:-n], p.harmless_train[:-n], harmful, harmless),
                              quiet=True)
-        save_extraction(extraction, root / "dir.safetensors", lm)
+        save_extraction(extraction, root / "dir.safetensors")
         cands = load_candidates(root / "dir.safetensors", lm)
         start = selected_point(cands)
         scorer = Scorer(lm, harmful, harmless, SearchSettings())

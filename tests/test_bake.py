@@ -175,7 +175,7 @@ def refusal_direction(refusing_model, tmp_path_factory) -> Path:
     result = extract(lm, PromptSets(p.harmful_train, p.harmless_train, p.harmful_train[:16], p.harmless_train[:16]),
                      quiet=True)
     path = tmp_path_factory.mktemp("direction") / "d.safetensors"
-    save_extraction(result, path, lm)
+    save_extraction(result, path)
     return path
 
 

@@ -44,7 +44,7 @@ def test_cli_abliterated_checkpoint_refuses_far_less_than_the_original(refusing_
     lm = load_model(refusing_model, device="cpu")
     sets = PromptSets(prompts.harmful_train, prompts.harmless_train, prompts.harmful_train[:16],
                       prompts.harmless_train[:16])
-    save_extraction(extract(lm, sets, quiet=True), tmp_path / "direction.safetensors", lm)
+    save_extraction(extract(lm, sets, quiet=True), tmp_path / "direction.safetensors")
     runner = CliRunner()
     applied = runner.invoke(cli, ["apply", str(refusing_model), "--direction", str(tmp_path / "direction.safetensors"),
                                   "--out", str(tmp_path / "abliterated"), "-q"])

@@ -54,7 +54,7 @@ def toy_search(refusing_model, tmp_path_factory):
     harmful_val, harmless_val = p.harmful_train[N_TRAIN:], p.harmless_train[N_TRAIN:]
     result = extract(lm, PromptSets(p.harmful_train[:N_TRAIN], p.harmless_train[:N_TRAIN], harmful_val, harmless_val),
                      quiet=True)
-    save_extraction(result, root / "dir.safetensors", lm)
+    save_extraction(result, root / "dir.safetensors")
     return lm, root / "dir.safetensors", harmful_val, harmless_val
 
 

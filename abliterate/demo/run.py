@@ -38,7 +38,7 @@ def run_demo(workdir: Path) -> None:
     result = extract(lm, PromptSets(prompts.harmful_train[held:], prompts.harmless_train[held:],
                                     prompts.harmful_train[:held], prompts.harmless_train[:held]), quiet=True)
     direction_file = workdir / "direction.safetensors"
-    save_extraction(result, direction_file, lm)
+    save_extraction(result, direction_file)
     click.echo(f"2. extracted the refusal direction: layer {result.best.layer}, post-instruction position "
                f"{result.best.position}, chosen among {len(result.scores)} candidates -> {direction_file}")
 
