@@ -20,13 +20,10 @@ the factors are kept (a few MB for a 7B model). No torch: peft is needed only to
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import shutil
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -51,99 +48,30 @@ from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, write_ma
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
-from abliterate.io.safetensors_format import atomic_folder, encode_header
+from abliterate.io.safetensors_format import atomic_folder
+from abliterate.lora.experts import (
+    EXPERT_LAYOUTS,
+    PEFT_RENAMED_LEAVES,
+    ExpertParam,
+    expert_param_for_disk,
+    looks_like_expert,
+)
+from abliterate.lora.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    Bias,
+    Factors,
+    adapter_config,
+    base_model_name,
+    peft_keys,
+    write_weights,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-NUMPY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
-
-
-# ---------------------------------------------------------------- in-memory names of expert tensors
-
-
-@dataclass(frozen=True)
-class ExpertParam:
-    """One fused expert parameter of a transformers 5 model and where its values are on disk.
-
-    `memory` is the parameter's in-memory name and `disk` the on-disk tensor(s) holding it ("{p}" is the
-    layer's module prefix, "{e}" the expert index): several names are concatenated along the output axis per
-    expert (gate and up into gate_up_proj); a name without "{e}" is one tensor holding every expert.
-    `transposed` marks [E, in, out] storage (the module's `is_transposed`); 2-D parameters are [E, n] biases.
-    A family's parameters are listed in registration order, the order in which peft nests its wrappers.
-    """
-
-    memory: str
-    disk: tuple[str, ...]
-    transposed: bool = False
-
-    def disk_regex(self, part: int) -> re.Pattern[str]:
-        return _template_regex(self.disk[part])
-
-    def memory_regex(self) -> re.Pattern[str]:
-        return _template_regex(self.memory)
-
-
-@functools.cache
-def _template_regex(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template).replace(r"\{p\}", r"(?P<p>.+?)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile(pattern)
-
-
-def _per_expert(prefix: str, gate: str, up: str, down: str) -> tuple[ExpertParam, ...]:
-    """Experts stored one tensor per expert and projection on disk, fused into gate_up_proj / down_proj."""
-    e = f"{{p}}.{prefix}.experts.{{e}}."
-    return (ExpertParam("{p}.mlp.experts.gate_up_proj", (e + gate + ".weight", e + up + ".weight")),
-            ExpertParam("{p}.mlp.experts.down_proj", (e + down + ".weight",)))
-
-
-_GRANITE = (ExpertParam("{p}.block_sparse_moe.experts.gate_up_proj", ("{p}.block_sparse_moe.input_linear.weight",)),
-            ExpertParam("{p}.block_sparse_moe.experts.down_proj", ("{p}.block_sparse_moe.output_linear.weight",)))
-_GPT_OSS = tuple(ExpertParam(f"{{p}}.mlp.experts.{n}", (f"{{p}}.mlp.experts.{n}",), transposed=not n.endswith("bias"))
-                 for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"))
-_QWEN_MOE = _per_expert("mlp", "gate_proj", "up_proj", "down_proj")
-_MIXTRAL = _per_expert("block_sparse_moe", "w1", "w3", "w2")
-
-# transformers 5 fuses the experts of every MoE family in memory (see its conversion_mapping.py).
-EXPERT_LAYOUTS: dict[str, tuple[ExpertParam, ...]] = {
-    "mixtral": _MIXTRAL, "phimoe": _MIXTRAL, "minimax": _MIXTRAL,
-    "qwen2_moe": _QWEN_MOE, "qwen3_moe": _QWEN_MOE, "olmoe": _QWEN_MOE, "deepseek_v3": _QWEN_MOE,
-    "granitemoe": _GRANITE, "granitemoeshared": _GRANITE,
-    "gpt_oss": _GPT_OSS,
-}
-# On loading an adapter into an MoE model, peft 0.21 rewrites target_modules ending in these v4 expert names into
-# target_parameters (all layers, by leaf name); a Linear writer named so is therefore adapted as a parameter.
-PEFT_RENAMED_LEAVES = frozenset({"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
-
-
-def expert_param_for_disk(model_type: str | None, name: str) -> tuple[ExpertParam, str, int | None, int] | None:
-    """(layout entry, in-memory parameter name, expert index or None when fused on disk, concatenated part)."""
-    for param in EXPERT_LAYOUTS.get(model_type or "", ()):
-        for part in range(len(param.disk)):
-            m = param.disk_regex(part).fullmatch(name)
-            if m:
-                expert = m.groupdict().get("e")
-                return param, param.memory.format(p=m["p"]), None if expert is None else int(expert), part
-    return None
-
-
-def looks_like_expert(name: str) -> bool:
-    return bool(re.search(r"\.experts\.(\d+\.)?", name))
-
-
-# ---------------------------------------------------------------- the adapter's modules
-
-
-@dataclass
-class _Factors:
-    """The LoRA factors of one peft module or parameter, filled in as target tensors are read."""
-
-    kind: str  # "linear", "conv1d", "embedding" (target_modules) or "param" (target_parameters)
-    target: str  # module path, or parameter path for "param"
-    a: np.ndarray  # [rank, in]
-    b: np.ndarray  # [out, rank]
-    filled: np.ndarray  # which of the rank rows were computed (experts may be spread over several tensors)
-    order: int = 0  # registration order among the targeted parameters of one module (nesting of ParamWrappers)
+# names other modules and tests import from here (their homes are experts.py and peft_format.py)
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPERT_LAYOUTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES",
+           "AdapterOptions", "AdapterResult", "ExpertParam", "base_model_name", "expert_param_for_disk",
+           "export_adapter", "looks_like_expert", "peft_keys", "stream_coefficients"]
 
 
 @dataclass(frozen=True)
@@ -168,8 +96,8 @@ class AdapterOptions:
 
 @dataclass
 class _Export:
-    factors: dict[str, _Factors] = field(default_factory=dict)  # by target
-    biases: dict[str, tuple[str, tuple[int, ...], bytes]] = field(default_factory=dict)  # module -> dtype, shape, data
+    factors: dict[str, Factors] = field(default_factory=dict)  # by target
+    biases: dict[str, Bias] = field(default_factory=dict)  # by module
     edits: dict[str, TensorEdit] = field(default_factory=dict)  # what the adapter carries, for the manifest
 
 
@@ -205,8 +133,8 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     _check_complete(export)
     notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
     with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
-        nbytes = _write_weights(export, tmp / ADAPTER_WEIGHTS)
-        config = _adapter_config(ckpt, export, options)
+        nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS)
+        config = adapter_config(ckpt, export.factors, export.biases, options.base_model)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if direction.path is not None:
             shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
@@ -389,9 +317,9 @@ def _input_rows(edit: TensorEdit, coeff: np.ndarray) -> np.ndarray:
 
 
 def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int, rank: int,
-             dtype: np.dtype) -> _Factors:
+             dtype: np.dtype) -> Factors:
     if target.target not in export.factors:
-        export.factors[target.target] = _Factors(
+        export.factors[target.target] = Factors(
             kind, target.target, np.zeros((rank, n_in), dtype), np.zeros((n_out, rank), dtype),
             np.zeros(rank, bool), target.order)
     return export.factors[target.target]
@@ -405,89 +333,6 @@ def _check_complete(export: _Export) -> None:
                 f"{f.target}: expert(s) {missing[:5]} of this fused parameter are not edited (--layers/--targets), "
                 "but peft adapts the whole parameter; edit every expert of a layer or none"
             )
-
-
-# ---------------------------------------------------------------- writing
-
-
-def peft_keys(export_factors: dict[str, _Factors]) -> Iterator[tuple[str, np.ndarray]]:
-    """(key in adapter_model.safetensors, values) for every factor, named as peft saves them."""
-    params_by_module: dict[str, list[_Factors]] = {}
-    for f in export_factors.values():
-        if f.kind == "param":
-            params_by_module.setdefault(f.target.rsplit(".", 1)[0], []).append(f)
-    for f in export_factors.values():
-        if f.kind == "embedding":
-            yield f"{PEFT_PREFIX}{f.target}.lora_embedding_A", f.a
-            yield f"{PEFT_PREFIX}{f.target}.lora_embedding_B", f.b
-            continue
-        module = f.target
-        if f.kind == "param":
-            module = f.target.rsplit(".", 1)[0]
-            # peft wraps a module's targeted parameters in registration order, the first one innermost
-            depth = sum(1 for g in params_by_module[module] if g.order > f.order)
-            module += ".base_layer" * depth
-        yield f"{PEFT_PREFIX}{module}.lora_A.weight", f.a
-        yield f"{PEFT_PREFIX}{module}.lora_B.weight", f.b
-
-
-def _write_weights(export: _Export, path: Path) -> int:
-    """adapter_model.safetensors: factors in float32 (float64 for float64 models), biases in their stored dtype."""
-    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for key, values in peft_keys(export.factors):
-        tensors[key] = (NUMPY_DTYPES[values.dtype], values.shape, np.ascontiguousarray(values).tobytes())
-    for module, entry in export.biases.items():
-        tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = entry
-    names = sorted(tensors)
-    header = encode_header([(n, tensors[n][0], tensors[n][1], len(tensors[n][2])) for n in names], {"format": "pt"})
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
-        for n in names:
-            f.write(tensors[n][2])
-    return path.stat().st_size
-
-
-def _adapter_config(ckpt: Checkpoint, export: _Export, options: AdapterOptions) -> dict:
-    """A plain peft LoraConfig: r = lora_alpha = 1, no dropout, the targets by full in-memory name."""
-    modules = sorted(f.target for f in export.factors.values() if f.kind != "param")
-    params = sorted(f.target for f in export.factors.values() if f.kind == "param")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": options.base_model or base_model_name(ckpt),
-        "revision": None,
-        "r": 1,
-        "lora_alpha": 1,
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "bias": "lora_only" if export.biases else "none",
-        "fan_in_fan_out": any(f.kind == "conv1d" for f in export.factors.values()),
-        "target_modules": modules or None,
-        "target_parameters": params or None,
-        "exclude_modules": None,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "ensure_weight_tying": False,
-    }
-
-
-def base_model_name(ckpt: Checkpoint) -> str:
-    """The Hub id when the folder is a Hub cache snapshot (models--org--name/snapshots/rev), else its path."""
-    parts = ckpt.root.absolute().parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return part.removeprefix("models--").replace("--", "/")
-    name = ckpt.config.get("_name_or_path")
-    if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
-        return name
-    return str(ckpt.root.absolute())
 
 
 def _notes(plan: EditPlan, export: _Export, options: AdapterOptions, has_bias_edits: bool) -> list[str]:

@@ -1,0 +1,130 @@
+"""The evaluation's records: its settings, per-prompt results, and the report (JSON, Markdown table, card rows)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from abliterate import __version__
+
+
+@dataclass
+class EvalSettings:
+    limit: int | None = 32  # prompts per set, spread evenly over it; None: all
+    max_new_tokens: int = 128
+    kl_tokens: int = 16
+    batch_size: int = 8
+    harmful: str = "builtin:harmful"  # builtin sets without a split use their test split
+    judge: str | None = None  # a causal LM (folder or Hub id) asked whether each reply refuses
+    harmless: str = "builtin:harmless"
+    overrefusal: str = "builtin:overrefusal"
+    field: str | None = None
+    template: str | None = None
+    thinking: bool = False
+    nll_window: int = 512  # tokens per general-text window (capped by the model's context)
+
+    def template_kwargs(self) -> dict:
+        return {} if self.thinking else {"enable_thinking": False}
+
+
+@dataclass
+class PromptResult:
+    set: str  # "harmful" or "overrefusal"
+    prompt: str
+    reply: str
+    new_tokens: int
+    refused: bool
+    marker: str | None
+    judge_refused: bool | None = None
+    reasoning_unfinished: bool = False  # an unclosed think block took the whole budget
+
+
+@dataclass
+class RefusalStats:
+    rate: float
+    refused: int
+    prompts: int
+    judge_rate: float | None
+    reasoning_unfinished: int
+    results: list[PromptResult]
+
+
+@dataclass
+class EvalReport:
+    model: str
+    baseline: str | None
+    refusal_rate: float
+    overrefusal_rate: float
+    kl_first_token: float | None
+    kl_continuation: float | None
+    nll: float
+    baseline_nll: float | None
+    baseline_refusal_rate: float | None
+    baseline_overrefusal_rate: float | None
+    judge_refusal_rate: float | None
+    judge_overrefusal_rate: float | None
+    baseline_judge_refusal_rate: float | None
+    baseline_judge_overrefusal_rate: float | None
+    counts: dict[str, int]
+    settings: dict
+    command: str
+    per_prompt: list[PromptResult] = field(default_factory=list)
+    baseline_per_prompt: list[PromptResult] = field(default_factory=list)
+    tool: str = f"abliterate {__version__}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        """Write the report; a temporary name until complete, so no half file looks like a report."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def rows(self) -> list[tuple[str, str, str | None]]:
+        """(metric, model value, baseline value) as they appear in the table."""
+        c, s = self.counts, self.settings
+        pct = lambda v: None if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        num = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
+        rows: list[tuple[str, str, str | None]] = [
+            (f"refusal rate, held-out harmful prompts (n={c['harmful_prompts']}, markers)", pct(self.refusal_rate),
+             pct(self.baseline_refusal_rate)),
+            (f"over-refusal rate, safe prompts that look dangerous (n={c['overrefusal_prompts']}, markers)",
+             pct(self.overrefusal_rate), pct(self.baseline_overrefusal_rate)),
+        ]
+        if self.judge_refusal_rate is not None:
+            rows += [(f"refusal rate (judge {s['judge']})", pct(self.judge_refusal_rate),
+                      pct(self.baseline_judge_refusal_rate)),
+                     (f"over-refusal rate (judge {s['judge']})", pct(self.judge_overrefusal_rate),
+                      pct(self.baseline_judge_overrefusal_rate))]
+        if self.kl_first_token is not None:
+            rows += [(f"KL to baseline, first reply token (n={c['kl_prompts']} harmless prompts)",
+                      num(self.kl_first_token), "0 (reference)"),
+                     (f"KL to baseline, mean over the first {s['kl_tokens']} tokens ({c['kl_tokens']} tokens)",
+                      num(self.kl_continuation), "0 (reference)")]
+        rows.append((f"NLL per token, general text ({c['nll_tokens']} tokens)", num(self.nll), num(self.baseline_nll)))
+        return rows
+
+    def table(self) -> str:
+        """A Markdown table a model card can embed, with the baseline's values when there is a baseline."""
+        if self.baseline is None:
+            lines = ["| metric | model |", "|---|---|"] + [f"| {m} | {v} |" for m, v, _ in self.rows()]
+        else:
+            lines = ["| metric | model | baseline |", "|---|---|---|"]
+            lines += [f"| {m} | {v} | {b if b is not None else '-'} |" for m, v, b in self.rows()]
+        return "\n".join(lines)
+
+    def card_rows(self) -> dict[str, object]:
+        """Rows for abliterate.card.CardInfo.evaluation (name -> value, plus the command)."""
+        out: dict[str, object] = {}
+        for metric, value, base in self.rows():
+            out[metric] = value if base is None else f"{value} (baseline {base})"
+        out["command"] = self.command
+        return out

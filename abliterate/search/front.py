@@ -1,0 +1,110 @@
+"""The trade-off front of refusals against KL: which trials are on it, picking one within limits, the table, and
+the chosen point saved as a recipe plus its direction file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from abliterate import __version__
+from abliterate.errors import AbliterateError
+from abliterate.io.direction_file import save_direction
+from abliterate.measure.loading import LoadedModel
+from abliterate.search.space import CandidateSet, Point, direction_for
+
+DIRECTION_SUFFIX = ".direction.safetensors"
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    number: int
+    point: Point
+    refusal_score: float  # mean first-token refusal log-odds on harmful validation prompts
+    kl: float  # mean first-token KL on harmless validation prompts
+    refusals: int | None  # greedy replies matching a refusal marker (None: not counted, was off the front)
+    seconds: float
+
+
+def dominated(values: tuple[float, float], others: list[tuple[float, float]]) -> bool:
+    return any(o[0] <= values[0] and o[1] <= values[1] and o != values for o in others)
+
+
+def best_text(trials: list[TrialResult], n: int) -> str:
+    counted = [t for t in trials if t.refusals is not None]
+    if not counted:
+        return "-"
+    best = min(counted, key=lambda t: (t.refusals, t.kl))
+    return f"#{best.number} {best.refusals}/{n} refused, KL {best.kl:.4f}"
+
+
+def pareto_front(trials: list[TrialResult]) -> list[TrialResult]:
+    """Counted trials not beaten on both refusals and KL, fewest refusals first."""
+    counted = [t for t in trials if t.refusals is not None]
+    front = [t for t in counted if not any(
+        o.refusals <= t.refusals and o.kl <= t.kl and (o.refusals, o.kl) != (t.refusals, t.kl) for o in counted)]
+    unique = {(t.refusals, t.kl): t for t in sorted(front, key=lambda t: -t.number)}  # equal points: first trial
+    return sorted(unique.values(), key=lambda t: (t.refusals, t.kl))
+
+
+def pick(front: list[TrialResult], prompts: int, *, max_kl: float | None = None,
+         max_refusals: float | None = None) -> TrialResult:
+    """Fewest refusals within --max-kl; lowest KL within --max-refusals (a fraction of the prompts)."""
+    if not front:
+        raise AbliterateError("the study has no completed trial yet; run more --trials")
+    fits = [t for t in front if (max_kl is None or t.kl <= max_kl)
+            and (max_refusals is None or t.refusals <= max_refusals * prompts + 1e-9)]
+    if not fits:
+        lowest_kl, fewest = min(t.kl for t in front), min(t.refusals for t in front)
+        raise AbliterateError(
+            f"no trial on the front meets the limits (lowest KL {lowest_kl:.4f}, fewest refusals {fewest}/{prompts}); "
+            "relax --max-kl / --max-refusals or run more --trials"
+        )
+    if max_refusals is not None and max_kl is None:
+        return min(fits, key=lambda t: (t.kl, t.refusals))
+    return min(fits, key=lambda t: (t.refusals, t.kl))
+
+
+def table(front: list[TrialResult], prompts: int, chosen: TrialResult | None = None) -> str:
+    lines = [f"{'trial':>5} {'refused':>9} {'KL':>8} {'score':>7}  edit"]
+    for t in front:
+        mark = "  <- chosen" if chosen is not None and t.number == chosen.number else ""
+        lines.append(f"{t.number:>5} {f'{t.refusals}/{prompts}':>9} {t.kl:>8.4f} {t.refusal_score:>+7.2f}  "
+                     f"{t.point.describe()}{mark}")
+    return "\n".join(lines)
+
+
+def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: Path, *, prompts: int,
+                study: Path, study_name: str) -> tuple[Path, Path]:
+    """Write OUT (a recipe naming the direction and per-layer scales) and its direction file beside it."""
+    out = Path(out)
+    direction_path = out.with_name(out.stem + DIRECTION_SUFFIX)
+    r = direction_for(cands, choice.point)
+    command = shlex.join(["abliterate", *sys.argv[1:]])
+    save_direction(direction_path, r, {
+        "model": lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
+        "hidden_size": lm.hidden_size, "num_layers": lm.num_layers, "command": command,
+        "tool": f"abliterate {__version__}", "search_params": json.dumps(choice.point.params()),
+        "search_trial": choice.number, "refusals": f"{choice.refusals}/{prompts}", "kl": f"{choice.kl:.5f}"})
+    options = choice.point.options(lm.num_layers)
+    recipe = {
+        "name": "search",
+        "notes": (f"abliterate search, trial {choice.number} of study {study_name!r} ({study.name}): "
+                  f"{choice.refusals}/{prompts} validation prompts refused, first-token KL {choice.kl:.4f}; "
+                  f"{choice.point.describe()}"),
+        "apply": {"direction": direction_path.name, "scale": 1.0, "layers": None,
+                  "components": ["embed", "attn", "mlp"], "targets": [], "keep_tied": False,
+                  "layer_scales": {c: list(v) for c, v in options.layer_scales.items()}},
+    }
+    header = (f"# written by: {command}\n# model: {lm.name}\n"
+              f"# apply it: abliterate apply MODEL --recipe {out.name} --out DIR\n")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+    tmp.replace(out)
+    return out, direction_path
