@@ -46,10 +46,13 @@ from abliterate.cli.common import parse_components, parse_layers, parse_size
 @click.option("--layer-scales", "layer_scales_path", default=None, type=click.Path(path_type=Path),
               help="Per-layer, per-component multipliers of --scale from a YAML file (a recipe's apply.layer_scales "
               "or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
+@click.option("--requant", default="Q8_0", show_default=True,
+              help="GGUF input only: the type to write edited tensors whose quantisation the gguf library cannot "
+              "write (K-quants, IQ types); Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
 def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, add_direction: bool,
           layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
           overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
-          recipe_path: Path | None, layer_scales_path: Path | None) -> None:
+          recipe_path: Path | None, layer_scales_path: Path | None, requant: str) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
 
     Edits the token embedding, each attention output projection, each MLP output projection (every
@@ -76,6 +79,13 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
 
     if not adapter and (ignore_biases or base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
+    if checkpoint.suffix.lower() == ".gguf":
+        if adapter or targets or recipe_path:
+            raise AbliterateError("--adapter, --targets and --recipe are not supported for GGUF input; pass the "
+                                  "edit's options (--scale, --layers, --components, --layer-scales) directly")
+        options = EditOptions(scale=-abs(scale) if add_direction else scale, layers=parse_layers(layers),
+                              components=components, keep_tied=keep_tied, layer_scales=_layer_scales(layer_scales_path))
+        return _apply_gguf(checkpoint, direction_path, out, options, requant, max_memory, overwrite, quiet)
     ckpt = Checkpoint.open(checkpoint)
     layer_scales: dict[str, tuple[float, ...]] = {}
     if recipe_path is not None:
@@ -122,6 +132,34 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
         click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
                    err=True)
     click.echo(f"edited {result.edited} tensors; wrote {result.out}")
+
+
+def _layer_scales(path: Path | None) -> dict[str, tuple[float, ...]]:
+    if path is None:
+        return {}
+    from abliterate.options.recipe import read_layer_scales
+
+    return read_layer_scales(path)
+
+
+def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, options: object, requant: str,
+                max_memory: int, overwrite: bool, quiet: bool) -> None:
+    """`apply` on a .gguf file (abliterate.gguf): the same edit, streamed into a new GGUF."""
+    from abliterate.errors import AbliterateError
+    from abliterate.gguf.edit import apply_gguf, summarise
+    from abliterate.gguf.format import read_gguf
+    from abliterate.gguf.plan import plan_gguf
+    from abliterate.io.direction_file import load_direction
+
+    if direction_path is None:
+        raise AbliterateError("no direction: pass --direction FILE (a direction file from `abliterate extract`)")
+    plan = plan_gguf(read_gguf(checkpoint), options, requant)  # type: ignore[arg-type]
+    direction = load_direction(direction_path, hidden_size=plan.hidden_size, num_layers=plan.num_layers)
+    result = apply_gguf(plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    summarise(result, click.echo)
+    click.echo(f"edited {result.edited} tensors; wrote {result.out} ({result.size / 1e6:.1f} MB)")
 
 
 @click.command()

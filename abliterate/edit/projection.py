@@ -196,17 +196,22 @@ def read_chunk(fd: int, info: TensorInfo, chunk: Chunk) -> np.ndarray:
 def iter_edited_chunks(
     fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, scale: float, budget: int,
     take_scratch: Callable[[], Scratch] | None = None,
+    read: Callable[[Chunk, Scratch], np.ndarray] | None = None,
 ) -> Iterator[tuple[Chunk, np.ndarray, Scratch]]:
     """Yield (chunk, edited values in the stored representation, the scratch holding them) in file order.
 
     Each chunk is computed in `take_scratch()`'s buffers (by default one Scratch reused for every
     chunk, so consume each chunk before asking for the next). Raises NonFiniteError on NaN or inf.
+    `read` replaces reading a chunk's stored values from `fd` (GGUF: dequantised blocks, `info` then
+    describing the float32 values; the edit happens in the array it returns).
     """
     if take_scratch is None:
         shared = Scratch()
         take_scratch = lambda: shared  # noqa: E731
     r = np.asarray(r, dtype=compute_dtype(info.dtype))
     chunks = plan_chunks(info, hidden_axis, r.size, budget)
+    if read is None:
+        read = lambda chunk, scratch: read_stored(fd, info, chunk, scratch)  # noqa: E731
     in_place = info.dtype in ("F32", "F64")
     coeff = np.zeros(0, dtype=r.dtype)
     for i, chunk in enumerate(chunks):
@@ -214,10 +219,10 @@ def iter_edited_chunks(
         if chunk.rows is not None and chunk.rows.start == 0:  # first pass over a big matrix's row blocks
             coeff = np.zeros(info.shape[-1], dtype=r.dtype)
             for block in chunks[i:]:
-                coeff += coefficients(read_stored(fd, info, block, scratch)[0], info.dtype, r[block.rows])
+                coeff += coefficients(read(block, scratch)[0], info.dtype, r[block.rows])
                 if block.last:
                     break
-        stored = read_stored(fd, info, chunk, scratch)
+        stored = read(chunk, scratch)
         out = stored if in_place else scratch.take(1, stored.nbytes).view(stored.dtype).reshape(stored.shape)
         if hidden_axis == -1:
             edit_cols(stored, info.dtype, r, scale, out)

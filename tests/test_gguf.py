@@ -1,0 +1,215 @@
+"""`abliterate apply` on GGUF files: float tensors get exactly the safetensors edit, quantised ones the
+projection of their dequantised values within one quantisation step, and everything else the input's bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from abliterate.edit.projection import project
+from abliterate.gguf.format import read_gguf
+from abliterate.io.direction_file import load_direction, save_direction
+from tests.families import COMMON, Family, build_model
+from tests.gguf_models import gguf_tensors, raw_bytes, read_values, write_gguf
+from tests.test_apply import run_cli
+
+LLAMA = Family("llama", dict(COMMON, intermediate_size=64))  # rows of 64: whole Q8_0/Q4_0 blocks
+MOE = Family("qwen2_moe", dict(COMMON, intermediate_size=64, num_experts=3, num_experts_per_tok=2,
+                                moe_intermediate_size=32, shared_expert_intermediate_size=64))
+D, LAYERS = 32, 2
+Q8 = {r".*\.weight": "Q8_0", r".*norm.*": "F32"}
+
+
+def _axis(name: str) -> int:
+    return -1 if name.startswith(("token_embd", "position_embd")) or name.endswith(".bias") else -2
+
+
+def _row(name: str, vectors: np.ndarray) -> np.ndarray:
+    """The direction row a GGUF tensor is edited with (row 0: embeddings, L + 1: what layer L writes)."""
+    if vectors.ndim == 1:
+        return vectors
+    return vectors[0] if not name.startswith("blk.") else vectors[int(name.split(".")[1]) + 1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny Llama and Qwen2-MoE saved as safetensors, with a direction each (per-layer for the MoE)."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for family, per_layer in ((LLAMA, False), (MOE, True)):
+        folder = root / family.model_type
+        build_model(family).save_pretrained(folder)
+        shape = (LAYERS + 1, D) if per_layer else (D,)
+        direction = root / f"{family.model_type}-dir.safetensors"
+        save_direction(direction, torch.randn(shape, generator=torch.Generator().manual_seed(3)), {"model": "tiny"})
+        out[family.model_type] = (folder, direction, load_direction(direction).vectors)
+    return root, out
+
+
+def _gguf(root: Path, folder: Path, name: str, arch: str, *, tied: bool = True, types: dict | None = None) -> Path:
+    tensors = gguf_tensors(folder)
+    if tied:
+        del tensors["output.weight"]
+    return write_gguf(root / name, arch, tensors, hidden=D, layers=LAYERS, types=types)
+
+
+def _apply(src: Path, direction: Path, out: Path, *extra: str) -> str:
+    code, output = run_cli("apply", str(src), "--direction", str(direction), "--out", str(out), "--quiet", *extra)
+    assert code == 0, output
+    return output
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_float_gguf_edit_equals_the_safetensors_edit(models, family):
+    root, found = models
+    folder, direction, _ = found[family]
+    src = _gguf(root, folder, f"{family}.gguf", {"llama": "llama", "qwen2_moe": "qwen2moe"}[family], tied=False)
+    _apply(src, direction, root / f"{family}-edited.gguf")
+    _apply(folder, direction, root / f"{family}-edited-st")
+    want = gguf_tensors(root / f"{family}-edited-st")
+    got = read_values(root / f"{family}-edited.gguf")
+    assert set(got) == set(want)
+    for name in got:
+        assert np.array_equal(got[name], want[name]), name
+    assert not np.array_equal(got["blk.0.ffn_down_exps.weight" if family == "qwen2_moe" else "blk.0.ffn_down.weight"],
+                              read_values(src)["blk.0.ffn_down_exps.weight" if family == "qwen2_moe"
+                                               else "blk.0.ffn_down.weight"])
+
+
+def test_q8_0_tensors_are_within_one_quantisation_step_of_the_projection(models):
+    root, found = models
+    folder, direction, vectors = found["qwen2_moe"]
+    src = _gguf(root, folder, "moe-q8.gguf", "qwen2moe", types=Q8)
+    _apply(src, direction, root / "moe-q8-edited.gguf", "--max-memory", "4KB")  # row blocks in two passes
+    before, after = read_values(src), read_values(root / "moe-q8-edited.gguf")
+    edited = read_gguf(root / "moe-q8-edited.gguf").by_name()
+    writers = [n for n in before if n.startswith("token_embd") or "attn_output" in n or "ffn_down" in n]
+    assert len(writers) == 1 + LAYERS * 3  # embedding, attention, experts, shared expert
+    for name in writers:
+        assert edited[name].type_name == "Q8_0"
+        want = project(before[name], _row(name, vectors), _axis(name))
+        blocks = want.reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127  # Q8_0's step in each block of 32
+        assert (np.abs(after[name].reshape(-1, 32) - blocks) <= step).all(), name
+        assert not np.allclose(after[name], before[name]), name
+
+
+def test_untouched_tensors_and_metadata_are_byte_identical(models):
+    root, found = models
+    folder, direction, _ = found["llama"]
+    src = _gguf(root, folder, "llama-q8.gguf", "llama", types=Q8)
+    out = root / "llama-q8-edited.gguf"
+    _apply(src, direction, out)
+    a, b = read_gguf(src), read_gguf(out)
+    assert a.metadata_bytes == b.metadata_bytes and a.metadata == b.metadata
+    raw_a, raw_b = raw_bytes(src), raw_bytes(out)
+    edited = {n for n in raw_a if n.startswith("token_embd") or "attn_output" in n or "ffn_down" in n}
+    assert len(edited) == 1 + 2 * LAYERS
+    for name in raw_a:
+        assert (raw_a[name] == raw_b[name]) == (name not in edited), name
+    assert raw_b["output.weight"] == raw_a["token_embd.weight"]  # untied: the output layer keeps the original
+    assert [t.name for t in b.tensors] == [t.name for t in a.tensors] + ["output.weight"]
+
+
+def test_a_gguf_that_has_an_output_tensor_keeps_every_offset(models):
+    root, found = models
+    folder, direction, _ = found["llama"]
+    src = _gguf(root, folder, "llama-untied.gguf", "llama", tied=False, types=Q8)
+    out = root / "llama-untied-edited.gguf"
+    _apply(src, direction, out)
+    a, b = read_gguf(src), read_gguf(out)
+    assert src.stat().st_size == out.stat().st_size
+    assert [(t.name, t.start, t.nbytes, t.type_name) for t in a.tensors] == \
+        [(t.name, t.start, t.nbytes, t.type_name) for t in b.tensors]
+    assert src.read_bytes()[: a.data_start] == out.read_bytes()[: b.data_start]  # the whole header
+
+
+@pytest.mark.parametrize("requant", ["Q8_0", "F16"])
+def test_types_gguf_cannot_write_are_requantised_to_the_chosen_type(models, requant):
+    root, found = models
+    folder, direction, vectors = found["llama"]
+    tensors = gguf_tensors(folder)
+    tensors["blk.0.ffn_down.weight"] = np.tile(tensors["blk.0.ffn_down.weight"], (1, 4))  # rows of 256: Q4_K
+    src = write_gguf(root / f"q4k-{requant}.gguf", "llama", tensors, hidden=D, layers=LAYERS,
+                     types={r"blk\.0\.ffn_down\.weight": "Q4_K"})
+    out = root / f"q4k-{requant}-edited.gguf"
+    printed = _apply(src, direction, out, "--requant", requant)
+    assert f"Q4_K->{requant}" in printed and "blk.0.ffn_down.weight" in printed
+    name = "blk.0.ffn_down.weight"
+    assert read_gguf(out).by_name()[name].type_name == requant
+    want = project(read_values(src)[name], vectors, -2)
+    got = read_values(out)[name]
+    if requant == "F16":
+        assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
+    else:
+        step = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+        assert (np.abs(got.reshape(-1, 32) - want.reshape(-1, 32)) <= step).all()
+    assert raw_bytes(out)["blk.1.ffn_up.weight"] == raw_bytes(src)["blk.1.ffn_up.weight"]  # after the resized one
+
+
+def _error(*args: str) -> str:
+    code, output = run_cli(*args)
+    assert code != 0
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, output
+    return lines[0]
+
+
+def test_bad_gguf_inputs_are_one_line_errors_and_write_nothing(models):
+    root, found = models
+    folder, direction, _ = found["llama"]
+    src = _gguf(root, folder, "bad-base.gguf", "llama")
+    out = root / "bad-out.gguf"
+    truncated = root / "truncated.gguf"
+    truncated.write_bytes(src.read_bytes()[: src.stat().st_size - 100])
+    assert "truncated" in _error("apply", str(truncated), "--direction", str(direction), "--out", str(out))
+    header_cut = root / "header-cut.gguf"
+    header_cut.write_bytes(src.read_bytes()[:200])
+    assert "truncated" in _error("apply", str(header_cut), "--direction", str(direction), "--out", str(out))
+    unknown = write_gguf(root / "unknown.gguf", "mamba", gguf_tensors(folder), hidden=D, layers=LAYERS)
+    assert "'mamba'" in _error("apply", str(unknown), "--direction", str(direction), "--out", str(out))
+    other = root / "dir-64.safetensors"
+    save_direction(other, torch.randn(64), {"model": "other"})
+    assert "hidden size 64" in _error("apply", str(src), "--direction", str(other), "--out", str(out))
+    out.write_bytes(b"keep me")
+    assert "already exists" in _error("apply", str(src), "--direction", str(direction), "--out", str(out))
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    assert not list(root.glob("*bad-out*"))
+
+
+def test_families_that_always_tie_the_output_need_keep_tied(models):
+    root, found = models
+    folder, direction, _ = found["llama"]
+    src = _gguf(root, folder, "gemma2.gguf", "gemma2")
+    assert "--keep-tied" in _error("apply", str(src), "--direction", str(direction), "--out", str(root / "g.gguf"))
+    printed = _apply(src, direction, root / "g.gguf", "--keep-tied")
+    assert "--keep-tied" in printed
+    after = read_gguf(root / "g.gguf")
+    assert "output.weight" not in after.by_name()
+    assert raw_bytes(root / "g.gguf")["token_embd.weight"] != raw_bytes(src)["token_embd.weight"]
+
+
+def test_an_interrupted_gguf_edit_leaves_no_output(models, monkeypatch):
+    import abliterate.gguf.edit as gguf_edit
+
+    root, found = models
+    folder, direction, _ = found["llama"]
+    src = _gguf(root, folder, "interrupted.gguf", "llama", types=Q8)
+    calls = []
+    original = gguf_edit.write_edited
+
+    def dies_on_the_third_tensor(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf_edit, "write_edited", dies_on_the_third_tensor)
+    (root / "killed").mkdir()
+    code, _ = run_cli("apply", str(src), "--direction", str(direction), "--out", str(root / "killed" / "m.gguf"), "-q")
+    assert code != 0 and len(calls) == 3
+    assert list((root / "killed").iterdir()) == []
