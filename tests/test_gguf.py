@@ -213,3 +213,36 @@ def test_an_interrupted_gguf_edit_leaves_no_output(models, monkeypatch):
     code, _ = run_cli("apply", str(src), "--direction", str(direction), "--out", str(root / "killed" / "m.gguf"), "-q")
     assert code != 0 and len(calls) == 3
     assert list((root / "killed").iterdir()) == []
+
+
+def _tamper(path: Path, tensor: str, delta: int, at: int = 0) -> Path:
+    """A copy of `path` with one byte of `tensor` changed (its `at`-th byte)."""
+    info = read_gguf(path).by_name()[tensor]
+    data = bytearray(path.read_bytes())
+    data[info.start + at] = (data[info.start + at] + delta) % 256
+    out = path.with_name("tampered-" + path.name)
+    out.write_bytes(bytes(data))
+    manifest = path.with_name(path.name + ".abliterate.json")
+    out.with_name(out.name + ".abliterate.json").write_bytes(manifest.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("types", [None, Q8], ids=["F32", "Q8_0"])
+def test_verify_accepts_the_edit_and_rejects_a_changed_byte(models, types):
+    root, found = models
+    folder, direction, _ = found["qwen2_moe"]
+    tag = "q8" if types else "f32"
+    src = _gguf(root, folder, f"verify-{tag}.gguf", "qwen2moe", types=types)
+    out = root / f"verify-{tag}-edited.gguf"
+    _apply(src, direction, out, "--max-memory", "8KB")
+    code, printed = run_cli("verify", str(src), str(out))
+    assert code == 0 and "OK" in printed, printed
+    code, printed = run_cli("verify", str(src), str(out), "--max-memory", "4KB")  # other chunks, same verdict
+    assert code == 0, printed
+    # the float32's high byte of the first value, or a Q8_0 block's first code (after its 2-byte scale)
+    at = 3 if types is None else 2 + 5
+    for tensor, delta in (("blk.1.ffn_down_exps.weight", 40), ("blk.0.ffn_up_exps.weight", 1)):
+        code, printed = run_cli("verify", str(src), str(_tamper(out, tensor, delta, at)))
+        assert code == 1 and f"FAIL {tensor}" in printed, printed
+    code, printed = run_cli("verify", str(src), str(_tamper(out, "output.weight", 1)))
+    assert code == 1 and "FAIL output.weight should be byte-identical to the original token_embd" in printed, printed

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from abliterate.arch.table import COMPONENTS
 from abliterate.cli.common import parse_components, parse_layers, parse_size
+
+if TYPE_CHECKING:
+    from abliterate.edit.plan import EditOptions
+    from abliterate.edit.verify import VerifyReport
+    from abliterate.io.direction_file import Direction
 
 
 @click.command()
@@ -142,7 +148,7 @@ def _layer_scales(path: Path | None) -> dict[str, tuple[float, ...]]:
     return read_layer_scales(path)
 
 
-def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, options: object, requant: str,
+def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, options: EditOptions, requant: str,
                 max_memory: int, overwrite: bool, quiet: bool) -> None:
     """`apply` on a .gguf file (abliterate.gguf): the same edit, streamed into a new GGUF."""
     from abliterate.errors import AbliterateError
@@ -153,7 +159,7 @@ def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, option
 
     if direction_path is None:
         raise AbliterateError("no direction: pass --direction FILE (a direction file from `abliterate extract`)")
-    plan = plan_gguf(read_gguf(checkpoint), options, requant)  # type: ignore[arg-type]
+    plan = plan_gguf(read_gguf(checkpoint), options, requant)
     direction = load_direction(direction_path, hidden_size=plan.hidden_size, num_layers=plan.num_layers)
     result = apply_gguf(plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
     for note in result.notes:
@@ -220,6 +226,13 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
         sys.exit(1 if problems else 0)
 
     from abliterate.edit.plan import EditOptions
+
+    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None
+    if original.suffix.lower() == ".gguf":
+        from abliterate.gguf.verify import verify_gguf
+
+        report = verify_gguf(original, edited, _gguf_direction(edited, direction_path), options, max_memory=max_memory)
+        return _print_report(report)
     from abliterate.edit.verify import verify as run_verify
     from abliterate.edit.weights import DIRECTION_NAME
     from abliterate.io.checkpoint import Checkpoint
@@ -233,8 +246,27 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
                               "--direction FILE with the direction the edit used")
     direction = load_direction(direction_path or edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
                                num_layers=ckpt.num_layers)
-    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None
     report = run_verify(original, edited, direction, options, max_memory=max_memory)
+    _print_report(report)
+
+
+def _gguf_direction(edited: Path, direction_path: Path | None) -> Direction:
+    from abliterate.errors import AbliterateError
+    from abliterate.gguf.format import read_gguf
+    from abliterate.gguf.verify import recorded_direction
+    from abliterate.io.direction_file import load_direction
+
+    path = direction_path or recorded_direction(edited)
+    if path is None:
+        raise AbliterateError(f"no direction: the manifest beside {edited} names none that exists; pass --direction "
+                              "FILE with the direction the edit used")
+    header = read_gguf(edited)
+    arch = header.architecture
+    return load_direction(path, hidden_size=header.int_field(f"{arch}.embedding_length"),
+                          num_layers=header.int_field(f"{arch}.block_count"))
+
+
+def _print_report(report: VerifyReport) -> None:
     for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
     click.echo(f"checked {report.tensors_checked} tensors ({report.edited_checked} edited; largest residual along "
