@@ -246,3 +246,27 @@ def test_verify_accepts_the_edit_and_rejects_a_changed_byte(models, types):
         assert code == 1 and f"FAIL {tensor}" in printed, printed
     code, printed = run_cli("verify", str(src), str(_tamper(out, "output.weight", 1)))
     assert code == 1 and "FAIL output.weight should be byte-identical to the original token_embd" in printed, printed
+
+
+def test_control_vector_holds_coeff_times_each_layers_vector_in_llama_cpp_numbering(tmp_path):
+    vectors = np.random.default_rng(4).standard_normal((LAYERS + 2, D)).astype(np.float32)  # 3 layers + embedding
+    save_direction(tmp_path / "vectors.safetensors", vectors, {"model": "org/tiny"})
+    out = tmp_path / "control.gguf"
+    code, printed = run_cli("steer", "export-gguf", str(tmp_path / "vectors.safetensors"), "--layers", "1:",
+                            "--coeff", "-2.5", "--out", str(out))
+    assert code == 0, printed
+    header = read_gguf(out)
+    assert header.architecture == "controlvector" and header.metadata["controlvector.model_hint"] == "org/tiny"
+    assert header.metadata["controlvector.layer_count"] == 2
+    values = read_values(out)
+    assert sorted(values) == ["direction.1", "direction.2"]
+    for layer in (1, 2):  # row L + 1 is what leaves layer L, as `steer chat --layer L` adds it
+        assert np.array_equal(values[f"direction.{layer}"], vectors[layer + 1] * np.float32(-2.5))
+    assert "layer 0" in _error("steer", "export-gguf", str(tmp_path / "vectors.safetensors"), "--layers", "0:2",
+                               "--coeff", "1", "--out", str(tmp_path / "zero.gguf"))
+    save_direction(tmp_path / "single.safetensors", vectors[0], {"model": "org/tiny"})
+    assert "END" in _error("steer", "export-gguf", str(tmp_path / "single.safetensors"), "--layers", "2:",
+                           "--coeff", "1", "--out", str(tmp_path / "single.gguf"))
+    assert "already exists" in _error("steer", "export-gguf", str(tmp_path / "vectors.safetensors"), "--layers", "1",
+                                      "--coeff", "1", "--out", str(out))
+    assert not (tmp_path / "zero.gguf").exists() and not (tmp_path / "single.gguf").exists()

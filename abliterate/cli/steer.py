@@ -19,6 +19,7 @@ def steer() -> None:
     abliterate steer chat MODEL --vectors F --layer L --coeff C [--prompt P]
     abliterate steer sweep MODEL --vectors F --pairs HELDOUT.jsonl --layers A:B --coeffs -2,-1,0,1,2
     abliterate steer bake CHECKPOINT --vectors F --layer L --coeff C --out DIR
+    abliterate steer export-gguf VECTORS --layers A:B --coeff C --out control.gguf
     """
 
 
@@ -160,3 +161,25 @@ def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, o
     if result.skipped_files:
         click.echo(f"note: not copied: {', '.join(result.skipped_files)}", err=True)
     click.echo(f"baked {coeff:g} x vector into {result.bias}; wrote {result.out}")
+
+
+@steer.command("export-gguf")
+@click.argument("vectors_path", metavar="VECTORS", type=click.Path(path_type=Path))
+@click.option("--layers", required=True, help="Layers whose output to steer, START:END (END excluded) or one layer, "
+              "e.g. 12 (what `steer chat --layer 12` steers). llama.cpp cannot steer layer 0.")
+@click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Control vector file to write (.gguf).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def steer_export_gguf(vectors_path: Path, layers: str, coeff: float, out: Path, overwrite: bool) -> None:
+    """Write VECTORS (from `steer vectors`, or a direction from `extract`) as a llama.cpp control vector.
+
+    direction.L = coeff x the vector for layer L, for each layer of --layers: `llama-cli -m MODEL.gguf
+    --control-vector FILE` then adds to the residual stream after layer L what `steer chat --layer L
+    --coeff C` adds, but at every position, the prompt's included (as `steer bake` does).
+    """
+    from abliterate.gguf.control_vector import export_control_vector
+
+    written = export_control_vector(vectors_path, coeff, parse_layers(layers), out, overwrite=overwrite)
+    norms = ", ".join(f"{n:.3g}" for n in written.norms)
+    click.echo(f"wrote {written.out}: direction.{{{','.join(map(str, written.layers))}}} (norms {norms}); "
+               f"run: llama-cli -m MODEL.gguf --control-vector {written.out}")
