@@ -76,6 +76,11 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
 
     With --adapter, --out receives a peft LoRA adapter of the same edit instead (a few MB);
     `abliterate merge CHECKPOINT ADAPTER` turns it into the same tensors `apply` writes.
+
+    CHECKPOINT may be a llama.cpp .gguf file (needs `pip install 'abliterate[gguf]'`); --out is then
+    the output file. Float tensors are edited exactly as above; quantised ones are dequantised,
+    edited in float32 and quantised again (their own type where the gguf library can write it, else
+    --requant), with each one's quantisation error printed. Metadata and other tensors are copied.
     """
     from abliterate.edit.plan import EditOptions, plan_edit
     from abliterate.edit.weights import apply_edit
@@ -215,6 +220,9 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
 
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
+
+    ORIGINAL and EDITED may be .gguf files: re-quantised tensors are then checked to within one
+    quantisation step of the projection of the original's dequantised values.
     """
     from abliterate.publish.card import check_checksums
 
