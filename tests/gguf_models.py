@@ -67,6 +67,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, hidden:
             writer.add_tensor(name, value.astype(np.float32))
         elif type_name == "F16":
             writer.add_tensor(name, value.astype(np.float16))
+        elif value.dtype == np.uint8:  # raw blocks given as they are
+            writer.add_tensor(name, value, raw_dtype=qtype)
         elif type_name == "Q4_K":
             writer.add_tensor(name, random_q4_k(value.shape), raw_dtype=qtype)
         else:

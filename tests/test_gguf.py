@@ -174,6 +174,11 @@ def test_bad_gguf_inputs_are_one_line_errors_and_write_nothing(models):
     other = root / "dir-64.safetensors"
     save_direction(other, torch.randn(64), {"model": "other"})
     assert "hidden size 64" in _error("apply", str(src), "--direction", str(other), "--out", str(out))
+    unreadable = gguf_tensors(folder)
+    unreadable["blk.0.attn_output.weight"] = np.zeros((D, D // 32 * 40), np.uint8)  # Q8_1: gguf cannot read it
+    q8_1 = write_gguf(root / "q8_1.gguf", "llama", unreadable, hidden=D, layers=LAYERS,
+                      types={r"blk\.0\.attn_output\.weight": "Q8_1"})
+    assert "Q8_1" in _error("apply", str(q8_1), "--direction", str(direction), "--out", str(out))
     out.write_bytes(b"keep me")
     assert "already exists" in _error("apply", str(src), "--direction", str(direction), "--out", str(out))
     assert out.read_bytes() == b"keep me"

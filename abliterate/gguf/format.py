@@ -173,6 +173,19 @@ def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
 
 
+def can_dequantize(type_name: str) -> bool:
+    """Whether the gguf library can read this type's values (some new or exotic types it cannot)."""
+    gguf = _gguf()
+    if type_name not in gguf.GGMLQuantizationType.__members__:
+        return False
+    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    try:
+        dequantize(np.zeros(size, np.uint8), type_name, (block_layout(type_name)[0],))
+    except (NotImplementedError, KeyError, ValueError):
+        return False
+    return True
+
+
 def can_quantize(type_name: str) -> bool:
     """Whether the gguf library can write this type (it dequantises more types than it quantises)."""
     gguf = _gguf()

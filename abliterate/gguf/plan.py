@@ -11,7 +11,7 @@ from abliterate.arch.table import Arch, Writer
 from abliterate.edit.plan import EditOptions, _check_options
 from abliterate.errors import AbliterateError
 from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING, GgufArch, gguf_arch, match_writer
-from abliterate.gguf.format import GgufFile, GgufTensor, align, can_quantize, with_type
+from abliterate.gguf.format import GgufFile, GgufTensor, align, can_dequantize, can_quantize, with_type
 
 REQUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32")
 
@@ -105,6 +105,9 @@ def _out_type(t: GgufTensor, d: int, writer: Writer, requant: str) -> str:
                               f"axis {axis}; the GGUF does not lay out this family as llama.cpp does")
     if t.is_float or can_quantize(t.type_name):
         return t.type_name
+    if not can_dequantize(t.type_name):
+        raise AbliterateError(f"cannot edit {t.name}: the gguf library cannot read {t.type_name} values; use a GGUF "
+                              "of this model in Q8_0, Q4_K or F16 (or another type llama.cpp's gguf-py reads)")
     return requant
 
 
