@@ -1,9 +1,9 @@
 """Run abliterate's GGUF outputs in llama.cpp itself and compare the logits with transformers.
 
-Needs a llama.cpp shared library with its CFFI bindings (`pip install llama-cpp-py-sync`, a prebuilt
-CPU build) and the gguf package; the test suite does not. It builds a tiny random Llama in
-transformers, writes it as a GGUF llama.cpp loads (F32, and Q8_0), then prints max |logit
-difference| over every position of a random sequence for:
+Needs llama.cpp's shared library with CFFI bindings (`pip install llama-cpp-py-sync`, a prebuilt CPU
+build; its 0.11739 wheel wants glibc 2.38) and the gguf package; the test suite does not. It builds a
+tiny random Llama in transformers, writes it as a GGUF llama.cpp loads (F32, and Q8_0), then prints
+max |logit difference| over every position of a random sequence for:
 
 * llama.cpp on the original GGUF vs transformers on the original (the conversion's own error);
 * llama.cpp on `abliterate apply`'s edited GGUF vs transformers on the original under forward hooks
@@ -104,6 +104,7 @@ class LlamaCpp:
         model = lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_threads = 64, 64, 64, 1
+        params.type_k = params.type_v = 0  # a float32 KV cache
         ctx = lib.llama_init_from_model(model, params)
         try:
             if control is not None:  # rows for layers 1.. as llama.cpp's common_control_vector_load lays them out
