@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from abliterate.edit.projection import project
 from abliterate.gguf.format import read_gguf
@@ -62,21 +63,26 @@ def _apply(src: Path, direction: Path, out: Path, *extra: str) -> str:
     return output
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
-def test_float_gguf_edit_equals_the_safetensors_edit(models, family):
+@pytest.mark.parametrize(("family", "dtype"), [("llama", "F32"), ("qwen2_moe", "F32"), ("llama", "F16")])
+def test_float_gguf_edit_equals_the_safetensors_edit(models, family, dtype):
     root, found = models
     folder, direction, _ = found[family]
-    src = _gguf(root, folder, f"{family}.gguf", {"llama": "llama", "qwen2_moe": "qwen2moe"}[family], tied=False)
-    _apply(src, direction, root / f"{family}-edited.gguf")
-    _apply(folder, direction, root / f"{family}-edited-st")
-    want = gguf_tensors(root / f"{family}-edited-st")
-    got = read_values(root / f"{family}-edited.gguf")
+    if dtype == "F16":  # the same model stored in float16, as safetensors and as GGUF
+        half = root / f"{family}-f16"
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).save_pretrained(half)
+        folder = half
+    src = _gguf(root, folder, f"{family}-{dtype}.gguf", {"llama": "llama", "qwen2_moe": "qwen2moe"}[family],
+                tied=False, types={r".*": dtype})
+    assert {t.type_name for t in read_gguf(src).tensors} == {dtype}
+    _apply(src, direction, root / f"{family}-{dtype}-edited.gguf")
+    _apply(folder, direction, root / f"{family}-{dtype}-edited-st")
+    want = gguf_tensors(root / f"{family}-{dtype}-edited-st")
+    got = read_values(root / f"{family}-{dtype}-edited.gguf")
     assert set(got) == set(want)
     for name in got:
-        assert np.array_equal(got[name], want[name]), name
-    assert not np.array_equal(got["blk.0.ffn_down_exps.weight" if family == "qwen2_moe" else "blk.0.ffn_down.weight"],
-                              read_values(src)["blk.0.ffn_down_exps.weight" if family == "qwen2_moe"
-                                               else "blk.0.ffn_down.weight"])
+        assert np.array_equal(got[name], want[name].astype(np.float32)), name
+    down = "blk.0.ffn_down_exps.weight" if family == "qwen2_moe" else "blk.0.ffn_down.weight"
+    assert not np.array_equal(got[down], read_values(src)[down])
 
 
 def test_q8_0_tensors_are_within_one_quantisation_step_of_the_projection(models):
