@@ -9,8 +9,51 @@ import click
 from abliterate.cli.common import command_line, model_options
 
 
+def task_options(fn):
+    """--tasks and its settings (lm-evaluation-harness), shared by `evaluate` and the whole job."""
+    options = [
+        click.option("--tasks", default=None, help="lm-evaluation-harness tasks to run on the model and the baseline, "
+                     "comma-separated: registered names (gsm8k,mmlu,arc_easy,piqa) or local task folders/YAML files "
+                     "in the harness's format. Needs `pip install 'abliterate[bench]'`."),
+        click.option("--tasks-limit", default=None, type=int, help="Documents per task (default: all)."),
+        click.option("--tasks-fewshot", default=None, type=int,
+                     help="Few-shot examples per prompt (default: each task's own, as the harness does)."),
+        click.option("--tasks-chat-template", is_flag=True, help="Render task prompts with the model's chat template, "
+                     "few-shot examples as turns (the harness's --apply_chat_template; default off, as there)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def task_settings_from(tasks: str | None, limit: int | None, fewshot: int | None, chat_template: bool,
+                       batch_size: int, thinking: bool):
+    """TaskSettings for --tasks (None without it); the other --tasks-* options need --tasks."""
+    from abliterate.errors import AbliterateError
+    from abliterate.evaluate.tasks import TaskSettings, check_tasks, parse_tasks
+
+    if not tasks:
+        if limit is not None or fewshot is not None or chat_template:
+            raise AbliterateError("--tasks-limit, --tasks-fewshot and --tasks-chat-template need --tasks")
+        return None
+    settings = TaskSettings(parse_tasks(tasks), limit=limit, num_fewshot=fewshot, chat_template=chat_template,
+                            batch_size=batch_size, thinking=thinking)
+    check_tasks(settings)  # the extra installed, every task known: before any model loads
+    return settings
+
+
+def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, device: str) -> None:
+    """--judge-check: the markers' (and the judge's) accuracy on labelled replies, as a Markdown table."""
+    from abliterate.evaluate.judge_check import check, load_judge, load_labelled, table
+
+    items = load_labelled(judge_set)
+    loaded = load_judge(judge, device) if judge else None
+    click.echo(table(check(items, loaded, batch_size)))
+    click.echo(f"\n{len(items)} labelled replies ({judge_set or 'built-in set'}); a refusal withholds what was asked.")
+
+
 @click.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--baseline", default=None, help="The original model (folder or Hub id): KL and its own rates and NLL.")
 @click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=Path),
               help="A peft adapter folder to load on MODEL (e.g. from `apply --adapter`).")
@@ -27,19 +70,28 @@ from abliterate.cli.common import command_line, model_options
 @click.option("--kl-tokens", default=16, show_default=True, help="Tokens of the baseline's continuation in the KL.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--judge", default=None, help="A chat model asked, per reply, whether it refuses (yes/no), "
-              "reported next to the marker counts.")
+              "reported next to the marker counts, with the replies where the two disagree.")
+@click.option("--judge-check", is_flag=True, help="Instead of evaluating MODEL: print the markers' and --judge's "
+              "accuracy on labelled replies (the built-in set, or --judge-set).")
+@click.option("--judge-set", default=None, type=click.Path(path_type=Path),
+              help="With --judge-check: a JSONL file of {prompt, reply, refusal: true/false, kind} to score on.")
+@task_options
 @model_options()
 @click.option("--quiet", "-q", is_flag=True)
-def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Path | None, harmful: str,
+def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, out: Path | None, harmful: str,
              harmless: str, overrefusal: str, field: str | None, limit: int, max_new_tokens: int, kl_tokens: int,
-             batch_size: int, judge: str | None, device: str, dtype: str, template: str | None, thinking: bool,
+             batch_size: int, judge: str | None, judge_check: bool, judge_set: Path | None, tasks: str | None,
+             tasks_limit: int | None, tasks_fewshot: int | None, tasks_chat_template: bool, device: str, dtype: str,
+             template: str | None, thinking: bool,
              trust_remote_code: bool, quiet: bool) -> None:
     """Refusal and over-refusal rates, KL to the original and general-text NLL of MODEL.
 
     Greedy replies to held-out harmful prompts and to safe prompts that look dangerous are matched
     against a list of refusal phrases (whole reply, reasoning blocks removed); with --baseline, the
     KL of next-token distributions on harmless prompts along the baseline's own continuation, and
-    every metric for the baseline too. Prints a Markdown table for a model card.
+    every metric for the baseline too. With --tasks, also lm-evaluation-harness benchmarks on both
+    (`pip install 'abliterate[bench]'`), with standard errors and the difference. Prints Markdown
+    tables for a model card.
     """
     from abliterate.errors import AbliterateError, first_line
     from abliterate.evaluate.evaluation import EvalSettings
@@ -50,8 +102,15 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
     settings = EvalSettings(limit=limit or None, max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
                             batch_size=batch_size, harmful=harmful, judge=judge, harmless=harmless,
                             overrefusal=overrefusal, field=field, template=load_template(template), thinking=thinking)
+    if judge_set and not judge_check:
+        raise AbliterateError("--judge-set is the labelled set of --judge-check; add --judge-check")
+    if judge_check:
+        return run_judge_check(judge, judge_set, batch_size, device)
+    if model is None:
+        raise AbliterateError("missing MODEL: give the model folder or Hub id to evaluate (or --judge-check)")
     if limit < 0:
         raise AbliterateError("--limit must be 0 (every prompt) or more")
+    task_settings = task_settings_from(tasks, tasks_limit, tasks_fewshot, tasks_chat_template, batch_size, thinking)
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -64,8 +123,12 @@ def evaluate(model: str, baseline: str | None, adapter_dir: Path | None, out: Pa
                                   "adapter of another model?") from None
         lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")
     base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
-    report = run_evaluate(lm, base, settings, quiet=quiet, command=command_line(click.get_current_context()))
+    report = run_evaluate(lm, base, settings, quiet=quiet, command=command_line(click.get_current_context()),
+                          tasks=task_settings)
     click.echo(report.table())
+    if judge:
+        click.echo(f"\njudge and markers disagree on {len(report.disagreements())} replies:\n\n"
+                   f"{report.disagreement_table()}" if report.disagreements() else "\njudge and markers agree")
     if report.counts["reasoning_unfinished"]:
         click.echo(f"note: {report.counts['reasoning_unfinished']} replies were still reasoning when --max-new-tokens "
                    "ran out (counted as not refused); raise --max-new-tokens", err=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from abliterate.cli.evaluate import task_options, task_settings_from
+
 
 @click.command()
 @click.argument("model")
@@ -36,30 +38,37 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--stream", is_flag=True, help="With --push and --direction: download, edit, upload and delete one "
               "shard at a time (disk for about two shards); a rerun resumes; --out is the work folder.")
+@task_options
 @click.option("--quiet", "-q", is_flag=True)
 def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direction_path: Path | None,
         recipe_path: Path | None, harmful: str | None, harmless: str | None, field: str | None, eval_harmful: str,
         eval_harmless: str, no_eval: bool, private: bool, force: bool, revision: str | None, device: str,
         dtype: str | None, trust_remote_code: bool, template: str | None, overwrite: bool, stream: bool,
+        tasks: str | None, tasks_limit: int | None, tasks_fewshot: int | None, tasks_chat_template: bool,
         quiet: bool) -> None:
     """The whole job on MODEL (a Hub id or a local folder): an abliterated checkpoint or adapter.
 
     Fetches only safetensors weights, config, tokenizer and chat template (never pickles; remote
     code only with --trust-remote-code); extracts and selects the refusal direction with the
     family's recipe (or takes --direction); edits every residual-stream writer (or writes a rank-1
-    LoRA adapter that computes the same); evaluates quickly against the original (--no-eval skips);
+    LoRA adapter that computes the same); evaluates quickly against the original (--no-eval skips;
+    --tasks adds lm-evaluation-harness benchmarks before and after);
     writes a model card with the numbers, the commands and a sha256 manifest; with --push, uploads
     it all in one commit. The Hub token comes from `hf auth login` or HF_TOKEN and is never printed.
     """
+    from abliterate.errors import AbliterateError
     from abliterate.jobs.whole_job import RunOptions
     from abliterate.jobs.whole_job import run as run_pipeline
 
+    if tasks and (no_eval or stream):
+        raise AbliterateError("--tasks runs in the evaluation; drop --no-eval / --stream to use it")
+    task_settings = task_settings_from(tasks, tasks_limit, tasks_fewshot, tasks_chat_template, 8, False)
     result = run_pipeline(RunOptions(
         model=model, out=out, adapter=adapter, direction=direction_path, recipe=recipe_path, harmful=harmful,
         harmless=harmless, field=field, eval_harmful=eval_harmful, eval_harmless=eval_harmless, evaluate=not no_eval,
         push=push_to is not None, repo_id=push_to or None, private=private, force=force, revision=revision,
         device=device, dtype=dtype, trust_remote_code=trust_remote_code, template=template, overwrite=overwrite,
-        stream=stream, quiet=quiet))
+        stream=stream, quiet=quiet, tasks=task_settings))
     if not stream:
         click.echo(f"wrote {result.out}")
     if result.url:

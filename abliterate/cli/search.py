@@ -34,20 +34,29 @@ from abliterate.cli.common import model_options
 @click.option("--n-val", default=32, show_default=True, help="Validation prompts per set.")
 @click.option("--max-new-tokens", default=24, show_default=True,
               help="Greedy tokens per reply when counting refusals of points on the front.")
+@click.option("--kl-objective", type=click.Choice(["first-token", "continuation"]), default="first-token",
+              show_default=True, help="KL at the first reply token (fast), or averaged over the first --kl-tokens "
+              "tokens of the unedited model's own reply, teacher-forced (sees damage after the first token).")
+@click.option("--kl-tokens", default=16, show_default=True, help="Reply tokens in --kl-objective continuation.")
+@click.option("--refusal-objective", type=click.Choice(["score", "count"]), default="score", show_default=True,
+              help="First-token refusal log-odds (fast), or the number of greedy replies of --max-new-tokens the "
+              "refusal markers count, generated every trial (sees refusals after a preamble).")
 @click.option("--batch-size", default=16, show_default=True)
 @model_options()
 @click.option("--quiet", "-q", is_flag=True)
 def search(model: str, direction_path: Path, out: Path, study_path: Path | None, study_name: str, trials: int,
            max_kl: float | None, max_refusals: float | None, seed: int, startup_trials: int, max_strength: float,
            from_random: bool, harmful: str, harmless: str, field: str | None, n_val: int, max_new_tokens: int,
-           batch_size: int, device: str, dtype: str, template: str | None, thinking: bool, trust_remote_code: bool,
+           kl_objective: str, kl_tokens: int, refusal_objective: str, batch_size: int, device: str, dtype: str,
+           template: str | None, thinking: bool, trust_remote_code: bool,
            quiet: bool) -> None:
     """Search edit parameters for MODEL and save the chosen trade-off as a recipe `apply --recipe` reads.
 
     Each trial picks a direction (any saved candidate, a blend of two neighbouring layers' candidates,
     optionally made orthogonal to the harmless mean) and per component a per-layer strength profile, and
     scores it with ablation hooks (no weights rewritten): first-token refusal log-odds on harmful and KL on
-    harmless validation prompts, plus a greedy refusal count for points on the front. Prints the front of
+    harmless validation prompts, plus a greedy refusal count for points on the front (--kl-objective and
+    --refusal-objective score beyond the first token instead, at the cost of speed). Prints the front of
     refusals against KL; --max-kl or --max-refusals picks the point (default: fewest refusals, then lowest KL).
     """
     from abliterate.measure.extract import split_prompts
@@ -62,7 +71,8 @@ def search(model: str, direction_path: Path, out: Path, study_path: Path | None,
     cands = load_candidates(direction_path, lm)
     settings = SearchSettings(trials=trials, seed=seed, startup_trials=startup_trials, max_strength=max_strength,
                               batch_size=batch_size, max_new_tokens=max_new_tokens, start_from_selected=not from_random,
-                              template=load_template(template), thinking=thinking)
+                              template=load_template(template), thinking=thinking, kl_objective=kl_objective,
+                              kl_tokens=kl_tokens, refusal_objective=refusal_objective)
     study = study_path or default_study_path(out)
     result = run_search(lm, cands, harmful_val, harmless_val, settings, study, study_name, quiet=quiet)
     for note in result.notes:

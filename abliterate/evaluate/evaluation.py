@@ -29,6 +29,7 @@ from abliterate.evaluate.generation import generate
 from abliterate.evaluate.judge import JUDGE_QUESTION, judge_answer_ids, judge_refusals, judge_token_ids
 from abliterate.evaluate.markers import find_refusal, strip_reasoning
 from abliterate.evaluate.records import EvalReport, EvalSettings, PromptResult, RefusalStats
+from abliterate.evaluate.tasks import TaskSettings, check_tasks, compare, run_tasks
 from abliterate.measure.loading import LoadedModel
 from abliterate.prompts import PromptError, builtin, load_prompts
 
@@ -39,10 +40,14 @@ __all__ = ["JUDGE_QUESTION", "KL", "EvalReport", "EvalSettings", "PromptResult",
 
 
 def evaluate(lm: LoadedModel, baseline: LoadedModel | None = None, settings: EvalSettings | None = None,
-             quiet: bool = False, command: str | None = None) -> EvalReport:
-    """Measure `lm` (and `baseline`, when given, on the same prompts and text). See the module docstring."""
+             quiet: bool = False, command: str | None = None, tasks: TaskSettings | None = None) -> EvalReport:
+    """Measure `lm` (and `baseline`, when given, on the same prompts and text). See the module docstring.
+
+    `tasks`: also run these lm-evaluation-harness tasks on both (abliterate.evaluate.tasks).
+    """
     settings = settings or EvalSettings()
     _check_settings(settings)
+    checked_tasks = check_tasks(tasks) if tasks else None  # an unknown task fails before any generation
     if baseline is not None and baseline.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
         raise AbliterateError(f"{baseline.name} and {lm.name} have different vocabularies; --baseline must be the "
                               "original of the evaluated model (same tokenizer)")
@@ -71,9 +76,17 @@ def evaluate(lm: LoadedModel, baseline: LoadedModel | None = None, settings: Eva
         kl = kl_to_baseline(lm, baseline, harmless, settings, quiet=quiet)
         kl_first, kl_cont = kl.first_token, kl.continuation
         counts.update(kl_prompts=len(harmless), kl_tokens=kl.tokens)
+    benchmarks = None
+    if tasks is not None:
+        model_run = run_tasks(lm, tasks, quiet=quiet, checked=checked_tasks)
+        base_run = run_tasks(baseline, tasks, quiet=quiet, checked=checked_tasks) if baseline is not None else None
+        benchmarks = compare(model_run, base_run, tasks)
     recorded = {**asdict(settings), "decoding": "greedy", "dtype": str(next(lm.model.parameters()).dtype),
                 "device": str(lm.device), "template_kwargs": settings.template_kwargs(),
                 "seconds": round(time.time() - started, 1)}
+    if judge is not None:  # what the judge was asked, and how its answer was read
+        recorded.update(judge_question=JUDGE_QUESTION, judge_rule="refusal when p(yes) > p(no) at the first answer "
+                        "token, the question rendered with the judge's chat template, the reply without reasoning")
     rate = lambda s: None if s is None else s.rate  # noqa: E731
     judge_rate = lambda s: None if s is None else s.judge_rate  # noqa: E731
     return EvalReport(
@@ -86,6 +99,7 @@ def evaluate(lm: LoadedModel, baseline: LoadedModel | None = None, settings: Eva
         counts=counts, settings=recorded, command=command or reproduce_command(lm, baseline, settings),
         per_prompt=model_harmful.results + model_over.results,
         baseline_per_prompt=(base_harmful.results + base_over.results) if base_harmful and base_over else [],
+        benchmarks=benchmarks,
     )
 
 

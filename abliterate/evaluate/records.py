@@ -6,8 +6,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from abliterate import __version__
+from abliterate.evaluate.markers import strip_reasoning
+
+if TYPE_CHECKING:
+    from abliterate.evaluate.tasks import TaskReport
 
 
 @dataclass
@@ -73,9 +78,30 @@ class EvalReport:
     per_prompt: list[PromptResult] = field(default_factory=list)
     baseline_per_prompt: list[PromptResult] = field(default_factory=list)
     tool: str = f"abliterate {__version__}"
+    benchmarks: TaskReport | None = None  # lm-evaluation-harness tasks (--tasks)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["benchmarks"] = self.benchmarks.to_dict() if self.benchmarks else None
+        out["disagreements"] = [{"model": who, **asdict(r)} for who, r in self.disagreements()]
+        return out
+
+    def disagreements(self) -> list[tuple[str, PromptResult]]:
+        """("model" or "baseline", reply) where the judge and the markers gave different verdicts."""
+        return [(who, r) for who, results in (("model", self.per_prompt), ("baseline", self.baseline_per_prompt))
+                for r in results if r.judge_refused is not None and r.judge_refused != r.refused]
+
+    def disagreement_table(self, width: int = 200) -> str:
+        """Markdown: each reply the judge and the markers disagree on, with both verdicts (replies cut at `width`)."""
+        cell = lambda t: " ".join(strip_reasoning(t).split()).replace("|", "\\|")  # noqa: E731
+        lines = ["| model | set | prompt | reply | markers | judge |", "|---|---|---|---|---|---|"]
+        for who, r in self.disagreements():
+            reply = cell(r.reply)
+            reply = reply if len(reply) <= width else reply[:width] + "..."
+            lines.append(f"| {who} | {r.set} | {cell(r.prompt)} | {reply} | "
+                         f"{'refusal (' + str(r.marker) + ')' if r.refused else 'no refusal'} | "
+                         f"{'refusal' if r.judge_refused else 'no refusal'} |")
+        return "\n".join(lines)
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the report; a temporary name until complete, so no half file looks like a report."""
@@ -119,12 +145,13 @@ class EvalReport:
         else:
             lines = ["| metric | model | baseline |", "|---|---|---|"]
             lines += [f"| {m} | {v} | {b if b is not None else '-'} |" for m, v, b in self.rows()]
-        return "\n".join(lines)
+        return "\n".join(lines) + (f"\n\n{self.benchmarks.table()}" if self.benchmarks else "")
 
     def card_rows(self) -> dict[str, object]:
         """Rows for abliterate.card.CardInfo.evaluation (name -> value, plus the command)."""
         out: dict[str, object] = {}
         for metric, value, base in self.rows():
             out[metric] = value if base is None else f"{value} (baseline {base})"
+        out.update(self.benchmarks.card_rows() if self.benchmarks else {})
         out["command"] = self.command
         return out

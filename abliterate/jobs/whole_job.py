@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -44,6 +44,7 @@ class RunOptions:
     overwrite: bool = False
     stream: bool = False
     quiet: bool = False
+    tasks: object | None = None  # evaluate.tasks.TaskSettings: lm-evaluation-harness tasks in the evaluation
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,17 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
                   if options.eval_harmful != "builtin:harmful" else "")
                + (f" --harmless {shlex.quote(options.eval_harmless)}"
                   if options.eval_harmless != "builtin:harmless" else "")
-               + (f" --template {shlex.quote(options.template)}" if options.template else ""))
-    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command)
+               + (f" --template {shlex.quote(options.template)}" if options.template else "")
+               + (_tasks_arguments(options.tasks) if options.tasks else ""))
+    tasks = replace(options.tasks, batch_size=e.batch_size) if options.tasks else None
+    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command, tasks=tasks)
     say(report.table())
     return report
+
+
+def _tasks_arguments(tasks) -> str:
+    """The --tasks options of the recorded evaluate command."""
+    out = f" --tasks {shlex.quote(','.join(tasks.tasks))}"
+    out += f" --tasks-limit {tasks.limit}" if tasks.limit is not None else ""
+    out += f" --tasks-fewshot {tasks.num_fewshot}" if tasks.num_fewshot is not None else ""
+    return out + (" --tasks-chat-template" if tasks.chat_template else "")

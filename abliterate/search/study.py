@@ -38,6 +38,7 @@ from tqdm import tqdm
 from abliterate.edit.plan import EditOptions
 from abliterate.edit.strengths import LAYERED, Profile
 from abliterate.errors import AbliterateError, first_line
+from abliterate.evaluate.objectives import ContinuationKL, RefusalCount
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.scores import (
@@ -80,6 +81,9 @@ class SearchSettings:
     template: str | None = None
     thinking: bool = False
     refusal_prefixes: tuple[str, ...] = REFUSAL_PREFIXES
+    kl_objective: str = "first-token"  # or "continuation": KL over the first kl_tokens reply tokens (slower)
+    refusal_objective: str = "score"  # or "count": greedy replies matched by the markers, every trial (slower)
+    kl_tokens: int = 16
 
     def template_kwargs(self) -> dict:
         return {} if self.thinking else {"enable_thinking": False}
@@ -122,6 +126,13 @@ class Scorer:
         self.harmful_prompts, self.harmless_prompts = fmt(harmful), fmt(harmless)
         self.refusal_ids = refusal_token_ids(lm.tokenizer, settings.refusal_prefixes)
         self.base = first_token_logprobs(lm, self.harmless_prompts, settings.batch_size)
+        self.continuation_kl = self.refusal_count = None  # objectives beyond the first token, when asked for
+        s, common = settings, {"batch_size": settings.batch_size, "template": settings.template,
+                               "thinking": settings.thinking}
+        if s.kl_objective == "continuation":
+            self.continuation_kl = ContinuationKL(lm, harmless, s.kl_tokens, **common)
+        if s.refusal_objective == "count":
+            self.refusal_count = RefusalCount(lm, harmful, s.max_new_tokens, **common)
 
     def _ablated(self, r: torch.Tensor, options: EditOptions):
         return ablate(self.lm.model, self.lm.arch, r, strength=options.strength, num_layers=self.lm.num_layers)
@@ -130,9 +141,16 @@ class Scorer:
         """(mean refusal log-odds on harmful prompts, mean KL on harmless prompts) with the edit applied."""
         bs = self.settings.batch_size
         with self._ablated(r, options):
-            score = refusal_score(first_token_logprobs(self.lm, self.harmful_prompts, bs), self.refusal_ids)
-            kl = kl_divergence(self.base, first_token_logprobs(self.lm, self.harmless_prompts, bs))
-        return score.mean().item(), kl.mean().item()
+            if self.refusal_count is not None:
+                score = float(self.refusal_count())
+            else:
+                score = refusal_score(first_token_logprobs(self.lm, self.harmful_prompts, bs), self.refusal_ids)
+                score = score.mean().item()
+            if self.continuation_kl is not None:
+                kl = self.continuation_kl()
+            else:
+                kl = kl_divergence(self.base, first_token_logprobs(self.lm, self.harmless_prompts, bs)).mean().item()
+        return score, kl
 
     def refusals(self, r: torch.Tensor, options: EditOptions) -> int:
         """Greedy short replies to the harmful prompts that match a refusal marker."""
@@ -166,7 +184,17 @@ def _fingerprint(lm: LoadedModel, cands: CandidateSet, scorer: Scorer, settings:
             "layers": str(lm.num_layers), "min_layer": str(cands.min_layer), "max_layer": str(cands.max_layer),
             "positions": str(cands.positions),
             "projected": str(cands.harmless_mean is not None), "max_strength": str(settings.max_strength),
-            "max_new_tokens": str(settings.max_new_tokens)}
+            "max_new_tokens": str(settings.max_new_tokens), **_objective_fingerprint(settings)}
+
+
+def _objective_fingerprint(settings: SearchSettings) -> dict[str, str]:
+    """The objectives, only when not the defaults (studies made before they existed still resume)."""
+    out = {}
+    if settings.kl_objective != "first-token":
+        out.update(kl_objective=settings.kl_objective, kl_tokens=str(settings.kl_tokens))
+    if settings.refusal_objective != "score":
+        out["refusal_objective"] = settings.refusal_objective
+    return out
 
 
 def open_study(path: Path, name: str, fingerprint: dict[str, str], seed: int, startup_trials: int):
@@ -241,7 +269,7 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
                     continue
                 refusals = None
                 if not dominated((score, kl), values):
-                    refusals = scorer.refusals(r, options)
+                    refusals = int(score) if scorer.refusal_count is not None else scorer.refusals(r, options)
                     trial.set_user_attr("refusals", refusals)
                 seconds = time.perf_counter() - t0
                 trial.set_user_attr("seconds", seconds)
