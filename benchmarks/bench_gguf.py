@@ -1,6 +1,6 @@
 """Benchmark `abliterate apply` on a GGUF file against `cp` of the same file, and `verify` of the result.
 
-Generates a synthetic Llama-shaped GGUF (about 1 GB by default) whose matrices are random Q8_0 blocks
+Generates a synthetic Llama-shaped GGUF (0.88 GB by default) whose matrices are random Q8_0 blocks
 (norms F32), written tensor by tensor, and prints, on a warm page cache: the median wall time of `cp`,
 of the edit (every token_embd, attn_output and ffn_down tensor dequantised, projected and quantised
 again; the rest copied) and of `verify`, each process's peak RSS, and the edit's per-tensor error line.
@@ -76,7 +76,7 @@ def make_gguf(path: Path, layers: int, d: int = 2048, ff: int = 5632, vocab: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--layers", type=int, default=17, help="17 layers of a 2048-wide Llama: about 1 GB in Q8_0")
+    parser.add_argument("--layers", type=int, default=17, help="17 layers of a 2048-wide Llama: 0.88 GB in Q8_0")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-memory", default="256MB")
     parser.add_argument("--generate", type=Path, default=None, help=argparse.SUPPRESS)
