@@ -80,7 +80,7 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
     CHECKPOINT may be a llama.cpp .gguf file (needs `pip install 'abliterate[gguf]'`); --out is then
     the output file. Float tensors are edited exactly as above; quantised ones are dequantised,
     edited in float32 and quantised again (their own type where the gguf library can write it, else
-    --requant), with each one's quantisation error printed. Metadata and other tensors are copied.
+    --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
     """
     from abliterate.edit.plan import EditOptions, plan_edit
     from abliterate.edit.weights import apply_edit
