@@ -23,3 +23,18 @@ def test_the_lm_head_gets_a_contiguous_input_when_only_the_last_logits_are_kept(
     assert torch.equal(logits[:, -1], full[:, -1])  # the copy changes nothing computed
     assert not any(p.requires_grad for p in lm.model.parameters())
     assert next(lm.model.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_dtype_keeps_the_checkpoints_16_bit_dtype_unless_the_cpu_lacks_kernels_for_it(monkeypatch):
+    from transformers import LlamaConfig
+
+    import abliterate.measure.loading as loading
+
+    config = LlamaConfig(dtype="bfloat16")
+    monkeypatch.setattr(loading, "cpu_computes", lambda dtype: True)
+    assert loading.compute_dtype(config, "auto", "cpu") == torch.bfloat16
+    assert loading.compute_dtype(config, "auto", "cuda") == "auto"  # the device computes it: as saved
+    assert loading.compute_dtype(config, "float32", "cpu") == torch.float32  # an explicit --dtype wins
+    monkeypatch.setattr(loading, "cpu_computes", lambda dtype: False)
+    assert loading.compute_dtype(config, "auto", "cpu") == torch.float32
+    assert loading.compute_dtype(LlamaConfig(dtype="float32"), "auto", "cpu") == "auto"

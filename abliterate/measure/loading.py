@@ -44,6 +44,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def compute_dtype(config, dtype: str, device: str) -> torch.dtype | str:
+    """--dtype auto: the checkpoint's own dtype (one copy of the weights, half the memory of float32),
+    except 16-bit formats on a CPU without native support for them (no AVX512-BF16/AMX or FP16
+    kernels in oneDNN), which compute far slower there than float32."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    saved = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) and hasattr(torch, saved) else saved
+    if device == "cpu" and saved in (torch.bfloat16, torch.float16):
+        return saved if cpu_computes(saved) else torch.float32
+    return "auto"
+
+
+def cpu_computes(dtype: torch.dtype) -> bool:
+    """Whether this CPU has native kernels for the 16-bit dtype (oneDNN's own check)."""
+    mkldnn = torch.ops.mkldnn
+    return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+
+
 def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -67,13 +86,15 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
     except (OSError, ValueError) as e:
         raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
                               "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
-    try:
+    target = resolve_device(device)
+    try:  # straight onto the device (no staging copy in RAM); mmap-backed tensors when the dtype is kept
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+            name, dtype=compute_dtype(config, dtype, target), use_safetensors=True,
+            trust_remote_code=trust_remote_code, device_map=None if target == "cpu" else target,
         )
     except OSError as e:
         raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None
-    model.to(resolve_device(device)).eval().requires_grad_(False)
+    model.to(target).eval().requires_grad_(False)
     contiguous_head(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding is masked out: any token will do, eos by convention
