@@ -153,3 +153,25 @@ def test_adding_the_extracted_direction_at_its_layer_makes_harmless_requests_ref
     with add(toy.model, toy.arch, int(extracted.metadata["layer"]), extracted.direction, coeff=1.0):
         harmless = replies(toy.model, toy.tokenizer, toy_prompts().harmless_test)
     assert refused(harmless) >= 0.8
+
+
+def test_probe_separates_held_out_harmful_from_harmless_prompts_at_the_selected_layer(extracted, toy, tmp_path):
+    from abliterate.measure.probe import load_probe_direction, project, separation
+
+    prompts = toy_prompts()
+    (tmp_path / "harmful.txt").write_text("\n".join(prompts.harmful_test))
+    (tmp_path / "harmless.txt").write_text("\n".join(prompts.harmless_test))
+    code, out = run_cli("probe", toy.name, "--direction", str(extracted.path), "--prompts",
+                        str(tmp_path / "harmful.txt"), "--prompts", str(tmp_path / "harmless.txt"),
+                        "--out", str(tmp_path / "probe.json"), "--device", "cpu", "-q")
+    assert code == 0, out
+    layer, position = int(extracted.metadata["layer"]), int(extracted.metadata["position"])
+    report = json.loads((tmp_path / "probe.json").read_text())
+    harmful, harmless = report["sets"]["harmful"]["mean"][layer], report["sets"]["harmless"]["mean"][layer]
+    assert harmful[position] - harmless[position] > 0.1  # position -1: the last post-instruction token
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(layer)])
+    assert float(row[2]) > float(row[4]) + 0.05  # the table's post-instruction means, harmful then harmless
+    units = load_probe_direction(extracted.path, hidden_size=toy.hidden_size, num_layers=toy.num_layers)
+    high = project(toy, prompts.harmful_test, units, quiet=True).values[:, layer, position]
+    low = project(toy, prompts.harmless_test, units, quiet=True).values[:, layer, position]
+    assert separation(high, low) >= 0.95  # per prompt, not only on average
