@@ -20,6 +20,10 @@ from abliterate.cli.common import command_line, model_options
               help="Harmful prompts: builtin:harmful, a .txt/.json/.jsonl/.csv/.parquet file, or hf:OWNER/NAME.")
 @click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts, same forms.")
 @click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
+@click.option("--kind", type=click.Choice(["refusal", "harmfulness"]), default="refusal", show_default=True,
+              help="refusal: one direction read at the post-instruction tokens, selected by its effect. harmfulness: "
+              "harmful minus harmless at the instruction's last token, at every layer ([layers + 1, d], no "
+              "selection), with its cosine similarity to the refusal difference per layer in the metadata.")
 @click.option("--n-train", default=128, show_default=True, help="Prompts per set for the difference of means.")
 @click.option("--n-val", default=32, show_default=True, help="Prompts per set for scoring candidates.")
 @click.option("--batch-size", default=16, show_default=True, help="Prompts per forward pass.")
@@ -37,7 +41,7 @@ from abliterate.cli.common import command_line, model_options
 @model_options()
 @click.option("--quiet", "-q", is_flag=True)
 def extract(model: str | None, out: Path, reselect: Path | None, harmful: str, harmless: str, field: str | None,
-            n_train: int, n_val: int, batch_size: int, device: str, dtype: str, template: str | None,
+            kind: str, n_train: int, n_val: int, batch_size: int, device: str, dtype: str, template: str | None,
             positions: int | None, screen_prompts: int, finalists: int, kl_threshold: float,
             induce_threshold: float, prune_layers: float, thinking: bool, trust_remote_code: bool,
             quiet: bool) -> None:
@@ -63,6 +67,10 @@ def extract(model: str | None, out: Path, reselect: Path | None, harmful: str, h
         raise AbliterateError("give MODEL to extract, or --reselect FILE to choose again among saved candidates "
                               "(not both)")
     command = command_line(click.get_current_context())
+    if kind == "harmfulness":
+        return _harmfulness(model, out, reselect, harmful=harmful, harmless=harmless, field=field, n_train=n_train,
+                            batch_size=batch_size, device=device, dtype=dtype, template=template, thinking=thinking,
+                            trust_remote_code=trust_remote_code, quiet=quiet, command=command)
     result = run_reselect(reselect, settings) if reselect else _extract(
         model, out, settings, harmful=harmful, harmless=harmless, field=field, n_train=n_train, n_val=n_val,
         device=device, dtype=dtype, template=template, positions=positions, thinking=thinking,
@@ -107,3 +115,28 @@ def report(result, out: Path) -> None:
     rejected = sum(s.rejected is not None for s in full)
     click.echo(f"{len(result.scores)} candidates screened, {len(full)} scored fully, {rejected} of those rejected by "
                f"the filters; wrote {out}")
+
+
+def _harmfulness(model: str | None, out: Path, reselect: Path | None, *, harmful: str, harmless: str,
+                 field: str | None, n_train: int, batch_size: int, device: str, dtype: str, template: str | None,
+                 thinking: bool, trust_remote_code: bool, quiet: bool, command: str) -> None:
+    """--kind harmfulness: the per-layer difference at the instruction's last token, and its table."""
+    from abliterate.errors import AbliterateError
+    from abliterate.measure.extract import split_prompts
+    from abliterate.measure.harmfulness import harmfulness_direction, save_harmfulness
+    from abliterate.measure.loading import load_model
+    from abliterate.measure.templates import load_template
+
+    if reselect is not None:
+        raise AbliterateError("--reselect chooses among refusal candidates; --kind harmfulness has none to choose")
+    harmful_train, _ = split_prompts(harmful, n_train=n_train, n_val=0, field=field, kind="harmful")
+    harmless_train, _ = split_prompts(harmless, n_train=n_train, n_val=0, field=field, kind="harmless")
+    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    result = harmfulness_direction(lm, harmful_train, harmless_train, template=load_template(template),
+                                   batch_size=batch_size, quiet=quiet, **({} if thinking else {"enable_thinking": False}))
+    save_harmfulness(result, out, lm, {"command": command})
+    click.echo(f"{'resid':>5} {'|mean diff|':>12} {'cos to refusal':>15}")
+    for i, (norm, cos) in enumerate(zip(result.direction.norm(dim=-1).tolist(), result.cosine.tolist(), strict=True)):
+        click.echo(f"{i:>5} {norm:>12.4g} {cos:>15.3f}")
+    click.echo(f"wrote {out}: the harmfulness direction at every layer ({len(harmful_train)} harmful, "
+               f"{len(harmless_train)} harmless prompts)")

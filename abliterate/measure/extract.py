@@ -194,6 +194,7 @@ def save_extraction(result: Extraction, path: Path, extra_metadata: dict | None 
         "refusal_score_ablated": f"{best.refusal_ablated:.4f}",
         "refusal_score_added": f"{best.refusal_added:.4f}",
         "kl": f"{best.kl:.5f}",
+        "magnitude": f"{float(result.direction.norm()):.6g}",  # |harmful mean - harmless mean|: induction's scale
         "selection": result.relaxed or "every filter held",
         **result.metadata,
         **(extra_metadata or {}),
