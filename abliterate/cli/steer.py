@@ -68,10 +68,12 @@ def steer_vectors(model: str, pairs_path: Path, out: Path, device: str, dtype: s
               help="Vectors file written by `abliterate steer vectors`.")
 @click.option("--layer", required=True, type=int, help="Add the vector to the residual stream after this layer.")
 @click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
+@click.option("--class", "cls", default=None, help="With a `jailbreak vectors` file: steer with this class's vector "
+              "(e.g. --coeff -1 subtracts it: hardening against that kind of jailbreak).")
 @click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable); default: one per stdin line.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Greedy tokens per reply.")
 @model_options(thinking=False, batch_size=16)
-def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts: tuple[str, ...],
+def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, cls: str | None, prompts: tuple[str, ...],
                max_new_tokens: int, device: str, dtype: str, template: str | None, trust_remote_code: bool,
                batch_size: int) -> None:
     """Greedy replies with coeff x vector added after --layer, on the assistant header and every
@@ -87,7 +89,7 @@ def steer_chat(model: str, vectors_path: Path, layer: int, coeff: float, prompts
     if not messages:
         raise AbliterateError("no prompts: pass --prompt TEXT or write one prompt per line on stdin")
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers, cls=cls)
     replies = generate_steered(lm, messages, vectors, layer, coeff, max_new_tokens=max_new_tokens,
                                template=load_template(template), batch_size=batch_size)
     for message, reply in zip(messages, replies, strict=True):
@@ -143,19 +145,31 @@ def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | 
               "(the residual stream after the layer, as `steer chat --layer` adds it).")
 @click.option("--coeff", required=True, type=float, help="Multiplier of the vector (negative: the opposite).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
+@click.option("--class", "cls", default=None, help="With a `jailbreak vectors` file: bake this class's vector.")
+@click.option("--adapter", is_flag=True, help="Write a peft LoRA adapter instead (the vector as the LoRA B bias, "
+              "`lora_bias`): exact for families without an MLP output bias too (Qwen2/3, Mistral, Phi-3).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, out: Path, overwrite: bool,
-               quiet: bool) -> None:
+def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, out: Path, cls: str | None,
+               adapter: bool, overwrite: bool, quiet: bool) -> None:
     """Write CHECKPOINT with coeff x vector baked into the bias of --layer's MLP output projection.
 
     The result steers without hooks, but on every position, the prompt's included (`steer chat`
     steers only from the assistant header on). Llama-style families get `mlp_bias: true` and zero
     biases on every MLP projection (the flag is global); families with an output bias change it.
+    --adapter writes the same addition as a peft adapter, for families with neither. A direction
+    file from `extract` adds its harmful-minus-harmless difference: refusal induction (use --layer
+    one below the direction's layer, which counts the residual stream entering a layer).
     """
+    from abliterate.steer.adapter import write_steering_adapter
     from abliterate.steer.bake import bake
 
-    result = bake(checkpoint, vectors_path, layer, coeff, out, overwrite=overwrite, quiet=quiet)
+    if adapter:
+        module = write_steering_adapter(checkpoint, vectors_path, layer, coeff, out, cls=cls, overwrite=overwrite)
+        click.echo(f"wrote {out}: a peft adapter adding {coeff:g} x vector through the bias of {module} (load it with "
+                   "PeftModel.from_pretrained)")
+        return
+    result = bake(checkpoint, vectors_path, layer, coeff, out, overwrite=overwrite, quiet=quiet, cls=cls)
     if result.config_flag:
         click.echo(f"note: set {result.config_flag}: true and added {len(result.added)} zero biases", err=True)
     if result.skipped_files:

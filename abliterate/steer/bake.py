@@ -99,14 +99,14 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def bake(checkpoint: str | Path, vectors_path: str | Path, layer: int, coeff: float, out: str | Path, *,
-         overwrite: bool = False, quiet: bool = False) -> BakeResult:
+         overwrite: bool = False, quiet: bool = False, cls: str | None = None) -> BakeResult:
     """Write CHECKPOINT with coeff * (the steering vector after `layer`, row layer + 1 of the vectors
     file) added by a bias of that layer's MLP output projection."""
     from abliterate.steer.steering import check_coeff, check_layer, load_vectors
 
     check_coeff(coeff)
     ckpt = Checkpoint.open(checkpoint)
-    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    vectors = load_vectors(vectors_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers, cls=cls)
     check_layer(layer, ckpt.num_layers)
     vector = vectors[layer + 1]
     weight, bias = output_projection(ckpt, layer)

@@ -201,9 +201,9 @@ def save_vectors(path: str | Path, vectors: torch.Tensor, lm: LoadedModel, pairs
                                    "count": len(pairs), "num_layers": lm.num_layers})
 
 
-def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.ndarray:
+def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int, cls: str | None = None) -> np.ndarray:
     """The per-layer steering vectors as stored (not normalised; zero rows allowed), checked against the model;
-    a single [d] vector is used at every layer."""
+    a single [d] vector is used at every layer. cls: one class of a `jailbreak vectors` file (``vector.CLS``)."""
     from safetensors import safe_open
 
     from abliterate.io.safetensors_format import read_header
@@ -211,14 +211,22 @@ def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int) -> np.n
     path = Path(path)
     if not path.is_file():
         raise AbliterateError(f"vectors file {path} does not exist; make one with `abliterate steer vectors`")
-    if VECTORS_KEY not in [t.name for t in read_header(path).tensors]:
+    names = [t.name for t in read_header(path).tensors]
+    key = VECTORS_KEY if cls is None else f"vector.{cls}"
+    if key not in names:
+        if cls is not None:
+            classes = [n.removeprefix("vector.") for n in names if n.startswith("vector.")]
+            raise AbliterateError(f"{path} has no class {cls!r} (its classes: {', '.join(classes) or 'none'}); "
+                                  "pass a class made by `abliterate jailbreak vectors`")
         raise AbliterateError(f"{path} has no tensor {VECTORS_KEY!r}; pass a file from `abliterate steer vectors`")
     with safe_open(str(path), framework="np") as f:
-        vectors = f.get_tensor(VECTORS_KEY)
+        vectors = f.get_tensor(key)
+        made_from = (f.metadata() or {}).get("model")
     if vectors.shape == (hidden_size,):  # one direction (e.g. from `abliterate extract`): the same at every layer
         vectors = np.tile(vectors, (num_layers + 1, 1))
     if vectors.ndim != 2 or vectors.shape != (num_layers + 1, hidden_size):
-        raise AbliterateError(f"{path} holds vectors of shape {list(vectors.shape)}; this model needs "
+        source = f" made from {made_from}" if made_from else ""
+        raise AbliterateError(f"{path} holds vectors of shape {list(vectors.shape)}{source}; this model needs "
                               f"[{num_layers + 1}, {hidden_size}] (rebuild them with `abliterate steer vectors`)")
     if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
         raise AbliterateError(f"{path}: vectors contain NaN/inf or are not floating point; rebuild them")
