@@ -19,21 +19,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def refusing_model(tmp_path_factory) -> Path:
-    """A folder holding the toy chat model that refuses harmful-looking requests (see abliterate.toy).
-
-    Training takes about 15 s; xdist workers share one copy through a lock in the run's temp root.
-    """
+def _shared_toy(tmp_path_factory, name: str, **options) -> Path:
+    """Train a toy once per test run; xdist workers share one copy through a lock in the run's temp root."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own subfolder of the run's
         root = root.parent
     key = hashlib.sha256(Path(toy.__file__).read_bytes()).hexdigest()[:12]
-    folder = root / f"refusing-model-{key}"
-    with open(root / f"refusing-model-{key}.lock", "w") as lock:
+    folder = root / f"{name}-{key}"
+    with open(root / f"{name}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "config.json").is_file():
-            tmp = root / f"refusing-model-{key}.partial"
-            toy.train_toy_model(tmp)
+            tmp = root / f"{name}-{key}.partial"
+            toy.train_toy_model(tmp, **options)
             tmp.rename(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def refusing_model(tmp_path_factory) -> Path:
+    """A folder holding the toy chat model that refuses harmful-looking requests (see abliterate.toy).
+
+    Training takes about 15 s.
+    """
+    return _shared_toy(tmp_path_factory, "refusing-model")
+
+
+@pytest.fixture(scope="session")
+def jailbreak_model(tmp_path_factory) -> Path:
+    """The toy trained with its jailbreak behaviour: harmful requests in some wrapper classes are answered."""
+    return _shared_toy(tmp_path_factory, "jailbreak-model", jailbreaks=True)

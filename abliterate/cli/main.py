@@ -12,6 +12,7 @@ from abliterate.cli.demo import demo
 from abliterate.cli.edit import apply, merge, verify
 from abliterate.cli.evaluate import evaluate
 from abliterate.cli.extract import extract
+from abliterate.cli.jailbreak import jailbreak
 from abliterate.cli.probe import probe
 from abliterate.cli.run import run
 from abliterate.cli.search import search
@@ -65,7 +66,7 @@ def cli() -> None:
 
 
 
-for _command in (apply, merge, verify, extract, demo, evaluate, search, run, steer, probe):
+for _command in (apply, merge, verify, extract, demo, evaluate, search, run, steer, probe, jailbreak):
     cli.add_command(_command)
 
 
