@@ -24,7 +24,7 @@ def adapter_cli(original, vectors, layer: int, coeff: float, out, *extra: str) -
                    str(coeff), "--out", str(out), "--adapter", "-q", *extra)
 
 
-@pytest.mark.parametrize(("family", "layer"), [("qwen2", 1), ("mistral", 0), ("phi3", 1)])
+@pytest.mark.parametrize(("family", "layer"), [("qwen2", 1), ("mistral", 0), ("phi3", 1), ("granite", 1)])
 def test_adapter_logits_equal_hook_steering_logits_on_families_without_an_mlp_bias(tmp_path, family, layer):
     original = save_sharded(build_model(FAMILIES[family]), tmp_path / family)
     vectors = random_vectors(2, 32, seed=5)

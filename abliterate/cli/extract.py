@@ -132,8 +132,9 @@ def _harmfulness(model: str | None, out: Path, reselect: Path | None, *, harmful
     harmful_train, _ = split_prompts(harmful, n_train=n_train, n_val=0, field=field, kind="harmful")
     harmless_train, _ = split_prompts(harmless, n_train=n_train, n_val=0, field=field, kind="harmless")
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    kwargs = {} if thinking else {"enable_thinking": False}
     result = harmfulness_direction(lm, harmful_train, harmless_train, template=load_template(template),
-                                   batch_size=batch_size, quiet=quiet, **({} if thinking else {"enable_thinking": False}))
+                                   batch_size=batch_size, quiet=quiet, **kwargs)
     save_harmfulness(result, out, lm, {"command": command})
     click.echo(f"{'resid':>5} {'|mean diff|':>12} {'cos to refusal':>15}")
     for i, (norm, cos) in enumerate(zip(result.direction.norm(dim=-1).tolist(), result.cosine.tolist(), strict=True)):

@@ -6,7 +6,8 @@ Targeting layer L's MLP output projection puts it in the residual stream after l
 chat --layer L` (and `steer bake`) add it. This works where baking cannot: families whose MLP output
 projection has no bias and no switch to add one (Qwen2/3, Mistral, Phi-3). It acts on every
 position, the prompt's included, like a baked bias. The same families are refused as by `steer
-bake` (normalised block outputs, mixture-of-experts MLPs).
+bake` (normalised block outputs, mixture-of-experts MLPs); Granite's residual multiplier is divided out as
+there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import atomic_folder, encode_header
-from abliterate.steer.bake import output_projection
+from abliterate.steer.bake import output_projection, residual_scale
 
 PEFT_PREFIX = "base_model.model."
 
@@ -45,7 +46,8 @@ def write_steering_adapter(checkpoint: str | Path, vectors_path: str | Path, lay
     weight, _ = output_projection(ckpt, layer)
     module = weight.removesuffix(".weight")
     n_in = ckpt.tensors[weight][1].shape[-1]
-    bias = (np.float64(coeff) * vectors[layer + 1].astype(np.float64)).astype(np.float32)
+    # Granite-style families scale block outputs before the residual add: the bias is divided by that scale
+    bias = (np.float64(coeff) * vectors[layer + 1].astype(np.float64) / residual_scale(ckpt)).astype(np.float32)
     tensors = {f"{PEFT_PREFIX}{module}.lora_A.weight": np.zeros((1, n_in), np.float32),
                f"{PEFT_PREFIX}{module}.lora_B.weight": np.zeros((ckpt.hidden_size, 1), np.float32),
                f"{PEFT_PREFIX}{module}.lora_B.bias": bias}
