@@ -66,14 +66,7 @@ def jailbreak_vectors(model: str, out: Path, wrappers: str, classes: str | None,
     classes, each class is `vector.CLASS` (`--class` in `probe`, `steer chat` and `jailbreak evaluate --from`).
     """
     from abliterate.io.direction_file import check_output_file
-    from abliterate.jailbreak.vectors import (
-        cosine_matrix,
-        format_matrix,
-        jailbreak_vectors,
-        plot_matrix,
-        random_cosine,
-        save_jailbreak_vectors,
-    )
+    from abliterate.jailbreak.vectors import jailbreak_vectors, save_jailbreak_vectors
     from abliterate.jailbreak.wrappers import class_names, load_wrappers
     from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
@@ -89,14 +82,22 @@ def jailbreak_vectors(model: str, out: Path, wrappers: str, classes: str | None,
                                 quiet=quiet, **({} if thinking else {"enable_thinking": False}))
     save_jailbreak_vectors(out, vectors, lm, {"wrappers": wrappers, "harmful": harmful, "prompts": len(requests),
                                               "command": command_line(click.get_current_context())})
-    names, matrix = class_names(chosen), cosine_matrix(vectors, layer + 1)
+    _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, plot_path)
+    click.echo(f"wrote {out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
+
+
+def _show_cosines(names: list[str], vectors, layer: int, hidden_size: int, plot_path: Path | None) -> None:
+    from abliterate.jailbreak.vectors import cosine_matrix, format_matrix, plot_matrix, random_cosine
+
+    matrix = cosine_matrix(vectors, layer + 1)
     click.echo(f"cosine similarity of the class vectors after layer {layer} (random directions: |cos| about "
-               f"{random_cosine(lm.hidden_size):.3f}):")
+               f"{random_cosine(hidden_size):.3f}):")
     click.echo(format_matrix(names, matrix))
     if plot_path is not None:
-        click.echo(f"wrote {plot_path}" if plot_matrix(names, matrix, plot_path, layer) else
-                   "note: matplotlib is not installed; no plot written")
-    click.echo(f"wrote {out}: {len(names)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
+        if plot_matrix(names, matrix, plot_path, layer):
+            click.echo(f"wrote {plot_path}")
+        else:
+            click.echo("note: matplotlib is not installed; no plot written", err=True)
 
 
 @jailbreak.command("evaluate")
