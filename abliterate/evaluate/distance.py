@@ -41,15 +41,24 @@ def kl_to_baseline(lm: LoadedModel, baseline: LoadedModel, instructions: Sequenc
         n_dist = [max(1, len(continuations[i])) for i in idx]  # distributions predicting each continuation token
         keep = max(n_dist) + 1
         base_lp = _teacher_forced(baseline, rows, keep)
-        model_lp = _teacher_forced(lm, rows, keep)
-        vocab = min(base_lp.shape[-1], model_lp.shape[-1])
-        kl = kl_divergence(base_lp[..., :vocab], model_lp[..., :vocab])  # [B, keep]
-        for b, n in enumerate(n_dist):
-            row = kl[b, keep - 1 - n: keep - 1]  # positions T-1-n .. T-2: predicting continuation tokens 0..n-1
-            first.append(row[0].item())
-            total += row.sum().item()
-            count += n
+        batch_first, batch_total = continuation_kls(base_lp, _teacher_forced(lm, rows, keep), n_dist, keep)
+        first += batch_first
+        total += batch_total
+        count += sum(n_dist)
     return KL(sum(first) / len(first), total / count, count)
+
+
+def continuation_kls(base_lp: torch.Tensor, model_lp: torch.Tensor, n_dist: list[int],
+                     keep: int) -> tuple[list[float], float]:
+    """Per row of a batch: KL at the first reply token, and the batch's KL summed over each row's continuation."""
+    vocab = min(base_lp.shape[-1], model_lp.shape[-1])
+    kl = kl_divergence(base_lp[..., :vocab], model_lp[..., :vocab])  # [B, keep]
+    first, total = [], 0.0
+    for b, n in enumerate(n_dist):
+        row = kl[b, keep - 1 - n: keep - 1]  # positions T-1-n .. T-2: predicting continuation tokens 0..n-1
+        first.append(row[0].item())
+        total += row.sum().item()
+    return first, total
 
 
 def _teacher_forced(lm: LoadedModel, rows: list[list[int]], keep: int) -> torch.Tensor:

@@ -21,12 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
-from abliterate.evaluate.distance import KL, _teacher_forced
+from abliterate.evaluate.distance import KL, _teacher_forced, continuation_kls
 from abliterate.evaluate.generation import generate
 from abliterate.evaluate.markers import find_refusal
 from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.loading import LoadedModel
-from abliterate.measure.scores import kl_divergence
 from abliterate.measure.templates import render
 
 KL_OBJECTIVES = ("first-token", "continuation")
@@ -69,14 +68,10 @@ class ContinuationKL:
         lm = other or self.lm
         first, total, count = [], 0.0, 0
         for rows, n_dist, keep, base_lp in self.batches:
-            model_lp = _teacher_forced(lm, rows, keep)
-            vocab = min(base_lp.shape[-1], model_lp.shape[-1])
-            kl = kl_divergence(base_lp[..., :vocab], model_lp[..., :vocab])  # [B, keep]
-            for b, n in enumerate(n_dist):
-                row = kl[b, keep - 1 - n: keep - 1]  # positions T-1-n .. T-2: predicting continuation tokens 0..n-1
-                first.append(row[0].item())
-                total += row.sum().item()
-                count += n
+            batch_first, batch_total = continuation_kls(base_lp, _teacher_forced(lm, rows, keep), n_dist, keep)
+            first += batch_first
+            total += batch_total
+            count += sum(n_dist)
         return KL(sum(first) / len(first), total / count, count)
 
 
