@@ -5,11 +5,14 @@ train prompts (the last --n-val of each set validate), measures full ablation of
 (refusals, first-token KL), then runs the search for several seeds twice each:
   * selected: the extraction's choice, fully removed, enqueued as trial 0 (what `abliterate search` does);
   * random: no enqueued trial (`--from-random`).
-For each run it reports the first trial that reaches the target point: refusal count <= --target-refusals
+With --compare dimensions, the two runs per seed both start from the selected point and differ in the
+search space instead: "plain" without the norm-preserving dimension (`--no-norm-preserve`), "preserving"
+with it. For each run it reports the first trial that reaches the target point: refusal count <= --target-refusals
 (default: full ablation's) and KL <= --target-kl (default: --kl-fraction x full ablation's KL), counted
 only for trials that got a refusal count (those on the front when they ran). Prints trials per minute.
 
     python benchmarks/bench_search.py [--model DIR] [--seeds 5] [--budget 60] [--kl-fraction 0.25]
+                                      [--compare start|dimensions]
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     ap.add_argument("--target-refusals", type=int, default=None)
     ap.add_argument("--target-kl", type=float, default=None)
     ap.add_argument("--kl-fraction", type=float, default=0.25)
+    ap.add_argument("--compare", choices=("start", "dimensions"), default="start",
+                    help="start: selected vs random first trial; dimensions: without vs with norm-preserving edits")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
@@ -71,27 +76,29 @@ def main() -> None:
               f"{full_refusals}/{n} refused, KL {full_kl:.4f}, refusal score {full_score:+.2f}")
         print(f"target: <= {target_refusals}/{n} refused at KL <= {target_kl:.4f}; budget {args.budget} trials/run")
 
-        reached: dict[str, list[int | None]] = {"selected": [], "random": []}
+        kinds = ("selected", "random") if args.compare == "start" else ("plain", "preserving")
+        reached: dict[str, list[int | None]] = {kind: [] for kind in kinds}
         trials = 0
         seconds = 0.0
-        print(f"{'seed':>4} {'selected':>9} {'random':>7}   (trials until the target; - = not within budget)")
+        print(f"{'seed':>4} {kinds[0]:>10} {kinds[1]:>10}   (trials until the target; - = not within budget)")
         for seed in range(args.seeds):
             row = []
-            for kind in ("selected", "random"):
-                settings = SearchSettings(trials=args.budget, seed=seed, start_from_selected=kind == "selected")
+            for kind in kinds:
+                settings = SearchSettings(trials=args.budget, seed=seed, start_from_selected=kind != "random",
+                                          norm_preserve=kind in ("preserving", "selected", "random"))
                 result = search(lm, cands, harmful, harmless, settings, root / f"{kind}-{seed}.db", quiet=True)
                 trials += result.ran
                 seconds += result.seconds
                 hit = first_reaching(result.trials, target_refusals, target_kl)
                 reached[kind].append(hit)
                 row.append("-" if hit is None else str(hit))
-            print(f"{seed:>4} {row[0]:>9} {row[1]:>7}")
+            print(f"{seed:>4} {row[0]:>10} {row[1]:>10}")
         print(f"speed: {trials} trials in {seconds:.1f} s = {60 * trials / seconds:.0f} trials/min "
               f"({seconds / trials:.3f} s/trial) on {lm.name}")
         for kind, hits in reached.items():
             found = [h for h in hits if h is not None]
             median = statistics.median([h if h is not None else args.budget + 1 for h in hits])
-            print(f"start from {kind}: reached in {len(found)}/{len(hits)} runs; median trials {median:g} "
+            print(f"{kind}: reached in {len(found)}/{len(hits)} runs; median trials {median:g} "
                   f"(runs that missed count as {args.budget + 1}); mean over hits "
                   f"{statistics.mean(found) if found else float('nan'):.1f}")
 

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
               "architecture table; repeatable. Orientation is read from the shape ([d, in] assumed when square).")
 @click.option("--keep-tied", is_flag=True, help="With tied embeddings, edit the shared matrix instead of writing "
               "an untied lm_head with the original; the output layer then also stops reading the direction.")
+@click.option("--norm-preserve", is_flag=True, help="Rescale each vector an edited tensor writes into the residual "
+              "stream (a column of a Linear weight, a row of an embedding, a bias) to its original norm after the "
+              "projection: W' = (I - s r r^T) W D. Not with --adapter (no low-rank update expresses D).")
+@click.option("--biproject", is_flag=True, help="First make the direction orthogonal to the harmless mean at its "
+              "layer and position (needs the file `abliterate extract` wrote); the edited folder keeps the result.")
 @click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
               help="Memory budget for tensor chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
@@ -56,7 +61,8 @@ if TYPE_CHECKING:
               help="GGUF input only: the type to write edited tensors whose quantisation the gguf library cannot "
               "write (K-quants, IQ types); Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
 def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, add_direction: bool,
-          layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool, max_memory: int,
+          layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool,
+          norm_preserve: bool, biproject: bool, max_memory: int,
           overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
           recipe_path: Path | None, layer_scales_path: Path | None, requant: str) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
@@ -91,8 +97,9 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
     if not adapter and (ignore_biases or base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
     if checkpoint.suffix.lower() == ".gguf":
-        if adapter or targets or recipe_path:
-            raise AbliterateError("--adapter, --targets and --recipe are not supported for GGUF input; pass the "
+        if adapter or targets or recipe_path or norm_preserve or biproject:
+            raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
+                                  "for GGUF input; pass the "
                                   "edit's options (--scale, --layers, --components, --layer-scales) directly")
         options = EditOptions(scale=-abs(scale) if add_direction else scale, layers=parse_layers(layers),
                               components=components, keep_tied=keep_tied, layer_scales=_layer_scales(layer_scales_path))
@@ -110,6 +117,8 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
         components = components if given("components") else settings.components
         targets = targets if given("targets") else settings.targets
         keep_tied = keep_tied or settings.keep_tied
+        norm_preserve = norm_preserve or settings.norm_preserve
+        biproject = biproject or settings.biprojected
         layer_scales = settings.layer_scales
         if direction_path is None and settings.direction:
             direction_path = Path(settings.direction)
@@ -121,9 +130,13 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
     direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    if biproject:
+        from abliterate.io.direction_file import biproject as make_biprojected
+
+        direction = make_biprojected(direction)
     scale = -abs(scale) if add_direction else scale
     options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
-                          keep_tied=keep_tied, layer_scales=layer_scales)
+                          keep_tied=keep_tied, layer_scales=layer_scales, norm_preserve=norm_preserve)
     plan = plan_edit(ckpt, options)
     if adapter:
         from abliterate.lora.export import AdapterOptions, export_adapter

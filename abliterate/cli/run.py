@@ -27,6 +27,14 @@ from abliterate.cli.evaluate import task_options, task_settings_from
               help="Held-out harmful prompts for the evaluation.")
 @click.option("--eval-harmless", default="builtin:harmless", show_default=True,
               help="Harmless prompts for the evaluation's KL.")
+@click.option("--search", "search_trials", type=int, default=None, metavar="N",
+              help="Search N trials of direction and per-layer strengths on the loaded model (as `abliterate "
+              "search`; needs optuna) and apply the chosen point; the card shows the front and the recipe.")
+@click.option("--max-kl", type=float, default=None, help="With --search: the fewest refusals with KL at most this.")
+@click.option("--max-refusals", type=float, default=None,
+              help="With --search: the lowest KL with at most this fraction of validation prompts refused.")
+@click.option("--time-budget", type=float, default=None,
+              help="With --search: seconds for the trials (no new trial starts after this).")
 @click.option("--no-eval", is_flag=True, help="Skip the quick evaluation (the card then has no numbers).")
 @click.option("--private", is_flag=True, help="Create the Hub repo private.")
 @click.option("--force", is_flag=True, help="Push even into an existing repo abliterate did not create.")
@@ -42,7 +50,8 @@ from abliterate.cli.evaluate import task_options, task_settings_from
 @click.option("--quiet", "-q", is_flag=True)
 def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direction_path: Path | None,
         recipe_path: Path | None, harmful: str | None, harmless: str | None, field: str | None, eval_harmful: str,
-        eval_harmless: str, no_eval: bool, private: bool, force: bool, revision: str | None, device: str,
+        eval_harmless: str, search_trials: int | None, max_kl: float | None, max_refusals: float | None,
+        time_budget: float | None, no_eval: bool, private: bool, force: bool, revision: str | None, device: str,
         dtype: str | None, trust_remote_code: bool, template: str | None, overwrite: bool, stream: bool,
         tasks: str | None, tasks_limit: int | None, tasks_fewshot: int | None, tasks_chat_template: bool,
         quiet: bool) -> None:
@@ -68,7 +77,8 @@ def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direct
         harmless=harmless, field=field, eval_harmful=eval_harmful, eval_harmless=eval_harmless, evaluate=not no_eval,
         push=push_to is not None, repo_id=push_to or None, private=private, force=force, revision=revision,
         device=device, dtype=dtype, trust_remote_code=trust_remote_code, template=template, overwrite=overwrite,
-        stream=stream, quiet=quiet, tasks=task_settings))
+        stream=stream, quiet=quiet, tasks=task_settings, search=search_trials, max_kl=max_kl,
+        max_refusals=max_refusals, time_budget=time_budget))
     if not stream:
         click.echo(f"wrote {result.out}")
     if result.url:

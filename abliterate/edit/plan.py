@@ -47,6 +47,8 @@ class EditOptions:
     layer_scales: optional per-component, per-layer multipliers of `scale` (index 0 for "embed").
     targets: regexes naming the writer tensors, overriding the architecture table.
     keep_tied: edit a shared input/output embedding in place instead of untying it.
+    norm_preserve: rescale every vector an edited tensor writes into the residual stream (a column of an
+        nn.Linear weight, a row of an embedding) to its original norm after the projection: W' = (I - s r r^T) W D.
     partial: the folder holds only some shards of the model (streaming edits one shard at a time), so
         layers without writers in it are expected, not a sign of a broken checkpoint.
     """
@@ -58,6 +60,7 @@ class EditOptions:
     targets: tuple[str, ...] = ()
     keep_tied: bool = False
     partial: bool = False
+    norm_preserve: bool = False
 
     def strength(self, component: str, layer: int | None) -> float:
         """The scale the edit applies to one writer: pass this method as `hooks.ablate(strength=...)` so
@@ -85,6 +88,7 @@ class EditPlan:
     untie: tuple[str, str] | None
     config_updates: dict[str, object]
     notes: tuple[str, ...]
+    norm_preserve: bool = False  # see EditOptions
 
 
 def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None = None) -> EditPlan:
@@ -125,7 +129,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
             f"{ckpt.config.get('model_type')} normalises attention and MLP outputs before the residual add: the "
             "edit removes r from those outputs before the norm, which the norm's gain can partly restore"
         )
-    return EditPlan(arch, edits, untie, config_updates, tuple(notes))
+    return EditPlan(arch, edits, untie, config_updates, tuple(notes), options.norm_preserve)
 
 
 def _override_writers(patterns: tuple[str, ...]) -> tuple[Writer, ...]:

@@ -5,6 +5,11 @@ With r a unit vector of the hidden size d and s the scale (1 removes r fully, ne
 * hidden axis -2, ``W [..., d, in]`` (nn.Linear, fused experts [E, d, in]):  W' = W - s r (r^T W)
 * hidden axis -1, ``W [..., d]`` (embeddings, Conv1D, [E, in, d], biases):     W' = W - s (W r) r^T
 
+Norm-preserving (`--norm-preserve`): each vector the tensor writes into the residual stream (a column of
+[d, in], a row of [.., d]) is then rescaled to its original norm, W' = (I - s r r^T) W D with
+D_j = |w_j| / |w_j - s c_j r|, where |w_j - s c_j r|^2 = |w_j|^2 - (2s - s^2) c_j^2 (c_j = r^T w_j, |r| = 1)
+is computed in float64 from float64 sums of squares (D_j = 1 where that is not positive).
+
 Both compute in float32 (float64 for float64 tensors) and round back to the stored dtype once
 (bfloat16 with round-to-nearest-even, as torch does). The math is numpy, not torch: the edit
 path then starts in a tenth of the time, and working in small row blocks keeps the float32
@@ -92,39 +97,72 @@ def coefficients(m: np.ndarray, dtype: str, r: np.ndarray) -> np.ndarray:
     return coeff
 
 
-def edit_rows(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, coeff: np.ndarray, out: np.ndarray) -> None:
-    """out = W - s r coeff for a stored [rows, n] matrix, block by block (out may be m itself)."""
+def column_sumsq(m: np.ndarray, dtype: str) -> np.ndarray:
+    """Sum of squares of each column of a stored [rows, n] matrix, in float64 (for norm-preserving edits)."""
+    step = _blocks(m.shape[0], m.shape[1]).step
+    sums = np.zeros(m.shape[1])
+    for i in range(0, m.shape[0], step):
+        w = widen(m[i : i + step], dtype)
+        sums += np.einsum("ij,ij->j", w, w, dtype=np.float64)
+    return sums
+
+
+def preserve_factors(sumsq: np.ndarray, coeff: np.ndarray, scale: float) -> np.ndarray:
+    """D_j = |w_j| / |w_j - s c_j r| from |w_j|^2 and c_j, in float64; 1 where the projection is not positive."""
+    c = np.asarray(coeff, dtype=np.float64)
+    after = sumsq - (2.0 * scale - scale * scale) * c * c
+    out = np.ones_like(sumsq)
+    ok = after > 0
+    out[ok] = np.sqrt(sumsq[ok] / after[ok])
+    return out
+
+
+def edit_rows(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, coeff: np.ndarray, out: np.ndarray,
+              col_scale: np.ndarray | None = None) -> None:
+    """out = (W - s r coeff) D for a stored [rows, n] matrix, block by block (out may be m itself); D is
+    diag(col_scale) for a norm-preserving edit, else the identity."""
     scaled = coeff * np.asarray(scale, dtype=coeff.dtype)
+    factors = None if col_scale is None else col_scale.astype(coeff.dtype)
     step = _blocks(m.shape[0], m.shape[1]).step
     for i in range(0, m.shape[0], step):
         w = widen(m[i : i + step], dtype)
         w -= np.multiply.outer(r[i : i + step], scaled)
+        if factors is not None:
+            w *= factors
         narrow_into(out[i : i + step], w, dtype)
 
 
-def edit_cols(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, out: np.ndarray) -> None:
-    """out = W - s (W r) r^T for a stored [n, d] matrix, block by block (out may be m itself)."""
+def edit_cols(m: np.ndarray, dtype: str, r: np.ndarray, scale: float, out: np.ndarray,
+              preserve: bool = False) -> None:
+    """out = W - s (W r) r^T for a stored [n, d] matrix, block by block (out may be m itself); with
+    `preserve`, each row is then rescaled to its original norm."""
     s = np.asarray(scale, dtype=r.dtype)
     step = _blocks(m.shape[0], m.shape[1]).step
     for i in range(0, m.shape[0], step):
         w = widen(m[i : i + step], dtype)
         coeff = w @ r
         _check_finite(coeff)
+        sumsq = np.einsum("ij,ij->i", w, w, dtype=np.float64) if preserve else None
         w -= np.multiply.outer(coeff * s, r)
+        if sumsq is not None:
+            w *= preserve_factors(sumsq, coeff, scale).astype(w.dtype)[:, None]
         narrow_into(out[i : i + step], w, dtype)
 
 
-def project(w: np.ndarray, r: np.ndarray, hidden_axis: int, scale: float = 1.0, dtype: str = "F32") -> np.ndarray:
+def project(w: np.ndarray, r: np.ndarray, hidden_axis: int, scale: float = 1.0, dtype: str = "F32",
+            preserve: bool = False) -> np.ndarray:
     """Whole-array reference: the edited array in its stored representation (uint16 for bf16)."""
     stored = np.array(w, copy=True)
     r = np.asarray(r, dtype=compute_dtype(dtype))
     d = r.size
     if hidden_axis == -2:
         for m in stored.reshape(-1, d, stored.shape[-1]):
-            edit_rows(m, dtype, r, scale, coefficients(m, dtype, r), m)
+            coeff = coefficients(m, dtype, r)
+            factors = preserve_factors(column_sumsq(m, dtype), coeff, scale) if preserve else None
+            edit_rows(m, dtype, r, scale, coeff, m, factors)
     else:
         flat = stored.reshape(-1, d)
-        edit_cols(flat, dtype, r, scale, flat)
+        edit_cols(flat, dtype, r, scale, flat, preserve)
     return stored
 
 
@@ -196,7 +234,7 @@ def read_chunk(fd: int, info: TensorInfo, chunk: Chunk) -> np.ndarray:
 def iter_edited_chunks(
     fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, scale: float, budget: int,
     take_scratch: Callable[[], Scratch] | None = None,
-    read: Callable[[Chunk, Scratch], np.ndarray] | None = None,
+    read: Callable[[Chunk, Scratch], np.ndarray] | None = None, preserve: bool = False,
 ) -> Iterator[tuple[Chunk, np.ndarray, Scratch]]:
     """Yield (chunk, edited values in the stored representation, the scratch holding them) in file order.
 
@@ -204,6 +242,7 @@ def iter_edited_chunks(
     chunk, so consume each chunk before asking for the next). Raises NonFiniteError on NaN or inf.
     `read` replaces reading a chunk's stored values from `fd` (GGUF: dequantised blocks, `info` then
     describing the float32 values; the edit happens in the array it returns).
+    `preserve`: the norm-preserving edit (each written vector keeps its norm).
     """
     if take_scratch is None:
         shared = Scratch()
@@ -214,23 +253,31 @@ def iter_edited_chunks(
         read = lambda chunk, scratch: read_stored(fd, info, chunk, scratch)  # noqa: E731
     in_place = info.dtype in ("F32", "F64")
     coeff = np.zeros(0, dtype=r.dtype)
+    factors = None
     for i, chunk in enumerate(chunks):
         scratch = take_scratch()
         if chunk.rows is not None and chunk.rows.start == 0:  # first pass over a big matrix's row blocks
             coeff = np.zeros(info.shape[-1], dtype=r.dtype)
+            sumsq = np.zeros(info.shape[-1])
             for block in chunks[i:]:
-                coeff += coefficients(read(block, scratch)[0], info.dtype, r[block.rows])
+                part = read(block, scratch)[0]
+                coeff += coefficients(part, info.dtype, r[block.rows])
+                if preserve:
+                    sumsq += column_sumsq(part, info.dtype)
                 if block.last:
                     break
+            factors = preserve_factors(sumsq, coeff, scale) if preserve else None
         stored = read(chunk, scratch)
         out = stored if in_place else scratch.take(1, stored.nbytes).view(stored.dtype).reshape(stored.shape)
         if hidden_axis == -1:
-            edit_cols(stored, info.dtype, r, scale, out)
+            edit_cols(stored, info.dtype, r, scale, out, preserve)
         elif chunk.rows is None:
             for m, o in zip(stored, out, strict=True):
-                edit_rows(m, info.dtype, r, scale, coefficients(m, info.dtype, r), o)
+                c = coefficients(m, info.dtype, r)
+                edit_rows(m, info.dtype, r, scale, c, o,
+                          preserve_factors(column_sumsq(m, info.dtype), c, scale) if preserve else None)
         else:
-            edit_rows(stored[0], info.dtype, r[chunk.rows], scale, coeff, out[0])
+            edit_rows(stored[0], info.dtype, r[chunk.rows], scale, coeff, out[0], factors)
         yield chunk, out, scratch
 
 

@@ -34,6 +34,7 @@ class TargetSpec:
     scale: float
     layer: int | None
     hidden_axis: int
+    preserve: bool = False  # a norm-preserving edit (`apply --norm-preserve`)
 
 
 @dataclass
@@ -54,11 +55,14 @@ def expected_edit(
     """The edit to check against (targets, untie): the edited folder's manifest, or a plan from options."""
     manifest = _manifest(edited)
     if options is None and manifest:
-        targets = {name: TargetSpec(e["scale"], e["layer"], e["hidden_axis"]) for name, e in manifest["edits"].items()}
+        preserve = bool(manifest.get("norm_preserve", False))
+        targets = {name: TargetSpec(e["scale"], e["layer"], e["hidden_axis"], preserve)
+                   for name, e in manifest["edits"].items()}
         untie = manifest.get("untie")
         return targets, (untie["output"], untie["copied_from"]) if untie else None
     plan = plan_edit(original, options or EditOptions())
-    return {e.name: TargetSpec(e.scale, e.layer, e.hidden_axis) for e in plan.edits.values()}, plan.untie
+    return {e.name: TargetSpec(e.scale, e.layer, e.hidden_axis, plan.norm_preserve)
+            for e in plan.edits.values()}, plan.untie
 
 
 def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: EditOptions | None = None,
@@ -179,6 +183,9 @@ def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo
     eps = EPS[info.dtype]
     edited_view = TensorInfo(e_info.name, e_info.dtype, e_info.shape, e_info.start, e_info.end)
     budget = chunk_budget(max_memory)
+    if spec.preserve:
+        _check_norm_preserved(src_fd, info, dst_fd, edited_view, r, spec, budget, report)
+        return
     order_slack = _summation_slack(src_fd, info, r, spec, budget)
     for (chunk, expected, _), slack in zip(iter_edited_chunks(src_fd, info, r, spec.hidden_axis, spec.scale, budget),
                                            order_slack, strict=True):
@@ -232,3 +239,50 @@ def _summation_slack(fd: int, info: TensorInfo, r: np.ndarray, spec: TargetSpec,
                     if block.last:
                         break
             yield factor * np.multiply.outer(abs_r[chunk.rows], column_sums)[None]
+
+
+def _check_norm_preserved(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, r: np.ndarray,
+                          spec: TargetSpec, budget: int, report: VerifyReport) -> None:
+    """A norm-preserving edit, recomputed in float64 from the original, independently of the editor: each
+    written vector w (column of [.., d, in], row of [.., d]) must become (w - s c r) |w| / |w - s c r|,
+    c = r^T w, within one rounding step of the dtype plus the float32 bound on c (d u |w|), both scaled by
+    the factor |w| / |w - s c r|; and with s = 1 keep nothing along r beyond that."""
+    r64 = r.astype(np.float64)
+    d, s = r.size, spec.scale
+    slack = 2 * EPS[info.dtype] + d * 2.0**-24
+    chunks = plan_chunks(info, spec.hidden_axis, d, budget)
+    c = sumsq = np.zeros(0)
+    for i, chunk in enumerate(chunks):
+        w = read_chunk(src_fd, info, chunk).astype(np.float64)
+        got = read_chunk(dst_fd, e_info, chunk).astype(np.float64)
+        if spec.hidden_axis == -1:  # rows are the vectors
+            c, sumsq, rr = w @ r64, np.square(w).sum(-1), r64
+            vec = lambda a: a  # noqa: E731
+        else:  # columns [.., d, n] are the vectors (a row block covers chunk.rows of them)
+            rr = r64 if chunk.rows is None else r64[chunk.rows]
+            if chunk.rows is None:
+                c, sumsq = np.einsum("d,kdn->kn", r64, w), np.square(w).sum(1)
+            elif chunk.rows.start == 0:
+                c, sumsq = np.zeros(info.shape[-1]), np.zeros(info.shape[-1])
+                for block in chunks[i:]:
+                    part = read_chunk(src_fd, info, block)[0].astype(np.float64)
+                    c, sumsq = c + r64[block.rows] @ part, sumsq + np.square(part).sum(0)
+                    if block.last:
+                        break
+            vec = lambda a: np.expand_dims(a, -2)  # noqa: E731
+        after = sumsq - (2 * s - s * s) * c * c
+        factor = np.where(after > 0, np.sqrt(sumsq / np.where(after > 0, after, 1.0)), 1.0)
+        want = (w - s * (np.multiply.outer(c, rr) if spec.hidden_axis == -1 else
+                         np.expand_dims(rr, -1) * vec(c))) * (factor[..., None] if spec.hidden_axis == -1
+                                                               else vec(factor))
+        norms = np.sqrt(sumsq) * factor
+        allowed = slack * (norms[..., None] if spec.hidden_axis == -1 else vec(norms)) + TINY[info.dtype]
+        diff = np.abs(got - want)
+        if not (diff <= allowed).all() or not np.isfinite(got).all():
+            report.problems.append(f"{e_info.name} differs from the norm-preserving projection recomputed from the "
+                                   f"original (max abs diff {float(np.nan_to_num(diff, nan=np.inf).max()):.3g})")
+            return
+    if s == 1.0:
+        along, norm = residual_along(dst_fd, e_info, r, spec.hidden_axis, budget)
+        relative = along / norm if norm else 0.0
+        report.max_relative_residual = max(report.max_relative_residual, relative)

@@ -59,15 +59,24 @@ def apply_edit(
     with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
     ) as bar:
-        write_shards(ckpt, plan, tmp, lambda target: project_tensor(target, direction), max_memory=max_memory,
-                     progress=bar.update)
+        write_shards(ckpt, plan, tmp, lambda target: project_tensor(target, direction, plan.norm_preserve),
+                     max_memory=max_memory, progress=bar.update)
         write_index(ckpt, plan, tmp)
         write_config(ckpt, plan, tmp)
         skipped = copy_other_files(ckpt, tmp)
-        if direction.path is not None:
-            shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
+        keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
     return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)))
+
+
+def keep_direction(direction: Direction, path: Path) -> None:
+    """The direction the edit used, beside it: a copy of its file, or (made in memory, e.g. biprojected) saved."""
+    if direction.path is not None:
+        shutil.copyfile(direction.path, path)
+    else:
+        from abliterate.io.direction_file import save_direction
+
+        save_direction(path, direction.vectors, direction.metadata)
 
 
 def untie_note(plan: EditPlan) -> tuple[str, ...]:
@@ -77,12 +86,12 @@ def untie_note(plan: EditPlan) -> tuple[str, ...]:
             "tie_word_embeddings=false, so the output layer is unchanged (--keep-tied edits the shared matrix)",)
 
 
-def project_tensor(target: Target, direction: Direction) -> None:
+def project_tensor(target: Target, direction: Direction, preserve: bool = False) -> None:
     """Compute one edited tensor chunk by chunk and hand each chunk to the writer."""
     edit = target.edit
     r = direction.for_layer(edit.layer)
     chunks = iter_edited_chunks(target.src_fd, edit.info, r, edit.hidden_axis, edit.scale, target.budget,
-                                target.buffers.take)
+                                target.buffers.take, preserve=preserve)
     try:
         for chunk, values, scratch in chunks:
             target.write(memoryview(values.reshape(-1).view(np.uint8)), chunk.first * edit.info.itemsize, scratch)
@@ -101,7 +110,8 @@ def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: 
         "version": __version__,
         "command": shlex.join(["abliterate", *sys.argv[1:]]),
         "source": str(ckpt.root),
-        "direction": {"file": DIRECTION_NAME if direction.path else None, "metadata": direction.metadata,
+        "norm_preserve": plan.norm_preserve,
+        "direction": {"file": DIRECTION_NAME, "metadata": direction.metadata,
                       "per_layer": direction.per_layer},
         "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
         "config_updates": plan.config_updates,

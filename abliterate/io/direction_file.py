@@ -112,6 +112,28 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
     return Direction(normalise(vectors), metadata, path)
 
 
+def biproject(direction: Direction) -> Direction:
+    """The direction made orthogonal to the harmless mean at its own layer and position (what the search's
+    "projected" variant does): r' = unit(r - (r.h) h), h the unit harmless mean that extraction saved."""
+    where = direction.path or "the direction"
+    if direction.per_layer:
+        raise AbliterateError(f"{where}: biprojection needs one direction [d], not one per layer")
+    try:
+        layer, position = int(direction.metadata["layer"]), int(direction.metadata["position"])
+        with safe_open(str(direction.path), framework="np") as f:
+            means = f.get_tensor("harmless_mean") if "harmless_mean" in f.keys() else None
+        h = np.asarray(means[layer, position], dtype=np.float64)  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, IndexError, OSError):
+        raise AbliterateError(f"{where} has no harmless mean at its layer and position (saved by `abliterate "
+                              "extract`); biprojection needs the file extraction wrote") from None
+    if not np.isfinite(h).all() or not np.linalg.norm(h):
+        raise AbliterateError(f"{where}: the harmless mean at layer {layer} is zero or not finite; re-extract it")
+    h /= np.linalg.norm(h)
+    r = direction.vectors.astype(np.float64)
+    projected = r - (r @ h) * h
+    return Direction(normalise(projected), {**direction.metadata, "biprojected": "true"}, None)
+
+
 def check_output_file(path: str | Path, example: str = "direction.safetensors") -> None:
     """Checked before the model is loaded, so a bad --out does not cost a whole extraction."""
     path = Path(path)

@@ -45,6 +45,10 @@ class RunOptions:
     stream: bool = False
     quiet: bool = False
     tasks: object | None = None  # evaluate.tasks.TaskSettings: lm-evaluation-harness tasks in the evaluation
+    search: int | None = None  # --search N: trials of the search on the loaded model; its choice is applied
+    max_kl: float | None = None  # the search's choice: fewest refusals within this KL
+    max_refusals: float | None = None  # ... or lowest KL within this fraction of refused prompts
+    time_budget: float | None = None  # seconds for the search's trials
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ def run(options: RunOptions) -> RunResult:
     from abliterate.options.recipe import load_recipe
     from abliterate.publish.card import CardInfo, base_license, write_card
 
+    if options.search is None and any(v is not None for v in (options.max_kl, options.max_refusals,
+                                                               options.time_budget)):
+        raise AbliterateError("--max-kl, --max-refusals and --time-budget choose among searched points: add --search N")
+    if options.search is not None and (options.stream or options.search < 1):
+        raise AbliterateError("--search needs at least 1 trial and the whole model (not --stream): the trials run "
+                              "on the loaded model")
     if options.stream:
         from abliterate.jobs.hub_stream import run_stream
 
@@ -94,24 +104,40 @@ def run(options: RunOptions) -> RunResult:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        direction_path = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
+        searched = None
+        if options.search:
+            from abliterate.jobs.job_search import search_step
+
+            searched = search_step(options, recipe, source, work, say)
+            recipe = searched.recipe
+        direction_path = (searched.direction if searched else options.direction) or (
+            Path(recipe.apply.direction) if recipe.apply.direction else None)
         if direction_path is None:
             direction_path = work / "direction.safetensors"
             _extract(options, recipe, source, direction_path, say)
         direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+        if recipe.apply.biprojected:
+            from abliterate.io.direction_file import biproject
+
+            direction = biproject(direction)
         staged = work / "output"
         edit = _edit(options, recipe, ckpt, direction, staged)
         for note in edit["notes"]:
             say(f"note: {note}")
+        if searched:
+            from abliterate.jobs.job_search import write_recipe_copy
+
+            write_recipe_copy(searched, staged, DIRECTION_NAME)
         evaluation = _evaluate(options, recipe, source, staged, say) if options.evaluate else None
         card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
+        base_model = public_model(options.model if source != Path(options.model)
+                                  else str(ckpt.config.get("_name_or_path") or options.model))
         write_card(staged, CardInfo(
-            base_model=options.model if source != Path(options.model) else str(ckpt.config.get("_name_or_path")
-                                                                                or options.model),
-            adapter=options.adapter, license=base_license(card_text), direction=dict(direction.metadata),
+            base_model=base_model, adapter=options.adapter, license=base_license(card_text),
+            direction={**direction.metadata, "model": base_model},
             edit=edit, evaluation=evaluation.card_rows() if evaluation else None,
-            regenerate=regenerate_command(options),
-            recipe_name=recipe.name, direction_file=DIRECTION_NAME))
+            regenerate=regenerate_command(options, base_model),
+            recipe_name=recipe.name, direction_file=DIRECTION_NAME, search=searched.card if searched else None))
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
@@ -131,15 +157,24 @@ def run(options: RunOptions) -> RunResult:
     return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None)
 
 
-def regenerate_command(options: RunOptions) -> str:
-    """The command that rebuilds this output (paths of local inputs as given; no --push, no token)."""
-    args = ["abliterate", options.model]
-    flags = {"--revision": options.revision, "--direction": options.direction, "--recipe": options.recipe,
-             "--harmful": options.harmful, "--harmless": options.harmless, "--field": options.field,
-             "--dtype": options.dtype, "--template": options.template}
+def regenerate_command(options: RunOptions, model: str | None = None) -> str:
+    """The command that rebuilds this output, as a reader of the card can run it: the model as `model` (the
+    card's base model) when given; --direction as the file uploaded beside the weights; other local files
+    by their names only (no path of the publisher's disk); no --push, no token."""
+    from abliterate.edit.weights import DIRECTION_NAME
+
+    args = ["abliterate", model or options.model]
+    direction = DIRECTION_NAME if options.direction is not None else None
+    flags = {"--revision": options.revision, "--direction": direction, "--recipe": _public(options.recipe),
+             "--harmful": _public(options.harmful), "--harmless": _public(options.harmless),
+             "--field": options.field, "--dtype": options.dtype, "--template": _public(options.template)}
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
+    for flag, value in {"--search": options.search, "--max-kl": options.max_kl,
+                        "--max-refusals": options.max_refusals, "--time-budget": options.time_budget}.items():
+        if value is not None:
+            args += [flag, f"{value:g}"]
     if options.adapter:
         args.append("--adapter")
     if options.trust_remote_code:
@@ -147,11 +182,23 @@ def regenerate_command(options: RunOptions) -> str:
     return shlex.join(args)
 
 
+def public_model(name: str) -> str:
+    """A Hub id as it is; a local folder by its name only (a card never shows the publisher's disk)."""
+    from abliterate.publish.card import is_hub_id
+
+    return name if is_hub_id(name) else Path(name.rstrip("/")).name or name
+
+
+def _public(value: str | Path | None) -> str | None:
+    """A local file by its name only; prompt sources such as builtin:NAME or hf:OWNER/NAME as they are."""
+    if value is None or not Path(value).exists():
+        return None if value is None else str(value)
+    return Path(value).name
+
+
 def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
-    from abliterate.measure.extract import PromptSets, extract, save_extraction, split_prompts
+    from abliterate.measure.extract import split_prompts
     from abliterate.measure.loading import load_model
-    from abliterate.measure.selection import SelectionSettings
-    from abliterate.measure.templates import load_template
 
     s = recipe.extract
     harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
@@ -161,20 +208,29 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
                                                  kind="harmless")
     lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
                     trust_remote_code=options.trust_remote_code)
+    extract_with(lm, options, recipe, (harmful_train, harmless_train, harmful_val, harmless_val), path, say)
+    del lm
+
+
+def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
+    """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
+    from abliterate.measure.extract import PromptSets, extract, save_extraction
+    from abliterate.measure.selection import SelectionSettings
+    from abliterate.measure.templates import load_template
+
+    s = recipe.extract
     settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size, s.screen_prompts,
                                  s.finalists)
     pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
-    result = extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val), positions=s.positions,
-                     template=load_template(options.template), settings=settings,
-                     template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
-                     metadata={"model": options.model})
+    result = extract(lm, PromptSets(*prompts), positions=s.positions, template=load_template(options.template),
+                     settings=settings, template_kwargs={"enable_thinking": False}, quiet=options.quiet,
+                     pending=pending, metadata={"model": options.model})
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:
         say(f"note: {result.relaxed}")
     say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
         f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
-    del lm
 
 
 def kept_path(options: RunOptions, what: str) -> Path:
@@ -191,7 +247,7 @@ def edit_options(recipe) -> EditOptions:
     except AbliterateError as e:
         raise AbliterateError(f"recipe apply.layers: {e}") from None
     return EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
-                       keep_tied=a.keep_tied, layer_scales=a.layer_scales)
+                       keep_tied=a.keep_tied, layer_scales=a.layer_scales, norm_preserve=a.norm_preserve)
 
 
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
@@ -236,13 +292,13 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
                          f"{options.model} + adapter")
     else:
         lm = load(staged)
-    command = (f"abliterate evaluate OUTPUT --baseline {shlex.quote(options.model)} --limit {e.limit} "
+    command = (f"abliterate evaluate OUTPUT --baseline {shlex.quote(public_model(options.model))} --limit {e.limit} "
                f"--max-new-tokens {e.max_new_tokens} --kl-tokens {e.kl_tokens}"
-               + (f" --harmful {shlex.quote(options.eval_harmful)}"
+               + (f" --harmful {shlex.quote(_public(options.eval_harmful) or '')}"
                   if options.eval_harmful != "builtin:harmful" else "")
-               + (f" --harmless {shlex.quote(options.eval_harmless)}"
+               + (f" --harmless {shlex.quote(_public(options.eval_harmless) or '')}"
                   if options.eval_harmless != "builtin:harmless" else "")
-               + (f" --template {shlex.quote(options.template)}" if options.template else "")
+               + (f" --template {shlex.quote(_public(options.template) or '')}" if options.template else "")
                + (_tasks_arguments(options.tasks) if options.tasks else ""))
     tasks = replace(options.tasks, batch_size=e.batch_size) if options.tasks else None
     report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command, tasks=tasks)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -44,7 +43,7 @@ from abliterate.edit.projection import (
     read_stored,
     widen,
 )
-from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, write_manifest
+from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, keep_direction, write_manifest
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
@@ -107,6 +106,11 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
     _check_output_embedding_kept(ckpt, plan)
+    if plan.norm_preserve:
+        raise AbliterateError(
+            "a norm-preserving edit rescales every input feature of each edited matrix (W' = (I - s r r^T) W D), "
+            "which is no low-rank update, so a LoRA adapter cannot carry it exactly: drop --adapter (write the "
+            "weights) or drop --norm-preserve")
     model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
     experts = _expert_counts(ckpt, model_type)
@@ -136,8 +140,7 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
         nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS)
         config = adapter_config(ckpt, export.factors, export.biases, options.base_model)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if direction.path is not None:
-            shutil.copyfile(direction.path, tmp / DIRECTION_NAME)
+        keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"adapter": {"ignore_biases": options.ignore_biases,
                                                               "max_memory": options.max_memory}},
                        edits=export.edits, notes=notes)

@@ -44,6 +44,8 @@ class ApplySettings:
     keep_tied: bool = False
     layer_scales: dict[str, tuple[float, ...]] = field(default_factory=dict)
     direction: str | None = None  # a direction file (relative paths: to the recipe file), as `search` writes
+    norm_preserve: bool = False  # rescale each written vector to its original norm after the projection
+    biprojected: bool = False  # make the direction orthogonal to the harmless mean at its layer first
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class CardInfo:
     recipe_name: str = "default"
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     direction_file: str = "refusal_direction.safetensors"
+    search: dict[str, object] | None = None  # `--search`: trials, the front's rows, the chosen trial, recipe file
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
@@ -122,6 +123,8 @@ def render_card(info: CardInfo) -> str:
     lines.append(f"\nThe direction is in `{info.direction_file}` beside the weights.")
     for note in e.get("notes") or []:
         lines.append(f"\n> {note}")
+    if info.search:
+        lines += search_section(info)
     if info.evaluation:
         lines += ["\n## Evaluation\n", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in info.evaluation.items() if k != "command"]
@@ -133,6 +136,29 @@ def render_card(info: CardInfo) -> str:
         lines += [f"{h}  {p}" for p, h in info.files.items()]
         lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def search_section(info: CardInfo) -> list[str]:
+    """The search's front (refusals, borderline refusals, KL on validation prompts) and the chosen point."""
+    s = info.search or {}
+    front = list(s.get("front") or [])
+    borderline = any(row.get("borderline") for row in front)
+    lines = ["\n## Search\n",
+             f"{s.get('trials')} trials ({s.get('seconds')} s) searched the direction and per-layer strengths; the "
+             "front of refused validation prompts (greedy replies matched against refusal markers)"
+             + (", refused borderline prompts" if borderline else "") + " and first-token KL on harmless ones:\n",
+             "| trial | refused |" + (" borderline refused |" if borderline else "") + " KL | edit |",
+             "|---|---|" + ("---|" if borderline else "") + "---|---|"]
+    for row in front:
+        mark = " **(chosen)**" if row.get("trial") == s.get("chosen") else ""
+        over = f" {row.get('borderline')} |" if borderline else ""
+        lines.append(f"| {row.get('trial')}{mark} | {row.get('refused')} |{over} {row.get('kl')} | {row.get('edit')} |")
+    limits = {k: v for k, v in (s.get("limits") or {}).items() if v is not None}
+    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in limits.items()) or "fewest refusals, then lowest KL"
+    lines.append(f"\nChosen by: {rule}. `{s.get('recipe_file')}` beside the weights holds the chosen edit; "
+                 f"`abliterate apply {info.base_model} --recipe {s.get('recipe_file')} --out DIR`, run in a "
+                 "download of this repo, rebuilds these weights byte for byte.")
+    return lines
 
 
 def _link(model: str) -> str:

@@ -30,6 +30,7 @@ class TrialResult:
     kl: float  # mean first-token KL on harmless validation prompts
     refusals: int | None  # greedy replies matching a refusal marker (None: not counted, was off the front)
     seconds: float
+    overrefusals: int | None = None  # refused borderline (safe but dangerous-looking) prompts, counted with refusals
 
 
 def dominated(values: tuple[float, float], others: list[tuple[float, float]]) -> bool:
@@ -44,13 +45,18 @@ def best_text(trials: list[TrialResult], n: int) -> str:
     return f"#{best.number} {best.refusals}/{n} refused, KL {best.kl:.4f}"
 
 
+def _objectives(t: TrialResult) -> tuple[int, int, float]:
+    return t.refusals or 0, t.overrefusals or 0, t.kl
+
+
 def pareto_front(trials: list[TrialResult]) -> list[TrialResult]:
-    """Counted trials not beaten on both refusals and KL, fewest refusals first."""
+    """Counted trials not beaten on refusals, over-refusals (when counted) and KL, fewest refusals first."""
     counted = [t for t in trials if t.refusals is not None]
     front = [t for t in counted if not any(
-        o.refusals <= t.refusals and o.kl <= t.kl and (o.refusals, o.kl) != (t.refusals, t.kl) for o in counted)]
-    unique = {(t.refusals, t.kl): t for t in sorted(front, key=lambda t: -t.number)}  # equal points: first trial
-    return sorted(unique.values(), key=lambda t: (t.refusals, t.kl))
+        all(a <= b for a, b in zip(_objectives(o), _objectives(t), strict=True)) and _objectives(o) != _objectives(t)
+        for o in counted)]
+    unique = {_objectives(t): t for t in sorted(front, key=lambda t: -t.number)}  # equal points: first trial
+    return sorted(unique.values(), key=lambda t: (t.refusals, t.overrefusals or 0, t.kl))
 
 
 def pick(front: list[TrialResult], prompts: int, *, max_kl: float | None = None,
@@ -67,40 +73,47 @@ def pick(front: list[TrialResult], prompts: int, *, max_kl: float | None = None,
             "relax --max-kl / --max-refusals or run more --trials"
         )
     if max_refusals is not None and max_kl is None:
-        return min(fits, key=lambda t: (t.kl, t.refusals))
-    return min(fits, key=lambda t: (t.refusals, t.kl))
+        return min(fits, key=lambda t: (t.kl, t.overrefusals or 0, t.refusals))
+    return min(fits, key=lambda t: (t.refusals, t.overrefusals or 0, t.kl))
 
 
-def table(front: list[TrialResult], prompts: int, chosen: TrialResult | None = None) -> str:
-    lines = [f"{'trial':>5} {'refused':>9} {'KL':>8} {'score':>7}  edit"]
+def table(front: list[TrialResult], prompts: int, chosen: TrialResult | None = None, borderline: int = 0) -> str:
+    over = f" {'borderline':>10}" if borderline else ""
+    lines = [f"{'trial':>5} {'refused':>9}{over} {'KL':>8} {'score':>7}  edit"]
     for t in front:
         mark = "  <- chosen" if chosen is not None and t.number == chosen.number else ""
-        lines.append(f"{t.number:>5} {f'{t.refusals}/{prompts}':>9} {t.kl:>8.4f} {t.refusal_score:>+7.2f}  "
+        over = f" {f'{t.overrefusals}/{borderline}':>10}" if borderline else ""
+        lines.append(f"{t.number:>5} {f'{t.refusals}/{prompts}':>9}{over} {t.kl:>8.4f} {t.refusal_score:>+7.2f}  "
                      f"{t.point.describe()}{mark}")
     return "\n".join(lines)
 
 
 def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: Path, *, prompts: int,
-                study: Path, study_name: str) -> tuple[Path, Path]:
-    """Write OUT (a recipe naming the direction and per-layer scales) and its direction file beside it."""
+                study: Path, study_name: str, borderline: int = 0, model_name: str | None = None) -> tuple[Path, Path]:
+    """Write OUT (a recipe naming the direction and per-layer scales) and its direction file beside it
+    (`model_name`: what the direction file records as its model, default the loaded model's name)."""
     out = Path(out)
     direction_path = out.with_name(out.stem + DIRECTION_SUFFIX)
     r = direction_for(cands, choice.point)
     command = shlex.join(["abliterate", *sys.argv[1:]])
     save_direction(direction_path, r, {
-        "model": lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
+        "model": model_name or lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
         "hidden_size": lm.hidden_size, "num_layers": lm.num_layers, "command": command,
         "tool": f"abliterate {__version__}", "search_params": json.dumps(choice.point.params()),
-        "search_trial": choice.number, "refusals": f"{choice.refusals}/{prompts}", "kl": f"{choice.kl:.5f}"})
+        "search_trial": choice.number, "refusals": f"{choice.refusals}/{prompts}", "kl": f"{choice.kl:.5f}",
+        "overrefusals": None if choice.overrefusals is None else f"{choice.overrefusals}/{borderline}"})
     options = choice.point.options(lm.num_layers)
     recipe = {
         "name": "search",
         "notes": (f"abliterate search, trial {choice.number} of study {study_name!r} ({study.name}): "
-                  f"{choice.refusals}/{prompts} validation prompts refused, first-token KL {choice.kl:.4f}; "
+                  f"{choice.refusals}/{prompts} validation prompts refused"
+                  + (f", {choice.overrefusals}/{borderline} borderline" if choice.overrefusals is not None else "")
+                  + f", first-token KL {choice.kl:.4f}; "
                   f"{choice.point.describe()}"),
         "apply": {"direction": direction_path.name, "scale": 1.0, "layers": None,
                   "components": ["embed", "attn", "mlp"], "targets": [], "keep_tied": False,
-                  "layer_scales": {c: list(v) for c, v in options.layer_scales.items()}},
+                  "layer_scales": {c: list(v) for c, v in options.layer_scales.items()},
+                  "norm_preserve": options.norm_preserve},
     }
     header = (f"# written by: {command}\n# model: {lm.name}\n"
               f"# apply it: abliterate apply MODEL --recipe {out.name} --out DIR\n")

@@ -44,13 +44,16 @@ class Point:
     projected: bool
     embed: float
     profiles: dict[str, Profile]
+    preserve: bool = False  # norm-preserving: each written vector keeps its norm (`apply --norm-preserve`)
 
     def options(self, num_layers: int) -> EditOptions:
-        return EditOptions(layer_scales=layer_scales(self.profiles, self.embed, num_layers))
+        return EditOptions(layer_scales=layer_scales(self.profiles, self.embed, num_layers),
+                           norm_preserve=self.preserve)
 
     def params(self) -> dict[str, object]:
         out: dict[str, object] = {"direction_layer": self.layer, "direction_position": self.position,
-                                  "projected": self.projected, "embed_strength": self.embed}
+                                  "projected": self.projected, "embed_strength": self.embed,
+                                  "norm_preserve": self.preserve}
         for c, p in self.profiles.items():
             out.update({f"{c}_peak": p.peak, f"{c}_center": p.center, f"{c}_width": p.width, f"{c}_floor": p.floor})
         return out
@@ -60,11 +63,13 @@ class Point:
         profiles = {c: Profile(params[f"{c}_peak"], params[f"{c}_center"], params[f"{c}_width"], params[f"{c}_floor"])
                     for c in LAYERED}
         return cls(float(params["direction_layer"]), int(params["direction_position"]),
-                   bool(params.get("projected", False)), float(params["embed_strength"]), profiles)
+                   bool(params.get("projected", False)), float(params["embed_strength"]), profiles,
+                   bool(params.get("norm_preserve", False)))
 
     def describe(self) -> str:
         layer = f"{self.layer:.2f}".rstrip("0").rstrip(".")
-        parts = [f"dir L{layer} p{self.position}{' proj' if self.projected else ''}", f"embed {self.embed:.2f}"]
+        parts = [f"dir L{layer} p{self.position}{' proj' if self.projected else ''}"
+                 f"{' norm-preserving' if self.preserve else ''}", f"embed {self.embed:.2f}"]
         parts += [f"{c} {p.peak:.2f}@{p.center:.1f} w{p.width:.1f} f{p.floor:.2f}" for c, p in self.profiles.items()]
         return ", ".join(parts)
 

@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,8 @@ class SearchSettings:
     kl_objective: str = "first-token"  # or "continuation": KL over the first kl_tokens reply tokens (slower)
     refusal_objective: str = "score"  # or "count": greedy replies matched by the markers, every trial (slower)
     kl_tokens: int = 16
+    time_budget: float | None = None  # seconds: no new trial starts after this (None: only `trials` limits)
+    norm_preserve: bool = True  # search norm-preserving edits too (a dimension: on or off per trial)
 
     def template_kwargs(self) -> dict:
         return {} if self.thinking else {"enable_thinking": False}
@@ -99,6 +101,7 @@ class SearchResult:
     study: Path
     study_name: str
     notes: list[str] = field(default_factory=list)
+    borderline: int = 0  # borderline prompts the over-refusals are counted on (0: not counted)
 
 
 def suggest(trial, cands: CandidateSet, settings: SearchSettings, num_layers: int) -> Point:
@@ -106,21 +109,23 @@ def suggest(trial, cands: CandidateSet, settings: SearchSettings, num_layers: in
     layer = trial.suggest_float("direction_layer", float(cands.min_layer), float(cands.max_layer))
     position = trial.suggest_int("direction_position", -cands.positions, -1)
     projected = trial.suggest_categorical("projected", [False, True]) if cands.harmless_mean is not None else False
+    preserve = trial.suggest_categorical("norm_preserve", [False, True]) if settings.norm_preserve else False
     embed = trial.suggest_float("embed_strength", 0.0, top)
     profiles = {c: Profile(trial.suggest_float(f"{c}_peak", 0.0, top),
                            trial.suggest_float(f"{c}_center", 0.0, float(num_layers - 1)),
                            trial.suggest_float(f"{c}_width", 0.5, float(num_layers)),
                            trial.suggest_float(f"{c}_floor", 0.0, 1.0)) for c in LAYERED}
-    return Point(layer, position, projected, embed, profiles)
+    return Point(layer, position, projected, embed, profiles, preserve)
 
 
 class Scorer:
     """Scores points with hooks on one loaded model; the unedited first-token distribution is computed once."""
 
-    def __init__(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], settings: SearchSettings):
+    def __init__(self, lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], settings: SearchSettings,
+                 borderline: Sequence[str] = ()):
         if not harmful or not harmless:
             raise AbliterateError("search needs harmful and harmless validation prompts (got an empty set)")
-        self.lm, self.settings, self.harmful = lm, settings, list(harmful)
+        self.lm, self.settings, self.harmful, self.borderline = lm, settings, list(harmful), list(borderline)
         fmt = lambda texts: [render(lm.tokenizer, t, settings.template, **settings.template_kwargs())  # noqa: E731
                              for t in texts]
         self.harmful_prompts, self.harmless_prompts = fmt(harmful), fmt(harmless)
@@ -135,6 +140,11 @@ class Scorer:
             self.refusal_count = RefusalCount(lm, harmful, s.max_new_tokens, **common)
 
     def _ablated(self, r: torch.Tensor, options: EditOptions):
+        if options.norm_preserve:
+            from abliterate.measure.preserving_hooks import ablate_preserving
+
+            return ablate_preserving(self.lm.model, self.lm.arch, r, strength=options.strength,
+                                     num_layers=self.lm.num_layers)
         return ablate(self.lm.model, self.lm.arch, r, strength=options.strength, num_layers=self.lm.num_layers)
 
     def first_token(self, r: torch.Tensor, options: EditOptions) -> tuple[float, float]:
@@ -152,17 +162,23 @@ class Scorer:
                 kl = kl_divergence(self.base, first_token_logprobs(self.lm, self.harmless_prompts, bs)).mean().item()
         return score, kl
 
-    def refusals(self, r: torch.Tensor, options: EditOptions) -> int:
-        """Greedy short replies to the harmful prompts that match a refusal marker."""
+    def refusals(self, r: torch.Tensor, options: EditOptions, prompts: Sequence[str] | None = None) -> int:
+        """Greedy short replies to the harmful prompts (or `prompts`) that match a refusal marker."""
         from abliterate.evaluate.generation import generate
         from abliterate.evaluate.markers import find_refusal
         from abliterate.evaluate.records import EvalSettings
 
         s = self.settings
         with self._ablated(r, options):
-            replies = generate(self.lm, self.harmful, EvalSettings(batch_size=s.batch_size, template=s.template,
-                                                                   thinking=s.thinking), s.max_new_tokens, quiet=True)
+            replies = generate(self.lm, self.harmful if prompts is None else prompts,
+                               EvalSettings(batch_size=s.batch_size, template=s.template, thinking=s.thinking),
+                               s.max_new_tokens, quiet=True)
         return sum(find_refusal(text) is not None for text, _ in replies)
+
+    def overrefusals(self, r: torch.Tensor, options: EditOptions) -> int | None:
+        """Refused borderline prompts (None without a borderline set): an edit must not buy fewer refusals of
+        harmful requests with refusing safe ones."""
+        return self.refusals(r, options, self.borderline) if self.borderline else None
 
 
 def _optuna():
@@ -179,7 +195,8 @@ def default_study_path(out: Path) -> Path:
 
 def _fingerprint(lm: LoadedModel, cands: CandidateSet, scorer: Scorer, settings: SearchSettings) -> dict[str, str]:
     """What the objectives depend on: a resumed study must not mix trials scored differently."""
-    prompts = hashlib.sha256("\0".join([*scorer.harmful_prompts, "\1", *scorer.harmless_prompts]).encode())
+    borderline = ["\2", *scorer.borderline] if scorer.borderline else []
+    prompts = hashlib.sha256("\0".join([*scorer.harmful_prompts, "\1", *scorer.harmless_prompts, *borderline]).encode())
     return {"candidates": cands.digest, "prompts": prompts.hexdigest()[:16],
             "layers": str(lm.num_layers), "min_layer": str(cands.min_layer), "max_layer": str(cands.max_layer),
             "positions": str(cands.positions),
@@ -194,6 +211,8 @@ def _objective_fingerprint(settings: SearchSettings) -> dict[str, str]:
         out.update(kl_objective=settings.kl_objective, kl_tokens=str(settings.kl_tokens))
     if settings.refusal_objective != "score":
         out["refusal_objective"] = settings.refusal_objective
+    if settings.norm_preserve:
+        out["norm_preserve"] = "True"
     return out
 
 
@@ -233,18 +252,28 @@ def open_study(path: Path, name: str, fingerprint: dict[str, str], seed: int, st
 
 def _trial_result(frozen) -> TrialResult:
     return TrialResult(frozen.number, Point.from_params(frozen.params), frozen.values[0], frozen.values[1],
-                       frozen.user_attrs.get("refusals"), float(frozen.user_attrs.get("seconds", 0.0)))
+                       frozen.user_attrs.get("refusals"), float(frozen.user_attrs.get("seconds", 0.0)),
+                       frozen.user_attrs.get("overrefusals"))
 
 
 def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmless: Sequence[str],
            settings: SearchSettings, study_path: Path, study_name: str = "abliterate-search",
-           quiet: bool = False) -> SearchResult:
-    """Run the study up to settings.trials completed trials (resuming it), then return its front."""
+           quiet: bool = False, borderline: Sequence[str] = ()) -> SearchResult:
+    """Run the study up to settings.trials completed trials (resuming it) or until settings.time_budget is
+    spent, then return its front. `borderline` prompts get an over-refusal count for points on the front."""
     TrialState = _optuna().trial.TrialState
 
     if settings.max_strength < 1.0:
         raise AbliterateError("--max-strength must be at least 1 (full removal must be reachable)")
-    scorer = Scorer(lm, harmful, harmless, settings)
+    notes = [] if cands.harmless_mean is not None else [
+        "the direction file has no harmless_mean, so the projected variant was not searched (re-extract to add it)"]
+    if settings.norm_preserve:
+        from abliterate.measure.preserving_hooks import supports_preserving
+
+        if not supports_preserving(lm.model, lm.arch):
+            settings = replace(settings, norm_preserve=False)
+            notes.append("norm-preserving edits were not searched: this family's experts are fused parameters")
+    scorer = Scorer(lm, harmful, harmless, settings, borderline)
     study = open_study(study_path, study_name, _fingerprint(lm, cands, scorer, settings), settings.seed,
                        settings.startup_trials)
     done = [_trial_result(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -254,10 +283,12 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
     todo = max(0, settings.trials - len(done))
     n = len(scorer.harmful)
     start = time.perf_counter()
-    notes = [] if cands.harmless_mean is not None else [
-        "the direction file has no harmless_mean, so the projected variant was not searched (re-extract to add it)"]
+    ran = 0
     with tqdm(total=todo, desc="search", unit="trial", disable=quiet, file=sys.stderr) as bar:
         for _ in range(todo):
+            if settings.time_budget is not None and time.perf_counter() - start >= settings.time_budget:
+                notes.append(f"--time-budget {settings.time_budget:g} s spent after {ran} of {todo} trials")
+                break
             t0 = time.perf_counter()
             trial = study.ask()
             try:
@@ -267,10 +298,13 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
                 if not (math.isfinite(score) and math.isfinite(kl)):
                     study.tell(trial, state=TrialState.FAIL)
                     continue
-                refusals = None
+                refusals = overrefusals = None
                 if not dominated((score, kl), values):
                     refusals = int(score) if scorer.refusal_count is not None else scorer.refusals(r, options)
                     trial.set_user_attr("refusals", refusals)
+                    overrefusals = scorer.overrefusals(r, options)
+                    if overrefusals is not None:
+                        trial.set_user_attr("overrefusals", overrefusals)
                 seconds = time.perf_counter() - t0
                 trial.set_user_attr("seconds", seconds)
                 study.tell(trial, [score, kl])
@@ -278,12 +312,15 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             values.append((score, kl))
-            done.append(TrialResult(trial.number, point, score, kl, refusals, seconds))
+            ran += 1
+            done.append(TrialResult(trial.number, point, score, kl, refusals, seconds, overrefusals))
             counted = f", {refusals}/{n} refused" if refusals is not None else ""
+            if overrefusals is not None:
+                counted += f", {overrefusals}/{len(scorer.borderline)} borderline refused"
             if not quiet:
                 bar.write(f"trial {trial.number}: refusal score {score:+.2f}, KL {kl:.4f}{counted} ({seconds:.2f} s)",
                           file=sys.stderr)
             bar.set_postfix_str(f"best {best_text(done, n)}; {seconds:.2f} s/trial")
             bar.update()
-    return SearchResult(done, pareto_front(done), n, todo, time.perf_counter() - start, study_path, study_name,
-                        notes)
+    return SearchResult(done, pareto_front(done), n, ran, time.perf_counter() - start, study_path, study_name,
+                        notes, len(scorer.borderline))

@@ -1,0 +1,85 @@
+"""`abliterate MODEL --search N`: extraction and the search on one loaded model, inside the whole job.
+
+The model is loaded once: extraction (unless --direction gives the candidates) and every trial of the
+search run on it; the chosen point becomes the recipe's apply section (its direction and per-layer
+scales), which the job then writes as weights or an adapter exactly as `apply --recipe` would. What the
+card shows of the search (the front, the chosen point) is returned as plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from abliterate.options.recipe import Recipe, overlay, read_yaml
+
+RECIPE_NAME = "abliterate-recipe.yaml"  # the searched recipe, written beside the weights
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    recipe: Recipe  # the job's recipe with the chosen point as its apply section
+    recipe_file: Path  # the recipe `search` wrote (apply.direction names the file beside it)
+    direction: Path
+    card: dict[str, object]  # what the card shows: trials, front rows, the chosen trial, prompt counts
+
+
+def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> SearchOutcome:
+    """Extract (unless options.direction), search options.search trials, pick, save the choice in `work`."""
+    from abliterate.measure.extract import split_prompts
+    from abliterate.measure.loading import load_model
+    from abliterate.measure.templates import load_template
+    from abliterate.search.objectives import borderline_prompts
+    from abliterate.search.study import SearchSettings, load_candidates, pick, save_choice, search, table
+
+    s = recipe.extract
+    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
+    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                               kind="harmful")
+    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                                 kind="harmless")
+    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
+                    trust_remote_code=options.trust_remote_code)
+    candidates = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
+    if candidates is None:
+        from abliterate.jobs.whole_job import extract_with
+
+        candidates = work / "direction.safetensors"
+        extract_with(lm, options, recipe, (harmful_train, harmless_train, harmful_val, harmless_val), candidates,
+                     say)
+    cands = load_candidates(candidates, lm)
+    template = load_template(options.template)
+    settings = SearchSettings(trials=options.search, time_budget=options.time_budget, batch_size=s.batch_size,
+                              template=template)
+    borderline = borderline_prompts("builtin:overrefusal", s.n_val, eval_limit=recipe.evaluate.limit or 10**9)
+    result = search(lm, cands, harmful_val, harmless_val, settings, work / "search.study.db", quiet=options.quiet,
+                    borderline=borderline)
+    for note in result.notes:
+        say(f"note: {note}")
+    choice = pick(result.front, result.prompts, max_kl=options.max_kl, max_refusals=options.max_refusals)
+    say(table(result.front, result.prompts, choice, result.borderline))
+    recipe_file, direction = save_choice(choice, cands, lm, work / "search.yaml", prompts=result.prompts,
+                                         study=Path("search.study.db"), study_name="abliterate-search",
+                                         borderline=result.borderline, model_name=options.model)
+    del lm
+    searched = overlay(recipe, {"apply": read_yaml(recipe_file)["apply"]}, str(recipe_file))
+    searched = replace(searched, apply=replace(searched.apply, direction=str(direction)))
+    front = [{"trial": t.number, "refused": f"{t.refusals}/{result.prompts}",
+              "borderline": None if t.overrefusals is None else f"{t.overrefusals}/{result.borderline}",
+              "kl": round(t.kl, 5), "edit": t.point.describe()} for t in result.front]
+    card = {"trials": len(result.trials), "seconds": round(result.seconds, 1), "chosen": choice.number,
+            "front": front, "limits": {"max_kl": options.max_kl, "max_refusals": options.max_refusals},
+            "recipe_file": RECIPE_NAME}
+    return SearchOutcome(searched, recipe_file, direction, card)
+
+
+def write_recipe_copy(outcome: SearchOutcome, folder: Path, direction_name: str) -> None:
+    """The searched recipe beside the weights, naming the direction file there, so the folder (or the
+    repo it is pushed to) holds everything `abliterate apply MODEL --recipe` needs to rebuild the edit."""
+    import yaml
+
+    data = yaml.safe_load(outcome.recipe_file.read_text())
+    data["apply"]["direction"] = direction_name
+    header = (f"# the edit `abliterate MODEL --search` chose; rebuild it with:\n"
+              f"#   abliterate apply MODEL --recipe {RECIPE_NAME} --out DIR\n")
+    (folder / RECIPE_NAME).write_text(header + yaml.safe_dump(data, sort_keys=False))
