@@ -1,4 +1,4 @@
-"""Helpers every command module shares: option parsers, the model options, the recorded command line."""
+"""Helpers every command module shares: option parsers, the model options, which options were given."""
 
 from __future__ import annotations
 
@@ -62,21 +62,7 @@ def model_options(*, thinking: bool = True, batch_size: int | None = None):
     return decorate
 
 
-def command_line(ctx: click.Context) -> str:
-    """The command as given, rebuilt from the parameters set on the command line: sys.argv is the
-    caller's when the CLI runs in-process (tests, scripts), so it cannot be recorded as is."""
-    import shlex
-
-    args = ["abliterate", ctx.info_name or ""]
-    for param in ctx.command.params:
-        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
-            continue
-        value = ctx.params[param.name]
-        if isinstance(param, click.Argument):
-            args.append(str(value))
-        elif isinstance(param, click.Option) and param.is_flag:
-            args.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
-        else:
-            for v in value if isinstance(param, click.Option) and param.multiple else [value]:
-                args += [param.opts[0], str(v)]
-    return shlex.join(args)
+def given_on_command_line() -> set[str]:
+    """The parameters of the running command that were set on the command line (not defaults)."""
+    ctx = click.get_current_context()
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}

@@ -9,17 +9,19 @@ from typing import TYPE_CHECKING
 import click
 
 from abliterate.arch.table import COMPONENTS
-from abliterate.cli.common import parse_components, parse_layers, parse_size
+from abliterate.cli.common import given_on_command_line, parse_components, parse_layers, parse_size
 
 if TYPE_CHECKING:
     from abliterate.edit.plan import EditOptions
     from abliterate.edit.verify import VerifyReport
+    from abliterate.io.checkpoint import Checkpoint
     from abliterate.io.direction_file import Direction
+    from abliterate.lora.export import AdapterOptions
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--direction", "direction_path", default=None, type=click.Path(path_type=Path),
+@click.option("--direction", default=None, type=click.Path(path_type=Path),
               help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]); required unless "
               "--recipe names one.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
               help="1 removes the direction fully, 0.5 half; negative values amplify it.")
 @click.option("--add", "add_direction", is_flag=True, help="Amplify the direction instead of removing it (uses "
               "-|scale|: W + |s| r r^T W), e.g. to make a model refuse more; --scale 2 is often needed.")
-@click.option("--layers", default=None, help="Decoder layers to edit, START:END (END excluded). Default: all.")
+@click.option("--layers", default=None, callback=lambda c, p, v: parse_layers(v) and v,
+              help="Decoder layers to edit, START:END (END excluded). Default: all.")
 @click.option("--components", default=",".join(COMPONENTS), show_default=True,
               callback=lambda c, p, v: parse_components(v),
               help="Which writers to edit: embed (token/position embeddings), attn (attention output), mlp "
@@ -60,7 +63,7 @@ if TYPE_CHECKING:
 @click.option("--requant", default="Q8_0", show_default=True,
               help="GGUF input only: the type to write edited tensors whose quantisation the gguf library cannot "
               "write (K-quants, IQ types); Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
-def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float, add_direction: bool,
+def apply(checkpoint: Path, direction: Path | None, out: Path, scale: float, add_direction: bool,
           layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool,
           norm_preserve: bool, biproject: bool, max_memory: int,
           overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
@@ -88,82 +91,75 @@ def apply(checkpoint: Path, direction_path: Path | None, out: Path, scale: float
     edited in float32 and quantised again (their own type where the gguf library can write it, else
     --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
     """
-    from abliterate.edit.plan import EditOptions, plan_edit
-    from abliterate.edit.weights import apply_edit
+    from abliterate.edit.plan import edit_options
     from abliterate.errors import AbliterateError
     from abliterate.io.checkpoint import Checkpoint
-    from abliterate.io.direction_file import load_direction
+    from abliterate.options.recipe import apply_settings
 
     if not adapter and (ignore_biases or base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
-    if checkpoint.suffix.lower() == ".gguf":
-        if adapter or targets or recipe_path or norm_preserve or biproject:
-            raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
-                                  "for GGUF input; pass the "
-                                  "edit's options (--scale, --layers, --components, --layer-scales) directly")
-        options = EditOptions(scale=-abs(scale) if add_direction else scale, layers=parse_layers(layers),
-                              components=components, keep_tied=keep_tied, layer_scales=_layer_scales(layer_scales_path))
-        return _apply_gguf(checkpoint, direction_path, out, options, requant, max_memory, overwrite, quiet)
-    ckpt = Checkpoint.open(checkpoint)
-    layer_scales: dict[str, tuple[float, ...]] = {}
-    if recipe_path is not None:
-        from abliterate.options.recipe import load_recipe
-
-        ctx = click.get_current_context()
-        given = lambda name: ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE  # noqa: E731
-        settings = load_recipe(ckpt.config.get("model_type"), recipe_path).apply
-        scale = scale if given("scale") else settings.scale
-        layers = layers if given("layers") else settings.layers
-        components = components if given("components") else settings.components
-        targets = targets if given("targets") else settings.targets
-        keep_tied = keep_tied or settings.keep_tied
-        norm_preserve = norm_preserve or settings.norm_preserve
-        biproject = biproject or settings.biprojected
-        layer_scales = settings.layer_scales
-        if direction_path is None and settings.direction:
-            direction_path = Path(settings.direction)
-    if layer_scales_path is not None:
-        from abliterate.options.recipe import read_layer_scales
-
-        layer_scales = read_layer_scales(layer_scales_path)
-    if direction_path is None:
+    gguf = checkpoint.suffix.lower() == ".gguf"
+    if gguf and (adapter or targets or recipe_path or norm_preserve or biproject):
+        raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
+                              "for GGUF input; pass the edit's options (--scale, --layers, --components, "
+                              "--layer-scales) directly")
+    ckpt = None if gguf else Checkpoint.open(checkpoint)
+    settings = apply_settings(ckpt.config.get("model_type") if ckpt else None, recipe_path, dict(
+        scale=scale, layers=layers, components=components, targets=targets, keep_tied=keep_tied,
+        norm_preserve=norm_preserve, direction=direction), given_on_command_line(), layer_scales_path)
+    options = edit_options(settings, add=add_direction)
+    direction = Path(settings.direction) if settings.direction else None
+    if ckpt is None:
+        return _apply_gguf(checkpoint, direction, out, options, requant, max_memory, overwrite, quiet)
+    if direction is None:
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
-    direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
-    if biproject:
-        from abliterate.io.direction_file import biproject as make_biprojected
-
-        direction = make_biprojected(direction)
-    scale = -abs(scale) if add_direction else scale
-    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components, targets=targets,
-                          keep_tied=keep_tied, layer_scales=layer_scales, norm_preserve=norm_preserve)
-    plan = plan_edit(ckpt, options)
     if adapter:
-        from abliterate.lora.export import AdapterOptions, export_adapter
+        from abliterate.lora.export import AdapterOptions
 
-        exported = export_adapter(ckpt, plan, direction, out, AdapterOptions(
+        _apply_adapter(ckpt, direction, biproject or settings.biprojected, out, options, AdapterOptions(
             ignore_biases=ignore_biases, base_model=base_model, max_memory=max_memory, overwrite=overwrite,
             quiet=quiet))
-        for note in exported.notes:
-            click.echo(f"note: {note}", err=True)
-        click.echo(f"wrote a LoRA adapter of {exported.modules} modules and {exported.biases} biases "
-                   f"({exported.nbytes / 1e6:.1f} MB) to {exported.out}")
-        return
-    result = apply_edit(ckpt, plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
+    else:
+        _apply_weights(ckpt, direction, biproject or settings.biprojected, out, options, max_memory, overwrite, quiet)
+
+
+def _load(ckpt: Checkpoint, path: Path, biproject: bool) -> Direction:
+    """The direction file checked against the model; with --biproject made orthogonal to the harmless mean."""
+    from abliterate.io.direction_file import biproject as make_biprojected
+    from abliterate.io.direction_file import load_direction
+
+    direction = load_direction(path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
+    return make_biprojected(direction) if biproject else direction
+
+
+def _apply_adapter(ckpt: Checkpoint, direction_path: Path, biproject: bool, out: Path, options: EditOptions,
+                   adapter_options: AdapterOptions) -> None:
+    from abliterate.edit.plan import plan_edit
+    from abliterate.lora.export import export_adapter
+
+    direction = _load(ckpt, direction_path, biproject)
+    exported = export_adapter(ckpt, plan_edit(ckpt, options), direction, out, adapter_options)
+    for note in exported.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote a LoRA adapter of {exported.modules} modules and {exported.biases} biases "
+               f"({exported.nbytes / 1e6:.1f} MB) to {exported.out}")
+
+
+def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out: Path, options: EditOptions,
+                   max_memory: int, overwrite: bool, quiet: bool) -> None:
+    from abliterate.edit.plan import plan_edit
+    from abliterate.edit.weights import apply_edit
+
+    direction = _load(ckpt, direction_path, biproject)
+    result = apply_edit(ckpt, plan_edit(ckpt, options), direction, out, overwrite=overwrite, max_memory=max_memory,
+                        quiet=quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     if result.skipped_files:
         click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
                    err=True)
     click.echo(f"edited {result.edited} tensors; wrote {result.out}")
-
-
-def _layer_scales(path: Path | None) -> dict[str, tuple[float, ...]]:
-    if path is None:
-        return {}
-    from abliterate.options.recipe import read_layer_scales
-
-    return read_layer_scales(path)
 
 
 def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, options: EditOptions, requant: str,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import command_line, model_options
+from abliterate.cli.common import model_options
 
 
 def task_options(fn):
@@ -123,8 +123,7 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
                                   "adapter of another model?") from None
         lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")
     base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
-    report = run_evaluate(lm, base, settings, quiet=quiet, command=command_line(click.get_current_context()),
-                          tasks=task_settings)
+    report = run_evaluate(lm, base, settings, quiet=quiet, tasks=task_settings)
     click.echo(report.table())
     if judge:
         click.echo(f"\njudge and markers disagree on {len(report.disagreements())} replies:\n\n"

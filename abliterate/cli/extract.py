@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import command_line, model_options
+from abliterate.cli.common import model_options
+from abliterate.options.command import recorded_command
 
 
 @click.command()
@@ -66,7 +67,7 @@ def extract(model: str | None, out: Path, reselect: Path | None, harmful: str, h
     if (model is None) == (reselect is None):
         raise AbliterateError("give MODEL to extract, or --reselect FILE to choose again among saved candidates "
                               "(not both)")
-    command = command_line(click.get_current_context())
+    command = recorded_command()
     if kind == "harmfulness":
         return _harmfulness(model, out, reselect, harmful=harmful, harmless=harmless, field=field, n_train=n_train,
                             batch_size=batch_size, device=device, dtype=dtype, template=template, thinking=thinking,

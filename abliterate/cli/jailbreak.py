@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import command_line, model_options
+from abliterate.cli.common import model_options
+from abliterate.options.command import recorded_command
 
 WRAPPERS_HELP = ("Jailbreak wrappers: builtin:jailbreaks (six classes written for this project) or a JSONL file of "
                  '{"class": ..., "template": "... {prompt} ..."} objects.')
@@ -81,7 +82,7 @@ def jailbreak_vectors(model: str, out: Path, wrappers: str, classes: str | None,
     vectors = jailbreak_vectors(lm, requests, chosen, template=load_template(template), batch_size=batch_size,
                                 quiet=quiet, **({} if thinking else {"enable_thinking": False}))
     save_jailbreak_vectors(out, vectors, lm, {"wrappers": wrappers, "harmful": harmful, "prompts": len(requests),
-                                              "command": command_line(click.get_current_context())})
+                                              "command": recorded_command()})
     _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, plot_path)
     click.echo(f"wrote {out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
 
@@ -145,6 +146,6 @@ def jailbreak_evaluate(model: str, wrappers: str, classes: str | None, vectors_p
                                  quiet=quiet)
     click.echo(table)
     if out is not None:
-        report.settings["command"] = command_line(click.get_current_context())
+        report.settings["command"] = recorded_command()
         report.save_json(out)
         click.echo(f"wrote {out}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import command_line, model_options
+from abliterate.cli.common import model_options
+from abliterate.options.command import recorded_command
 
 
 @click.command()
@@ -51,7 +52,7 @@ def probe(model: str, direction_path: Path, class_name: str | None, sources: tup
     click.echo(format_table(results))
     if out is not None:
         _write_text(out, to_json(results, {"model": model, "direction": str(direction_path), "class": class_name,
-                                           "command": command_line(click.get_current_context())}))
+                                           "command": recorded_command()}))
         click.echo(f"wrote {out}")
     if plot_path is not None:
         if plot(results, plot_path):

@@ -14,6 +14,7 @@ from abliterate.arch.table import COMPONENTS, Arch, Writer, arch_for_config
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
+from abliterate.options.recipe import ApplySettings
 
 TIE_KEY = "tie_word_embeddings"
 
@@ -66,6 +67,18 @@ class EditOptions:
         """The scale the edit applies to one writer: pass this method as `hooks.ablate(strength=...)` so
         the in-memory ablation computes exactly what `apply` writes (one definition for both)."""
         return _scale_for(self, component, layer)
+
+
+def edit_options(settings: ApplySettings, *, add: bool = False) -> EditOptions:
+    """A recipe's apply section (command-line values already laid over it) as the editor's options: the one
+    conversion, shared by `apply --recipe`, the whole job and `--stream`. add: amplify (scale -|scale|)."""
+    try:
+        layers = parse_layer_range(settings.layers or None)
+    except AbliterateError as e:
+        raise AbliterateError(f"recipe apply.layers: {e}") from None
+    return EditOptions(scale=-abs(settings.scale) if add else settings.scale, layers=layers,
+                       components=settings.components, targets=settings.targets, keep_tied=settings.keep_tied,
+                       layer_scales=settings.layer_scales, norm_preserve=settings.norm_preserve)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ manifest (abliterate.json) precise enough for `abliterate verify` to re-check th
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
+from abliterate.options.command import recorded_command
 
 MANIFEST_NAME = "abliterate.json"
 DIRECTION_NAME = "refusal_direction.safetensors"
@@ -108,7 +108,7 @@ def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: 
     manifest = {
         "tool": "abliterate",
         "version": __version__,
-        "command": shlex.join(["abliterate", *sys.argv[1:]]),
+        "command": recorded_command(),
         "source": str(ckpt.root),
         "norm_preserve": plan.norm_preserve,
         "direction": {"file": DIRECTION_NAME, "metadata": direction.metadata,

@@ -18,7 +18,6 @@ category, so the first N would cover few categories).
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -31,6 +30,7 @@ from abliterate.evaluate.markers import find_refusal, strip_reasoning
 from abliterate.evaluate.records import EvalReport, EvalSettings, PromptResult, RefusalStats
 from abliterate.evaluate.tasks import TaskSettings, check_tasks, compare, run_tasks
 from abliterate.measure.loading import LoadedModel
+from abliterate.options.command import command_line, recorded_command
 from abliterate.prompts import PromptError, builtin, load_prompts
 
 # names importable from here as before the split (their homes are records, generation, judge and distance)
@@ -96,7 +96,8 @@ def evaluate(lm: LoadedModel, baseline: LoadedModel | None = None, settings: Eva
         baseline_refusal_rate=rate(base_harmful), baseline_overrefusal_rate=rate(base_over),
         judge_refusal_rate=model_harmful.judge_rate, judge_overrefusal_rate=model_over.judge_rate,
         baseline_judge_refusal_rate=judge_rate(base_harmful), baseline_judge_overrefusal_rate=judge_rate(base_over),
-        counts=counts, settings=recorded, command=command or reproduce_command(lm, baseline, settings),
+        counts=counts, settings=recorded,
+        command=recorded_command(command, library=reproduce_command(lm, baseline, settings)),
         per_prompt=model_harmful.results + model_over.results,
         baseline_per_prompt=(base_harmful.results + base_over.results) if base_harmful and base_over else [],
         benchmarks=benchmarks,
@@ -112,8 +113,8 @@ def _check_settings(settings: EvalSettings) -> None:
 
 
 def reproduce_command(lm: LoadedModel, baseline: LoadedModel | None, settings: EvalSettings) -> str:
-    """The CLI command that repeats this evaluation (for library calls; the CLI records its own argv)."""
-    args = ["abliterate", "evaluate", lm.name]
+    """The CLI command that repeats this evaluation (what a library call records)."""
+    args = ["evaluate", lm.name]
     if baseline is not None:
         args += ["--baseline", baseline.name]
     defaults = EvalSettings()
@@ -126,7 +127,7 @@ def reproduce_command(lm: LoadedModel, baseline: LoadedModel | None, settings: E
                 args += [flag] if value else []
             else:
                 args += [flag, str(value)]
-    return shlex.join(args)
+    return command_line(args)
 
 
 def select(prompts: Sequence[str], limit: int | None) -> list[str]:

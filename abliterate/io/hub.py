@@ -11,6 +11,7 @@ import fnmatch
 from pathlib import Path
 
 from abliterate.errors import AbliterateError, first_line
+from abliterate.io.checkpoint import PICKLE_SUFFIXES
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 METADATA_PATTERNS = (
@@ -18,7 +19,6 @@ METADATA_PATTERNS = (
     "chat_template.jinja", "chat_template.json", "*.model", "vocab.*", "merges.txt", "*.tiktoken", "README.md",
     "LICENSE*", "NOTICE*", "USE_POLICY*",
 )
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOOL_MARKERS = ("abliterate.json", "abliterate_adapter.json")
 
 

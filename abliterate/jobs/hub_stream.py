@@ -28,14 +28,15 @@ STATE_NAME = "stream-state.json"
 
 
 def run_stream(options) -> str:
-    """Returns the repo URL. `options` is pipeline.RunOptions (push and a direction are required)."""
+    """Returns the repo URL. `options` is run_options.RunOptions (push and a direction are required)."""
     from huggingface_hub import HfApi, hf_hub_download
 
+    from abliterate.edit.plan import edit_options
     from abliterate.edit.weights import DIRECTION_NAME
     from abliterate.io import hub
     from abliterate.io.checkpoint import INDEX_NAME
     from abliterate.io.direction_file import load_direction
-    from abliterate.jobs.whole_job import default_out, edit_options, regenerate_command
+    from abliterate.jobs.run_options import default_out, regenerate_command
     from abliterate.options.recipe import load_recipe
     from abliterate.publish.card import CardInfo, render_card, sha256_file
     from abliterate.publish.push import check_target, target_repo
@@ -82,7 +83,7 @@ def run_stream(options) -> str:
     direction = load_direction(direction_path, hidden_size=config.get("hidden_size") or
                                config.get("text_config", {}).get("hidden_size"))
     key = {"revision": options.revision, "repo": repo_id, "direction": sha256_file(Path(direction_path)),
-           "recipe": recipe.name, "apply": repr(edit_options(recipe))}
+           "recipe": recipe.name, "apply": repr(edit_options(recipe.apply))}
     if state["shards"] and state.get("key") != key:  # resuming with other inputs would publish a mixed model
         changed = ", ".join(k for k in key if (state.get("key") or {}).get(k) != key[k])
         raise AbliterateError(f"{work} holds an interrupted streamed run made with another {changed}; rerun it "
@@ -98,7 +99,7 @@ def run_stream(options) -> str:
             continue
         say(f"[{n}/{len(shards)}] {shard}: download, edit, upload")
         record = _edit_and_upload(options, api, repo_id, work, meta, shard, weight_map, direction,
-                                  replace(edit_options(recipe), partial=True))
+                                  replace(edit_options(recipe.apply), partial=True))
         state["shards"][shard] = record
         _save_state(state_path, state)
         shard_uploaded(shard)

@@ -42,7 +42,7 @@ def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> Searc
                     trust_remote_code=options.trust_remote_code)
     candidates = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
     if candidates is None:
-        from abliterate.jobs.whole_job import extract_with
+        from abliterate.jobs.extraction import extract_with
 
         candidates = work / "direction.safetensors"
         extract_with(lm, options, recipe, (harmful_train, harmless_train, harmful_val, harmless_val), candidates,

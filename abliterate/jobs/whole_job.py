@@ -8,47 +8,26 @@ chains them. The output is staged under a temporary name and renamed when comple
 
 from __future__ import annotations
 
-import shlex
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
-from abliterate.edit.plan import EditOptions, parse_layer_range
 from abliterate.errors import AbliterateError
+from abliterate.jobs.extraction import extract_with
+from abliterate.jobs.run_options import (
+    RunOptions,
+    default_out,
+    kept_path,
+    public_model,
+    public_path,
+    regenerate_command,
+)
+from abliterate.options.command import command_line
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    model: str
-    out: Path | None = None
-    adapter: bool = False
-    direction: Path | None = None
-    recipe: Path | None = None
-    harmful: str | None = None
-    harmless: str | None = None
-    field: str | None = None
-    eval_harmful: str = "builtin:harmful"
-    eval_harmless: str = "builtin:harmless"
-    evaluate: bool = True
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = False
-    force: bool = False
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    template: str | None = None  # --template: a Jinja file or text, for models without a chat template
-    overwrite: bool = False
-    stream: bool = False
-    quiet: bool = False
-    tasks: object | None = None  # evaluate.tasks.TaskSettings: lm-evaluation-harness tasks in the evaluation
-    search: int | None = None  # --search N: trials of the search on the loaded model; its choice is applied
-    max_kl: float | None = None  # the search's choice: fewest refusals within this KL
-    max_refusals: float | None = None  # ... or lowest KL within this fraction of refused prompts
-    time_budget: float | None = None  # seconds for the search's trials
+__all__ = ["RunOptions", "RunResult", "default_out", "extract_with", "kept_path", "public_model",
+           "regenerate_command", "run"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +36,6 @@ class RunResult:
     url: str | None
     direction_layer: str | None
     refusal_rate: float | None
-
-
-def default_out(model: str, adapter: bool) -> Path:
-    name = model.rstrip("/").rsplit("/", 1)[-1]
-    return Path(f"{name}-abliterated{'-adapter' if adapter else ''}")
 
 
 def run(options: RunOptions) -> RunResult:
@@ -157,45 +131,6 @@ def run(options: RunOptions) -> RunResult:
     return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None)
 
 
-def regenerate_command(options: RunOptions, model: str | None = None) -> str:
-    """The command that rebuilds this output, as a reader of the card can run it: the model as `model` (the
-    card's base model) when given; --direction as the file uploaded beside the weights; other local files
-    by their names only (no path of the publisher's disk); no --push, no token."""
-    from abliterate.edit.weights import DIRECTION_NAME
-
-    args = ["abliterate", model or options.model]
-    direction = DIRECTION_NAME if options.direction is not None else None
-    flags = {"--revision": options.revision, "--direction": direction, "--recipe": _public(options.recipe),
-             "--harmful": _public(options.harmful), "--harmless": _public(options.harmless),
-             "--field": options.field, "--dtype": options.dtype, "--template": _public(options.template)}
-    for flag, value in flags.items():
-        if value is not None:
-            args += [flag, str(value)]
-    for flag, value in {"--search": options.search, "--max-kl": options.max_kl,
-                        "--max-refusals": options.max_refusals, "--time-budget": options.time_budget}.items():
-        if value is not None:
-            args += [flag, f"{value:g}"]
-    if options.adapter:
-        args.append("--adapter")
-    if options.trust_remote_code:
-        args.append("--trust-remote-code")
-    return shlex.join(args)
-
-
-def public_model(name: str) -> str:
-    """A Hub id as it is; a local folder by its name only (a card never shows the publisher's disk)."""
-    from abliterate.publish.card import is_hub_id
-
-    return name if is_hub_id(name) else Path(name.rstrip("/")).name or name
-
-
-def _public(value: str | Path | None) -> str | None:
-    """A local file by its name only; prompt sources such as builtin:NAME or hf:OWNER/NAME as they are."""
-    if value is None or not Path(value).exists():
-        return None if value is None else str(value)
-    return Path(value).name
-
-
 def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
     from abliterate.measure.extract import split_prompts
     from abliterate.measure.loading import load_model
@@ -212,51 +147,13 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
     del lm
 
 
-def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
-    """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
-    from abliterate.measure.extract import PromptSets, extract, save_extraction
-    from abliterate.measure.selection import SelectionSettings
-    from abliterate.measure.templates import load_template
-
-    s = recipe.extract
-    settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size, s.screen_prompts,
-                                 s.finalists)
-    pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
-    result = extract(lm, PromptSets(*prompts), positions=s.positions, template=load_template(options.template),
-                     settings=settings, template_kwargs={"enable_thinking": False}, quiet=options.quiet,
-                     pending=pending, metadata={"model": options.model})
-    save_extraction(result, path)
-    pending.unlink(missing_ok=True)
-    if result.relaxed:
-        say(f"note: {result.relaxed}")
-    say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
-        f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
-
-
-def kept_path(options: RunOptions, what: str) -> Path:
-    """A file kept beside the output folder when the job fails after computing it."""
-    out = options.out or default_out(options.model, options.adapter)
-    return out.with_name(f"{out.name}.{what}.safetensors")
-
-
-def edit_options(recipe) -> EditOptions:
-    """The recipe's apply section as the editor's options."""
-    a = recipe.apply
-    try:
-        layers = parse_layer_range(a.layers or None)
-    except AbliterateError as e:
-        raise AbliterateError(f"recipe apply.layers: {e}") from None
-    return EditOptions(scale=a.scale, layers=layers, components=a.components, targets=a.targets,
-                       keep_tied=a.keep_tied, layer_scales=a.layer_scales, norm_preserve=a.norm_preserve)
-
-
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
     """Write the edited weights or the adapter to `staged`; return what the card says was done."""
-    from abliterate.edit.plan import plan_edit
+    from abliterate.edit.plan import edit_options, plan_edit
     from abliterate.edit.weights import untie_note
 
     a = recipe.apply
-    plan = plan_edit(ckpt, edit_options(recipe))
+    plan = plan_edit(ckpt, edit_options(recipe.apply))
     if options.adapter:
         from abliterate.lora.export import AdapterOptions, export_adapter
 
@@ -292,23 +189,22 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
                          f"{options.model} + adapter")
     else:
         lm = load(staged)
-    command = (f"abliterate evaluate OUTPUT --baseline {shlex.quote(public_model(options.model))} --limit {e.limit} "
-               f"--max-new-tokens {e.max_new_tokens} --kl-tokens {e.kl_tokens}"
-               + (f" --harmful {shlex.quote(_public(options.eval_harmful) or '')}"
-                  if options.eval_harmful != "builtin:harmful" else "")
-               + (f" --harmless {shlex.quote(_public(options.eval_harmless) or '')}"
-                  if options.eval_harmless != "builtin:harmless" else "")
-               + (f" --template {shlex.quote(_public(options.template) or '')}" if options.template else "")
-               + (_tasks_arguments(options.tasks) if options.tasks else ""))
+    args: list[object] = ["evaluate", "OUTPUT", "--baseline", public_model(options.model), "--limit", e.limit,
+                          "--max-new-tokens", e.max_new_tokens, "--kl-tokens", e.kl_tokens]
+    args += ["--harmful", public_path(options.eval_harmful) or ""] if options.eval_harmful != "builtin:harmful" else []
+    if options.eval_harmless != "builtin:harmless":
+        args += ["--harmless", public_path(options.eval_harmless) or ""]
+    args += ["--template", public_path(options.template) or ""] if options.template else []
+    args += _tasks_arguments(options.tasks) if options.tasks else []
     tasks = replace(options.tasks, batch_size=e.batch_size) if options.tasks else None
-    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command, tasks=tasks)
+    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
     say(report.table())
     return report
 
 
-def _tasks_arguments(tasks) -> str:
+def _tasks_arguments(tasks) -> list[object]:
     """The --tasks options of the recorded evaluate command."""
-    out = f" --tasks {shlex.quote(','.join(tasks.tasks))}"
-    out += f" --tasks-limit {tasks.limit}" if tasks.limit is not None else ""
-    out += f" --tasks-fewshot {tasks.num_fewshot}" if tasks.num_fewshot is not None else ""
-    return out + (" --tasks-chat-template" if tasks.chat_template else "")
+    out: list[object] = ["--tasks", ",".join(tasks.tasks)]
+    out += ["--tasks-limit", tasks.limit] if tasks.limit is not None else []
+    out += ["--tasks-fewshot", tasks.num_fewshot] if tasks.num_fewshot is not None else []
+    return out + (["--tasks-chat-template"] if tasks.chat_template else [])

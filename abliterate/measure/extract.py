@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shlex
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from abliterate.measure.loading import LoadedModel
 from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids, score_candidates
 from abliterate.measure.selection import CandidateScore, SelectionSettings, choose, scores_from_json, scores_json
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render
+from abliterate.options.command import recorded_command
 from abliterate.prompts import PromptError, builtin, load_prompts
 
 MIN_PROMPTS = 8
@@ -154,7 +153,7 @@ def _common_metadata(result: Extraction) -> dict[str, str]:
         "model": result.model,
         "hidden_size": str(result.candidates.shape[-1]),
         "num_layers": str(result.num_layers),
-        "command": shlex.join(["abliterate", *sys.argv[1:]]),
+        "command": recorded_command(),
         "tool": f"abliterate {__version__}",
         "refusal_score_baseline": f"{result.baseline_refusal:.4f}",
         "post_instruction_suffix": result.suffix,
@@ -183,7 +182,7 @@ def save_candidates(result: Extraction, path: Path) -> None:
 
 
 def save_extraction(result: Extraction, path: Path, extra_metadata: dict | None = None) -> None:
-    """Direction, every candidate and their scores in one file; `command` in extra_metadata overrides sys.argv."""
+    """Direction, every candidate and their scores in one file; `command` in extra_metadata wins."""
     path = Path(path)
     check_output_file(path)
     best = result.best

@@ -3,7 +3,8 @@
 `ablate` removes s r (r . out) from the output of exactly the modules whose weights `apply` edits
 (the architecture table's hook_modules), so an ablated forward computes what the edited checkpoint
 computes: selection, evaluation and search score the edit itself, not an approximation of it.
-`add` adds a vector to the residual stream entering a decoder layer (activation addition).
+`add` adds a vector to the residual stream entering a decoder layer (activation addition), `add_after` to
+the stream leaving one (steering).
 """
 
 from __future__ import annotations
@@ -107,6 +108,31 @@ def add(model: torch.nn.Module, arch: Arch, layer: int, vector: torch.Tensor, co
         return args, {**kwargs, "hidden_states": hidden + delta}
 
     handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def add_after(model: torch.nn.Module, arch: Arch, layer: int, vector: torch.Tensor, coeff: float = 1.0,
+              positions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    """Add coeff * vector to the residual stream leaving decoder layer `layer`: entering layer + 1 (`add`), or
+    for the last layer, which no layer follows, to its output before the final norm."""
+    layers = decoder_layers(model, arch)
+    if layer + 1 < len(layers):
+        with add(model, arch, layer + 1, vector, coeff, positions):
+            yield
+        return
+    cache: dict = {}
+
+    def shift(hidden: torch.Tensor) -> torch.Tensor:
+        key = (hidden.dtype, hidden.device)
+        if key not in cache:
+            cache[key] = (coeff * vector.to(torch.float32)).to(dtype=hidden.dtype, device=hidden.device)
+        return hidden + (cache[key] if positions is None else cache[key] * positions(hidden).to(hidden.dtype))
+
+    handle = layers[layer].register_forward_hook(lambda _module, _inputs, output: _apply_to_output(output, shift))
     try:
         yield
     finally:

@@ -182,5 +182,24 @@ def read_layer_scales(path: Path) -> dict[str, tuple[float, ...]]:
     return scales
 
 
+def apply_settings(model_type: str | None, recipe_file: Path | None, values: dict[str, Any], given: set[str],
+                   layer_scales_file: Path | None = None) -> ApplySettings:
+    """`apply`'s settings: without --recipe the command-line values; with it the recipe's apply section, with the
+    values given on the command line laid over it; --layer-scales FILE replaces the per-layer scales.
+
+    values: ApplySettings fields as the command line holds them (direction a path or None);
+    given: the names set explicitly on the command line."""
+    settings = ApplySettings()
+    if recipe_file is not None:
+        settings = load_recipe(model_type, recipe_file).apply
+        values = {k: v for k, v in values.items() if k in given}
+    if values.get("direction") is not None:
+        values = {**values, "direction": str(values["direction"])}
+    settings = replace(settings, **{k: v for k, v in values.items() if k != "direction" or v is not None})
+    if layer_scales_file is not None:
+        settings = replace(settings, layer_scales=read_layer_scales(layer_scales_file))
+    return settings
+
+
 def save_recipe(recipe: Recipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from abliterate import __version__
 from abliterate.errors import AbliterateError
 from abliterate.io.direction_file import save_direction
 from abliterate.measure.loading import LoadedModel
+from abliterate.options.command import recorded_command
 from abliterate.search.space import CandidateSet, Point, direction_for
 
 DIRECTION_SUFFIX = ".direction.safetensors"
@@ -95,7 +94,7 @@ def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: 
     out = Path(out)
     direction_path = out.with_name(out.stem + DIRECTION_SUFFIX)
     r = direction_for(cands, choice.point)
-    command = shlex.join(["abliterate", *sys.argv[1:]])
+    command = recorded_command()
     save_direction(direction_path, r, {
         "model": model_name or lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
         "hidden_size": lm.hidden_size, "num_layers": lm.num_layers, "command": command,

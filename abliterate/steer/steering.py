@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from abliterate.arch.table import Arch
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.evaluation import EvalSettings, generate
 from abliterate.measure.activations import batches, mean_residuals
-from abliterate.measure.hooks import add, decoder_layers
+from abliterate.measure.hooks import add_after, decoder_layers
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import count_suffix_tokens, post_instruction_suffix, render
 
@@ -292,27 +292,8 @@ def steering(model: torch.nn.Module, arch: Arch | None, layer: int, vector: obje
             model.generate = steered_generate  # the instance attribute shadows the method until restored
             stack.callback(lambda: setattr(model, "generate", shadowed) if shadowed is not None
                            else delattr(model, "generate"))
-        if layer + 1 < len(layers):
-            stack.enter_context(add(model, arch, layer + 1, vec, coeff, positions))
-        else:
-            stack.enter_context(_add_after_last_layer(layers[layer], vec, coeff, positions))
+        stack.enter_context(add_after(model, arch, layer, vec, coeff, positions))
         yield
-
-
-@contextlib.contextmanager
-def _add_after_last_layer(block: torch.nn.Module, vec: torch.Tensor, coeff: float,
-                          positions: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """The last layer has no next layer to pre-hook: add to its output, before the final norm."""
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        delta = (coeff * vec).to(dtype=hidden.dtype, device=hidden.device) * positions(hidden).to(hidden.dtype)
-        return (hidden + delta, *output[1:]) if isinstance(output, tuple) else hidden + delta
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def generate_steered(lm: LoadedModel, instructions: Sequence[str], vectors: np.ndarray, layer: int, coeff: float, *,
