@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from abliterate.gguf.format import FLOAT_TYPES, block_layout, dequantize, encode
 from abliterate.gguf.plan import GgufEdit, GgufPlan
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import TensorInfo, copy_range, pread_into, pwrite_all
+from abliterate.options.command import recorded_command
 
 MANIFEST_SUFFIX = ".abliterate.json"
 # gguf's quantisers hold a few float32 temporaries of a chunk: quantised tensors get a smaller chunk
@@ -168,7 +168,7 @@ def write_manifest(plan: GgufPlan, direction: Direction, path: Path, max_memory:
     manifest = {
         "tool": "abliterate",
         "version": __version__,
-        "command": shlex.join(["abliterate", *sys.argv[1:]]),
+        "command": recorded_command(),
         "source": str(plan.src.path),
         "direction": {"file": str(direction.path.absolute()) if direction.path else None,
                       "metadata": direction.metadata, "per_layer": direction.per_layer},
