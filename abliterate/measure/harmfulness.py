@@ -10,8 +10,6 @@ to the refusal direction (the same difference at the last post-instruction token
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from abliterate.io.direction_file import check_output_file, save_direction
 from abliterate.measure.activations import format_prompts, mean_residuals
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.probe import post_positions
+from abliterate.options.command import recorded_command
 
 KIND = "harmfulness"
 
@@ -58,5 +57,5 @@ def save_harmfulness(result: Harmfulness, path: Path, lm: LoadedModel, metadata:
         "magnitude": json.dumps([round(v, 6) for v in result.direction.norm(dim=-1).tolist()]),
         "cosine_to_refusal": json.dumps([round(v, 6) for v in result.cosine.tolist()]),
         "refusal_position": "last post-instruction token",
-        "command": shlex.join(["abliterate", *sys.argv[1:]]), "tool": f"abliterate {__version__}", **metadata,
+        "command": recorded_command(), "tool": f"abliterate {__version__}", **metadata,
     }, extra={"refusal": result.refusal})
