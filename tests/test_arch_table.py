@@ -98,6 +98,15 @@ def test_every_model_type_in_the_table_has_a_tiny_model_in_the_exactness_tests()
     assert set(supported_model_types()) == set(FAMILIES)
 
 
+def test_model_type_tables_outside_the_architecture_table_name_only_its_model_types():
+    from abliterate.lora.export import EXPERT_LAYOUTS
+    from abliterate.lora.placement import _MODULE_RENAMES
+
+    assert set(EXPERT_LAYOUTS) | set(_MODULE_RENAMES) <= set(supported_model_types())
+    recipes = {p.stem for p in (ROOT / "recipes").glob("*.yaml")} - {"default"}
+    assert recipes <= set(supported_model_types())
+
+
 def readme_section(title: str) -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(f"### {title}")
@@ -116,3 +125,11 @@ def test_readme_family_lists_are_the_tested_model_types():
     assert sorted(listed_after(section, "Tested")) == sorted(FAMILIES)
     caveat = listed_after(section, "Normalised block outputs")
     assert sorted(caveat) == NORMALISING
+
+
+def test_recipes_mention_a_shared_expert_only_for_families_that_have_one():
+    for path in (ROOT / "recipes").glob("*.yaml"):
+        if "shared expert" not in path.read_text() or path.stem == "default":
+            continue
+        names = [n for n, _ in build_model(FAMILIES[path.stem]).named_parameters()]
+        assert any("shared" in n for n in names), path.name

@@ -185,3 +185,15 @@ def test_an_adapter_of_another_model_is_one_line_naming_the_mismatch(refusing_mo
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: cannot load the adapter") and "size mismatch" in line and "another model" in line
+
+
+def test_a_pickled_adapter_is_refused_before_anything_is_loaded(tmp_path):
+    """peft would load adapter_model.bin with torch.load; evaluate refuses it, as merge does."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1}')
+    (adapter / "adapter_model.bin").write_bytes(b"not loaded")
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "no-model"), "--adapter", str(adapter), "-q"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "adapter_model.bin" in line and "pickle" in line

@@ -166,3 +166,31 @@ def test_an_unknown_hub_repo_or_a_folder_without_config_is_one_clear_error(hub, 
     code, output = run_cli(str(tmp_path / "empty"), "--no-eval", "-q", "--out", str(tmp_path / "o"))
     assert code == 2 and "config.json" in output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cards_measured_with_command_reproduces_the_adapter_numbers(refusing_model, prompt_files, tmp_path,
+                                                                       monkeypatch):
+    """With --adapter, the recorded command evaluates the base model with the adapter on it (not OUTPUT alone,
+    which is an adapter folder); run as recorded, where local inputs are found by the names the card gives them,
+    it prints the card's numbers."""
+    import re
+    import shlex
+
+    out = tmp_path / "toy-adapter"
+    code, output = run_cli(str(refusing_model), "--adapter", "--out", str(out), *job_args(prompt_files))
+    assert code == 0, output
+    card = (out / "README.md").read_text()
+    command = re.search(r"Measured with:\n\n```bash\n(.+?)\n```", card).group(1)
+    assert command.startswith(f"abliterate evaluate {refusing_model.name} --adapter OUTPUT --baseline ")
+    replay = tmp_path / "replay"  # the card names local files by their names only: put them there
+    replay.mkdir()
+    for path in (refusing_model, *map(Path, prompt_files.values())):
+        (replay / path.name).symlink_to(path)
+    monkeypatch.chdir(replay)
+    args = [str(out) if a == "OUTPUT" else a for a in shlex.split(command)[1:]]
+    code, printed = run_cli(*args, "-q", "--device", "cpu")
+    assert code == 0, printed
+    card_rows = dict(re.findall(r"^\| ([a-zA-Z][^|]*?) \| ([^|]*\(baseline [^|]*\)) \|$", card, re.M))
+    printed_rows = {m: f"{v} (baseline {b})" for m, v, b in
+                    re.findall(r"^\| ([a-zA-Z][^|]*?) \| ([^|]+?) \| ([^|]+?) \|$", printed, re.M)}
+    assert card_rows and all(printed_rows[m] == v for m, v in card_rows.items()), (card_rows, printed_rows)

@@ -278,8 +278,8 @@ def test_tsv_is_read_like_csv(tmp_path):
 
 
 def test_parquet_column_is_read(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # in the dev extra: this runs for real, never skipped
+    import pyarrow.parquet as pq
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": ["a", " b ", None], "n": [1, 2, 3]}), path)
     assert load_prompts(path) == ["a", "b"]
@@ -392,6 +392,32 @@ def test_hf_without_datasets_installed_says_pip_install_datasets(monkeypatch):
 @pytest.mark.parametrize("spec", ["hf:justname", "hf:a/b/c", "hf:owner/name:", "hf:a/b:c:d:e"])
 def test_hf_malformed_reference_shows_the_accepted_forms(spec):
     assert "hf:OWNER/NAME" in _error(spec)
+
+
+@pytest.fixture
+def local_hub_dataset(tmp_path, monkeypatch) -> Path:
+    """A dataset folder `org/prompts` (a train and a test split, parquet and JSON Lines) in the working directory:
+    the real `datasets.load_dataset("org/prompts")` reads a local folder of that name; the Hub is switched off."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "org" / "prompts" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"goal": ["pick a lock", " hotwire a car "], "category": ["a", "b"]}),
+                   folder / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"goal": ["forge a check"], "category": ["c"]}), folder / "test-00000-of-00001.parquet")
+    return folder
+
+
+def test_hf_dataset_loads_with_the_real_datasets_package_from_local_files(local_hub_dataset):
+    assert load_prompts("hf:org/prompts:train") == ["pick a lock", "hotwire a car"]
+    assert load_prompts("hf:org/prompts", split="test") == ["forge a check"]
+    assert load_prompts("hf:org/prompts:train", field="category") == ["a", "b"]
+    assert "dataset has splits" in _error("hf:org/prompts") and "hf:org/prompts:train" in _error("hf:org/prompts")
 
 
 class _FakeDataset:

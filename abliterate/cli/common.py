@@ -38,7 +38,7 @@ def parse_components(value: str) -> tuple[str, ...]:
 
 def model_options(*, thinking: bool = True, batch_size: int | None = None):
     """The options of every command that loads a model to run it: device, dtype, template, thinking mode,
-    remote code (and a batch size, where the command has a default for it)."""
+    remote code, --arch (and a batch size, where the command has a default for it)."""
     options = [click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto."),
                click.option("--dtype", default="auto", show_default=True,
                             help="auto (the checkpoint's), bfloat16, float16, float32."),
@@ -55,6 +55,7 @@ def model_options(*, thinking: bool = True, batch_size: int | None = None):
                                     help="Prompts per forward pass; lower it if memory runs out."))
 
     def decorate(fn):
+        fn = arch_option(fn)
         for option in reversed(options):
             fn = option(fn)
         return fn
@@ -66,3 +67,20 @@ def given_on_command_line() -> set[str]:
     """The parameters of the running command that were set on the command line (not defaults)."""
     ctx = click.get_current_context()
     return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def arch_option(fn):
+    """--arch FILE: a family file (YAML, see docs/architecture.md) for a model_type the shipped table lacks
+    or describes wrongly; the command runs with it ahead of the table."""
+    import functools
+
+    @functools.wraps(fn)
+    def run_with_arch(*args, arch: str | None = None, **kwargs):
+        from abliterate.arch.table import using_arch
+
+        with using_arch(arch):
+            return fn(*args, **kwargs)
+
+    return click.option("--arch", "arch", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+                        help="Family file (YAML) naming the tensors that write into the residual stream, for a "
+                        "model_type abliterate's table lacks (see docs/architecture.md).")(run_with_arch)

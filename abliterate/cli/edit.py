@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from abliterate.arch.table import COMPONENTS
-from abliterate.cli.common import given_on_command_line, parse_components, parse_layers, parse_size
+from abliterate.cli.common import arch_option, given_on_command_line, parse_components, parse_layers, parse_size
 
 if TYPE_CHECKING:
     from abliterate.edit.plan import EditOptions
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 @click.option("--requant", default="Q8_0", show_default=True,
               help="GGUF input only: the type to write edited tensors whose quantisation the gguf library cannot "
               "write (K-quants, IQ types); Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
+@arch_option
 def apply(checkpoint: Path, direction: Path | None, out: Path, scale: float, add_direction: bool,
           layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool,
           norm_preserve: bool, biproject: bool, max_memory: int,
@@ -190,6 +191,7 @@ def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, option
               help="Memory budget for tensor chunks.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@arch_option
 def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: bool, quiet: bool) -> None:
     """Merge a LoRA ADAPTER (any rank) into the checkpoint BASE, writing a new folder.
 
@@ -219,14 +221,20 @@ def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: 
 @click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
 @click.option("--max-memory", default=None, callback=lambda c, p, v: v and parse_size(v),
               help="Memory budget for tensor chunks (default: the one the edit used).")
+@arch_option
 def verify(original: Path, edited: Path | None, direction_path: Path | None, from_options: bool, scale: float,
            layers: str | None, components: tuple[str, ...], max_memory: int | None) -> None:
     """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
 
-    Edited tensors must match the projection recomputed from ORIGINAL (within one rounding step of
-    their dtype plus the proven bound on summing r^T W in another order) and keep at most 1e-6 |W|
-    along the direction (float32; eps(dtype) |W| for 16-bit);
-    every other tensor, the index, config and other files must be identical. Exits 1 on any violation.
+    Each edited tensor is recomputed in float64 from ORIGINAL: per row or column, the coefficient T it
+    removed along r is estimated from the two files and every element must satisfy
+    |W'_i - (W_i - r_i T)| <= rho |W'_i| + 3u |r_i T| + |r_i| D + tiny (rho: one rounding of the dtype
+    plus one float32 subtraction; u = 2^-24; D: the estimate's own rounding bound), and T must be
+    within s gamma_d sum_k |r_k W_k| + u |T| + D of s r^T W (gamma_d = d u / (1 - d u): summing d
+    float32 products in any order). At scale 1 at most 1e-6 |W| may remain along r (float32;
+    eps(dtype) |W| for 16-bit). Every other tensor, the index, config and other files must be
+    identical. The report says how many tensors were edited, at which scale, and how many are
+    identical. Exits 1 on any violation.
 
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
 
@@ -286,7 +294,5 @@ def _gguf_direction(edited: Path, direction_path: Path | None) -> Direction:
 def _print_report(report: VerifyReport) -> None:
     for problem in report.problems:
         click.echo(f"FAIL {problem}", err=True)
-    click.echo(f"checked {report.tensors_checked} tensors ({report.edited_checked} edited; largest residual along "
-               f"the direction {report.max_relative_residual:.2e} |W|): "
-               + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
+    click.echo(f"{report.summary()}: " + ("OK" if report.ok else f"{len(report.problems)} problem(s)"))
     sys.exit(0 if report.ok else 1)

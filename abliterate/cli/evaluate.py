@@ -93,10 +93,11 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
     (`pip install 'abliterate[bench]'`), with standard errors and the difference. Prints Markdown
     tables for a model card.
     """
-    from abliterate.errors import AbliterateError, first_line
+    from abliterate.errors import AbliterateError
     from abliterate.evaluate.evaluation import EvalSettings
     from abliterate.evaluate.evaluation import evaluate as run_evaluate
-    from abliterate.measure.loading import LoadedModel, load_model
+    from abliterate.lora.adapter_file import weights_path
+    from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
     settings = EvalSettings(limit=limit or None, max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
@@ -111,17 +112,10 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
     if limit < 0:
         raise AbliterateError("--limit must be 0 (every prompt) or more")
     task_settings = task_settings_from(tasks, tasks_limit, tasks_fewshot, tasks_chat_template, batch_size, thinking)
+    if adapter_dir is not None:  # before loading anything; and never let peft fall back to a pickled .bin
+        weights_path(adapter_dir)
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        try:
-            peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
-        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes of another model
-            reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
-            raise AbliterateError(f"cannot load the adapter {adapter_dir} onto {model} ({reason}); is it the "
-                                  "adapter of another model?") from None
-        lm = LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")
+    lm = with_adapter(lm, adapter_dir, model) if adapter_dir is not None else lm
     base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
     report = run_evaluate(lm, base, settings, quiet=quiet, tasks=task_settings)
     click.echo(report.table())
@@ -133,3 +127,19 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
                    "ran out (counted as not refused); raise --max-new-tokens", err=True)
     if out is not None:
         click.echo(f"wrote {report.save_json(out)}")
+
+
+def with_adapter(lm, adapter_dir: Path, model: str):
+    """`lm` with the peft adapter at `adapter_dir` on it, or one line saying why it does not fit."""
+    from peft import PeftModel
+
+    from abliterate.errors import AbliterateError, first_line
+    from abliterate.measure.loading import LoadedModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(lm.model, str(adapter_dir)).eval()
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes of another model
+        reason = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
+        raise AbliterateError(f"cannot load the adapter {adapter_dir} onto {model} ({reason}); is it the "
+                              "adapter of another model?") from None
+    return LoadedModel(peft_model, lm.tokenizer, lm.arch, f"{model} + {adapter_dir}")

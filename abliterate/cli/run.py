@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from abliterate.cli.common import arch_option
 from abliterate.cli.evaluate import task_options, task_settings_from
 
 
@@ -48,6 +49,7 @@ from abliterate.cli.evaluate import task_options, task_settings_from
               "shard at a time (disk for about two shards); a rerun resumes; --out is the work folder.")
 @task_options
 @click.option("--quiet", "-q", is_flag=True)
+@arch_option
 def run(model: str, out: Path | None, push_to: str | None, adapter: bool, direction_path: Path | None,
         recipe_path: Path | None, harmful: str | None, harmless: str | None, field: str | None, eval_harmful: str,
         eval_harmless: str, search_trials: int | None, max_kl: float | None, max_refusals: float | None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import model_options, parse_layers
+from abliterate.cli.common import arch_option, model_options, parse_layers
 
 
 @click.group()
@@ -150,6 +150,7 @@ def steer_sweep(model: str, vectors_path: Path, pairs_path: Path, layers: str | 
               "`lora_bias`): exact for families without an MLP output bias too (Qwen2/3, Mistral, Phi-3).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@arch_option
 def steer_bake(checkpoint: Path, vectors_path: Path, layer: int, coeff: float, out: Path, cls: str | None,
                adapter: bool, overwrite: bool, quiet: bool) -> None:
     """Write CHECKPOINT with coeff x vector baked into the bias of --layer's MLP output projection.

@@ -234,7 +234,7 @@ def _check_editable(info: TensorInfo, axis: int, d: int) -> None:
 
 
 def _check_every_layer_has_writers(ckpt: Checkpoint, arch: Arch, writers: tuple[Writer, ...]) -> None:
-    seen: dict[str, set[int]] = {"attn": set(), "mlp": set()}
+    seen: dict[str, set[int]] = {c: set() for c in ("attn", "mlp") if any(w.component == c for w in writers)}
     for name in ckpt.tensors:
         found = _match(writers, name)
         if found and found[1] is not None and found[0].component in seen:

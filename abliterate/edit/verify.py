@@ -1,9 +1,12 @@
-"""Re-check an edited checkpoint against its original, streaming, without trusting the editor.
+"""Re-check an edited checkpoint against its original, streaming within a memory budget.
 
-For every tensor: an edited one must equal the projection recomputed from the original (within
-the stored dtype's relative epsilon) and, where the direction was removed fully, keep no more
-than eps(dtype) |W| along it (1e-6 |W| for float32); every other tensor must be byte-identical.
-Shard names, tensor order, dtypes, shapes, the index, config and the other files are compared too.
+For every tensor: an edited one must be the projection recomputed in float64 from the original, within
+the bound verify_tensor.py states (one rounding of its dtype per element, the float32 summation bound
+per row or column) and, where the direction was removed fully, keep no more than 1e-6 |W| along it
+(float32; eps(dtype) |W| for 16-bit); every other tensor must be byte-identical. Shard names, tensor
+order, dtypes, shapes, the index, config and the other files are compared too. The report says how
+many tensors were edited at which scale and how many are identical, so an edit that touched nothing
+cannot pass unnoticed; the direction is the edited folder's copy unless the caller passes another.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from abliterate.edit.plan import EditOptions, plan_edit
-from abliterate.edit.projection import EPS, TINY, iter_edited_chunks, plan_chunks, read_chunk, residual_along, widen
+from abliterate.edit.projection import EPS, TINY, plan_chunks, read_chunk, residual_along
 from abliterate.edit.shard_writer import chunk_budget
+from abliterate.edit.verify_tensor import check_edited_tensor
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, MANIFEST_NAME
 from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import TensorInfo, pread_into
 
 FLOAT32_RESIDUAL_TOLERANCE = 1e-6
-BLOCK = 16 << 20
+BLOCK = 16 << 20  # bytes compared at a time for identical tensors (less when the budget is smaller)
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,32 @@ class TargetSpec:
 @dataclass
 class VerifyReport:
     tensors_checked: int = 0
-    edited_checked: int = 0
-    max_relative_residual: float = 0.0
+    identical: int = 0  # tensors checked byte-identical to the original (the untied output copy included)
+    edited_by_scale: dict[float, int] = field(default_factory=dict)
+    max_relative_residual: float = 0.0  # largest |r^T W'| / |W| over tensors edited at scale 1
+    element_ratio: float = 0.0  # largest element error as a fraction of its rounding bound
+    coefficient_ratio: float = 0.0  # largest coefficient error as a fraction of the float32 summation bound
+    bounds_checked: bool = False  # the two ratios above were measured (not by the GGUF checker, which has its own)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def edited_checked(self) -> int:
+        return sum(self.edited_by_scale.values())
+
+    def count_edit(self, scale: float) -> None:
+        self.edited_by_scale[scale] = self.edited_by_scale.get(scale, 0) + 1
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def summary(self) -> str:
+        """What was checked, in one line: an edit that touched nothing shows as 0 edited."""
+        scales = ", ".join(f"{n} at scale {s:g}" for s, n in sorted(self.edited_by_scale.items())) or "none"
+        bounds = (f"worst element error {self.element_ratio:.2f} of its rounding bound, worst coefficient error "
+                  f"{self.coefficient_ratio:.2f} of the float32 summation bound; " if self.bounds_checked else "")
+        return (f"checked {self.tensors_checked} tensors: {self.edited_checked} edited ({scales}), {self.identical} "
+                f"byte-identical; {bounds}largest residual along the direction {self.max_relative_residual:.2e} |W|")
 
 
 def expected_edit(
@@ -75,6 +98,9 @@ def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: 
     targets, untie = expected_edit(original, Path(edited_dir), options)
     untied = untie[0] if untie else None
     report = VerifyReport()
+    if not targets:
+        report.problems.append("the edit lists no edited tensor: nothing was removed")
+    budget = chunk_budget(max_memory)
     _check_layout(original, edited, untied, report)
     with ExitStack() as stack:
         fds = {}
@@ -91,17 +117,17 @@ def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: 
             src_fd, dst_fd = fds[original.root, shard], fds[edited.root, e_shard]
             report.tensors_checked += 1
             if name in targets:
-                _check_edited(src_fd, info, dst_fd, e_info, direction, targets[name], max_memory, report)
+                _check_edited(src_fd, info, dst_fd, e_info, direction, targets[name], budget, report)
             elif untie and name == untie[0]:
                 emb_shard, emb = original.tensors[untie[1]]
-                _check_identical(fds[original.root, emb_shard], emb, dst_fd, e_info, report)
+                _check_identical(fds[original.root, emb_shard], emb, dst_fd, e_info, budget, report)
             else:
-                _check_identical(src_fd, info, dst_fd, e_info, report)
+                _check_identical(src_fd, info, dst_fd, e_info, budget, report)
         if untie and untie[0] not in original.tensors and untie[0] in edited.tensors:
             emb_shard, emb = original.tensors[untie[1]]
             e_shard, e_info = edited.tensors[untied]
             report.tensors_checked += 1
-            _check_identical(fds[original.root, emb_shard], emb, fds[edited.root, e_shard], e_info, report)
+            _check_identical(fds[original.root, emb_shard], emb, fds[edited.root, e_shard], e_info, budget, report)
     return report
 
 
@@ -160,85 +186,54 @@ def _without_tie(config: dict, untied: str | None) -> dict:
     return strip
 
 
-def _check_identical(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, report: VerifyReport) -> None:
-    for (a, b) in _blocks(src_fd, info.start, dst_fd, e_info.start, info.nbytes):
+def _check_identical(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, budget: int,
+                     report: VerifyReport) -> None:
+    for (a, b) in _blocks(src_fd, info.start, dst_fd, e_info.start, info.nbytes, max(min(BLOCK, budget // 2), 1)):
         if a != b:
             report.problems.append(f"{e_info.name} should be byte-identical to the original but differs")
             return
+    report.identical += 1
 
 
-def _blocks(fd_a: int, start_a: int, fd_b: int, start_b: int, n: int) -> Iterator[tuple[bytes, bytes]]:
-    for off in range(0, n, BLOCK):
-        m = min(BLOCK, n - off)
-        a, b = bytearray(m), bytearray(m)
-        pread_into(fd_a, memoryview(a), start_a + off)
-        pread_into(fd_b, memoryview(b), start_b + off)
-        yield a, b
+def _blocks(fd_a: int, start_a: int, fd_b: int, start_b: int, n: int,
+            size: int) -> Iterator[tuple[memoryview, memoryview]]:
+    a, b = bytearray(min(size, n)), bytearray(min(size, n))
+    for off in range(0, n, size):
+        m = min(size, n - off)
+        pread_into(fd_a, memoryview(a)[:m], start_a + off)
+        pread_into(fd_b, memoryview(b)[:m], start_b + off)
+        yield memoryview(a)[:m], memoryview(b)[:m]
 
 
 def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, direction: Direction,
-                  spec: TargetSpec, max_memory: int, report: VerifyReport) -> None:
-    report.edited_checked += 1
-    r = direction.for_layer(spec.layer)
-    eps = EPS[info.dtype]
-    edited_view = TensorInfo(e_info.name, e_info.dtype, e_info.shape, e_info.start, e_info.end)
-    budget = chunk_budget(max_memory)
+                  spec: TargetSpec, budget: int, report: VerifyReport) -> None:
+    report.count_edit(spec.scale)
     if spec.preserve:
-        _check_norm_preserved(src_fd, info, dst_fd, edited_view, r, spec, budget, report)
+        edited_view = TensorInfo(e_info.name, e_info.dtype, e_info.shape, e_info.start, e_info.end)
+        _check_norm_preserved(src_fd, info, dst_fd, edited_view, direction.for_layer(spec.layer), spec, budget,
+                              report)
         return
-    order_slack = _summation_slack(src_fd, info, r, spec, budget)
-    for (chunk, expected, _), slack in zip(iter_edited_chunks(src_fd, info, r, spec.hidden_axis, spec.scale, budget),
-                                           order_slack, strict=True):
-        got = read_chunk(dst_fd, edited_view, chunk).astype(np.float64)
-        want = widen(expected, info.dtype).astype(np.float64)
-        removed = np.abs(read_chunk(src_fd, info, chunk).astype(np.float64) - want)
-        diff = np.abs(got - want)
-        # W' = W - s r (r^T W) rounds once to the stored dtype, so another run may differ by one step of
-        # the larger of |W'| and the removed part, plus what another order of summing r^T W changes
-        allowed = 2 * eps * (np.abs(want) + removed) + slack + TINY[info.dtype]
-        if not (diff <= allowed).all() or not np.isfinite(got).all():
-            worst = float(np.nan_to_num(diff, nan=np.inf).max())
-            report.problems.append(
-                f"{e_info.name} differs from the recomputed projection (max abs diff {worst:.3g}, "
-                f"more than rounding allows)"
-            )
-            return
+    report.bounds_checked = True
+    check = check_edited_tensor(src_fd, info, dst_fd, e_info, direction.for_layer(spec.layer), spec.scale,
+                                spec.hidden_axis, budget)
+    report.element_ratio = max(report.element_ratio, check.element_ratio)
+    report.coefficient_ratio = max(report.coefficient_ratio, check.coefficient_ratio)
+    if not check.finite:
+        report.problems.append(f"{e_info.name} holds NaN or inf where the recomputed projection is finite")
+    elif check.element_ratio > 1:
+        report.problems.append(f"{e_info.name} differs from the recomputed projection by {check.element_ratio:.3g} "
+                               "times the rounding bound (see `abliterate verify --help`)")
+    elif check.coefficient_ratio > 1:
+        report.problems.append(f"{e_info.name} differs from the recomputed projection: what it removes along the "
+                               f"direction is off by {check.coefficient_ratio:.3g} times the float32 summation bound")
     if spec.scale == 1.0:
-        along, _ = residual_along(dst_fd, edited_view, r, spec.hidden_axis, budget)
-        _, norm = residual_along(src_fd, info, r, spec.hidden_axis, budget)
-        tolerance = max(FLOAT32_RESIDUAL_TOLERANCE, eps) if info.dtype != "F32" else FLOAT32_RESIDUAL_TOLERANCE
-        relative = along / norm if norm else 0.0
+        tolerance = FLOAT32_RESIDUAL_TOLERANCE if info.dtype in ("F32", "F64") else max(FLOAT32_RESIDUAL_TOLERANCE,
+                                                                                         EPS[info.dtype])
+        relative = check.along / check.norm if check.norm else 0.0
         report.max_relative_residual = max(report.max_relative_residual, relative)
         if relative > tolerance:
-            report.problems.append(
-                f"{e_info.name} keeps {relative:.3g} |W| along the direction (allowed {tolerance:.3g})"
-            )
-
-
-def _summation_slack(fd: int, info: TensorInfo, r: np.ndarray, spec: TargetSpec, budget: int) -> Iterator[np.ndarray]:
-    """Per chunk, the most that summing c = r^T W in another order (another chunking, BLAS or
-    machine) can move s r c: |s| |r_i| d u sum_k |r_k W_k| (the classic dot-product bound)."""
-    d = r.size
-    unit = 2.0**-53 if info.dtype == "F64" else 2.0**-24
-    abs_r = np.abs(r).astype(np.float64)
-    factor = abs(spec.scale) * d * unit
-    chunks = plan_chunks(info, spec.hidden_axis, d, budget)
-    column_sums = np.zeros(0)
-    for i, chunk in enumerate(chunks):
-        w = np.abs(read_chunk(fd, info, chunk).astype(np.float64))
-        if spec.hidden_axis == -1:
-            yield factor * np.multiply.outer(w @ abs_r, abs_r)
-        elif chunk.rows is None:
-            sums = np.einsum("d,kdn->kn", abs_r, w)
-            yield factor * abs_r[None, :, None] * sums[:, None, :]
-        else:
-            if chunk.rows.start == 0:  # the whole matrix's column sums, before its first row block
-                column_sums = np.zeros(info.shape[-1])
-                for block in chunks[i:]:
-                    column_sums += abs_r[block.rows] @ np.abs(read_chunk(fd, info, block)[0].astype(np.float64))
-                    if block.last:
-                        break
-            yield factor * np.multiply.outer(abs_r[chunk.rows], column_sums)[None]
+            report.problems.append(f"{e_info.name} keeps {relative:.3g} |W| along the direction "
+                                   f"(allowed {tolerance:.3g})")
 
 
 def _check_norm_preserved(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, r: np.ndarray,

@@ -123,6 +123,7 @@ def _check_identical(fds: tuple[int, int], src: GgufTensor, got: GgufTensor, bud
             what = "the original token_embd" if untied else "the original"
             report.problems.append(f"{got.name} should be byte-identical to {what} but differs")
             return
+    report.identical += 1
 
 
 def _row_steps(rows: int, n: int) -> range:
@@ -152,7 +153,7 @@ def _matrix_column_sums(fd: int, info: TensorInfo, chunks: list[Chunk], i: int, 
 def _check_float(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, direction: Direction, budget: int,
                  report: VerifyReport) -> None:
     """Per chunk of the edit: expected, original and edited values compared in cache-sized float64 blocks."""
-    report.edited_checked += 1
+    report.count_edit(edit.scale)
     t, dtype = edit.tensor, FLOAT_TYPES[edit.tensor.type_name]
     src = TensorInfo(t.name, dtype, t.shape, t.start, t.end)
     dst = TensorInfo(t.name, dtype, t.shape, got.start, got.end)
@@ -237,7 +238,7 @@ def _quant_step(values: np.ndarray, type_name: str) -> np.ndarray:
 def _check_quantised(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, direction: Direction, budget: int,
                      report: VerifyReport) -> None:
     """Within one quantisation step (per block of the written type) of the projected dequantised values."""
-    report.edited_checked += 1
+    report.count_edit(edit.scale)
     block, block_bytes = block_layout(edit.out_type)
     scratch = Scratch()
     r = direction.for_layer(edit.layer)

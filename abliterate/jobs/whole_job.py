@@ -189,7 +189,9 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
                          f"{options.model} + adapter")
     else:
         lm = load(staged)
-    args: list[object] = ["evaluate", "OUTPUT", "--baseline", public_model(options.model), "--limit", e.limit,
+    # an adapter is evaluated on its base model, as `evaluate --adapter` does (OUTPUT alone is no model)
+    measured = [public_model(options.model), "--adapter", "OUTPUT"] if options.adapter else ["OUTPUT"]
+    args: list[object] = ["evaluate", *measured, "--baseline", public_model(options.model), "--limit", e.limit,
                           "--max-new-tokens", e.max_new_tokens, "--kl-tokens", e.kl_tokens]
     args += ["--harmful", public_path(options.eval_harmful) or ""] if options.eval_harmful != "builtin:harmful" else []
     if options.eval_harmless != "builtin:harmless":

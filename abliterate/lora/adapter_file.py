@@ -99,6 +99,7 @@ def read_lora_config(adapter_dir: Path) -> LoraSettings:
 
 
 def weights_path(adapter_dir: Path) -> Path:
+    """The adapter's safetensors weights; a folder holding only pickles is refused (merge and evaluate alike)."""
     path = adapter_dir / ADAPTER_WEIGHTS
     if path.is_file():
         return path

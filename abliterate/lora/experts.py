@@ -56,7 +56,7 @@ _MIXTRAL = _per_expert("block_sparse_moe", "w1", "w3", "w2")
 
 # transformers 5 fuses the experts of every MoE family in memory (see its conversion_mapping.py).
 EXPERT_LAYOUTS: dict[str, tuple[ExpertParam, ...]] = {
-    "mixtral": _MIXTRAL, "phimoe": _MIXTRAL, "minimax": _MIXTRAL,
+    "mixtral": _MIXTRAL, "phimoe": _MIXTRAL,
     "qwen2_moe": _QWEN_MOE, "qwen3_moe": _QWEN_MOE, "olmoe": _QWEN_MOE, "deepseek_v3": _QWEN_MOE,
     "granitemoe": _GRANITE, "granitemoeshared": _GRANITE,
     "gpt_oss": _GPT_OSS,

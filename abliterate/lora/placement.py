@@ -26,8 +26,7 @@ from abliterate.lora.peft_format import ADAPTER_CONFIG, PEFT_PREFIX
 _LORA_KEY = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.(?P<what>lora_A\.weight|lora_B\.weight|"
                        r"lora_B\.bias|lora_embedding_A|lora_embedding_B)")
 _SAVED_KEY = re.compile(r"(?P<module>.+?)(?:\.base_layer)*\.(?P<param>weight|bias)")
-_MODULE_RENAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),), "phimoe": ((".mlp.", ".block_sparse_moe."),),
-                   "minimax": ((".mlp.", ".block_sparse_moe."),)}
+_MODULE_RENAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),), "phimoe": ((".mlp.", ".block_sparse_moe."),)}
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         )
     except OSError as e:
         raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None
+    check_arch_modules(model, arch, name)
     model.to(target).eval().requires_grad_(False)
     contiguous_head(model)
     tokenizer.padding_side = "left"
@@ -116,6 +117,17 @@ def contiguous_head(model: torch.nn.Module) -> None:
     if isinstance(head, torch.nn.Module) and not getattr(head, "_abliterate_contiguous", False):
         head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]) if args else None)
         head._abliterate_contiguous = True
+
+
+def check_arch_modules(model: torch.nn.Module, arch: Arch, name: str) -> None:
+    """The family's decoder layer list and hook modules (layer 0's) exist in the loaded model: a family file
+    (--arch) that names them wrongly is one line here, not a failure deep inside a hook."""
+    modules = dict(model.named_modules())
+    paths = [arch.decoder_layers] + [p.format(layer=0) for ps in arch.hook_modules.values() for p in ps]
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise AbliterateError(f"the {arch.name!r} family names module(s) {', '.join(missing)} that {name} does not "
+                              "have; fix decoder_layers or hooks in its family file (--arch)")
 
 
 def _check_causal_lm(name: str, config, auto_class) -> None:

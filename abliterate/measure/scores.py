@@ -47,7 +47,9 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
             if tokens and tokenizer.decode(tokens[:1]).strip():
                 ids.add(tokens[0])
     if not ids:
-        raise AbliterateError("none of the refusal openings tokenises to a usable token; pass --refusal-tokens")
+        raise AbliterateError(f"this tokenizer encodes none of the refusal openings ({', '.join(prefixes[:3])}...) "
+                              "as a token that decodes to text, so candidate directions cannot be scored; compute "
+                              "the direction elsewhere and pass it with --direction FILE")
     return sorted(ids)
 
 

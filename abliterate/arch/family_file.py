@@ -1,0 +1,159 @@
+"""Reading one family file: YAML describing how a model family writes into the residual stream, checked
+against a schema so that a mistake is one clear line, never a wrong edit.
+
+A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
+
+    name: llama-like                      # shown in messages
+    model_types: [llama, mistral]         # config.json model_type values it covers
+    decoder_layers: model.layers          # optional: the ModuleList of decoder blocks
+    output_embedding: lm_head.weight      # optional: written when tied embeddings are untied
+    normalised_block_outputs: false       # optional: blocks normalise their outputs before the residual add
+    residual_multiplier: null             # optional: config key of a scalar multiplying block outputs
+    notes: ""                             # optional
+    writers:                              # the on-disk tensors that write into the residual stream
+      - {tensor: model.embed_tokens.weight, kind: embedding}
+      - {tensor: "model.layers.{layer}.self_attn.o_proj", kind: linear, component: attn}
+    hooks:                                # the in-memory modules producing those outputs, per component
+      embed: [model.embed_tokens]
+      attn: ["model.layers.{layer}.self_attn.o_proj"]
+      mlp: ["model.layers.{layer}.mlp"]
+
+In `tensor`, `{layer}` stands for the decoder layer index and `{n}` for any index (an expert's); the rest
+is literal. Kinds: `linear` (nn.Linear prefix: `.weight` [d, in] and `.bias` [d]), `conv1d` (GPT-2's
+Conv1D prefix: `.weight` [in, d] and `.bias` [d]), `embedding` (an exact name, [vocab, d]), and `tensor`
+(an exact name with `hidden_axis`: -2 when d is the second-to-last axis, -1 when it is the last).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from abliterate.arch.writers import COMPONENTS, Arch, Writer
+from abliterate.errors import AbliterateError
+
+KINDS = ("linear", "conv1d", "embedding", "tensor")
+_KEYS = {"name", "model_types", "decoder_layers", "output_embedding", "normalised_block_outputs",
+         "residual_multiplier", "notes", "writers", "hooks"}
+_REQUIRED = ("name", "model_types", "writers", "hooks")
+_WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis"}
+_PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "n": r"\d+"}
+
+
+def load_family_file(path: str | Path) -> Arch:
+    """The family a YAML file describes, or an AbliterateError naming the file, the entry and the fix."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise AbliterateError(f"cannot read family file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise AbliterateError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_family(data, str(path))
+
+
+def parse_family(data: Any, source: str) -> Arch:
+    if not isinstance(data, dict):
+        raise AbliterateError(f"{source}: a family file is a mapping with keys {', '.join(_REQUIRED)}")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise AbliterateError(f"{source}: unknown key(s) {sorted(unknown)}; valid: {', '.join(sorted(_KEYS))}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise AbliterateError(f"{source}: missing key(s) {missing} (see docs/architecture.md, 'Adding a model family')")
+    model_types = data["model_types"]
+    if not (isinstance(model_types, list) and model_types and all(_is_name(m) for m in model_types)):
+        raise AbliterateError(f"{source}: model_types must be a non-empty list of config.json model_type strings")
+    writers = data["writers"]
+    if not isinstance(writers, list) or not writers:
+        raise AbliterateError(f"{source}: writers must be a non-empty list of {{tensor, kind, component}} entries")
+    return Arch(
+        name=_string(data, "name", source),
+        model_types=tuple(model_types),
+        writers=tuple(w for i, entry in enumerate(writers) for w in _writers(entry, f"{source}: writers[{i}]")),
+        hook_modules=_hooks(data["hooks"], source),
+        decoder_layers=_string(data, "decoder_layers", source, "model.layers"),
+        output_embedding=_string(data, "output_embedding", source, "lm_head.weight"),
+        normalised_block_outputs=_flag(data, "normalised_block_outputs", source),
+        residual_multiplier=_string(data, "residual_multiplier", source, None),
+        notes=_string(data, "notes", source, ""),
+    )
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _string(data: dict, key: str, source: str, default: str | None = "") -> Any:
+    value = data.get(key, default)
+    if value is default:
+        return value
+    if not _is_name(value):
+        raise AbliterateError(f"{source}: {key} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _flag(data: dict, key: str, source: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise AbliterateError(f"{source}: {key} must be true or false, not {value!r}")
+    return value
+
+
+def _writers(entry: Any, where: str) -> tuple[Writer, ...]:
+    """One entry -> its Writers (a linear or conv1d prefix gives the weight and the bias)."""
+    if not isinstance(entry, dict) or not _is_name(entry.get("tensor")):
+        raise AbliterateError(f"{where}: each writer is a mapping with a `tensor` name and a `kind`")
+    unknown = set(entry) - _WRITER_KEYS
+    if unknown:
+        raise AbliterateError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {', '.join(sorted(_WRITER_KEYS))}")
+    kind, name = entry.get("kind"), entry["tensor"]
+    if kind not in KINDS:
+        raise AbliterateError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    component = entry.get("component", "embed" if kind == "embedding" else None)
+    if component not in COMPONENTS:
+        raise AbliterateError(f"{where}: component {component!r} is not one of {', '.join(COMPONENTS)}")
+    pattern = _pattern(name, where)
+    if (component == "embed") == ("(?P<layer>" in pattern):
+        raise AbliterateError(f"{where}: {name!r}: attn and mlp writers name their layer with {{layer}}, "
+                              "embeddings do not")
+    axis = entry.get("hidden_axis")
+    if (kind == "tensor") != (axis is not None) or axis not in (None, -1, -2):
+        raise AbliterateError(f"{where}: kind tensor needs hidden_axis -2 ([..., d, in]) or -1 ([..., d]); "
+                              "the other kinds imply it")
+    if kind == "linear":
+        return Writer(pattern + r"\.weight", component, -2), Writer(pattern + r"\.bias", component, -1)
+    if kind == "conv1d":
+        return Writer(pattern + r"\.weight", component, -1), Writer(pattern + r"\.bias", component, -1)
+    return (Writer(pattern, component, -1 if kind == "embedding" else axis),)
+
+
+def _pattern(name: str, where: str) -> str:
+    """'model.layers.{layer}.mlp.experts.{n}.w2' -> a full-match regex; anything else in braces is an error."""
+    parts = re.split(r"(\{[^}]*\})", name)
+    out = []
+    for part in parts:
+        if part.startswith("{"):
+            key = part[1:-1]
+            if key not in _PLACEHOLDERS:
+                raise AbliterateError(f"{where}: {part} in {name!r} is not a placeholder; use {{layer}} or {{n}}")
+            out.append(_PLACEHOLDERS[key])
+        else:
+            out.append(re.escape(part))
+    if name.count("{layer}") > 1:
+        raise AbliterateError(f"{where}: {name!r} names {{layer}} more than once")
+    return "".join(out)
+
+
+def _hooks(hooks: Any, source: str) -> dict[str, tuple[str, ...]]:
+    if not isinstance(hooks, dict) or set(hooks) - set(COMPONENTS):
+        raise AbliterateError(f"{source}: hooks maps components ({', '.join(COMPONENTS)}) to module path lists")
+    out = {}
+    for component, paths in hooks.items():
+        if not isinstance(paths, list) or not paths or not all(_is_name(p) for p in paths):
+            raise AbliterateError(f"{source}: hooks.{component} must be a non-empty list of module paths")
+        out[component] = tuple(paths)
+    return out
