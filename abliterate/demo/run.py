@@ -1,6 +1,6 @@
 """`abliterate demo`: the whole job on a tiny chat model trained on the spot, with no downloads.
 
-Trains the toy model (abliterate.toy: a tiny Llama that refuses harmful-looking requests), extracts
+Trains the toy model (abliterate.demo.toy: a tiny Llama that refuses harmful-looking requests), extracts
 its refusal direction, edits its sharded checkpoint with the streaming editor, verifies the edit,
 and measures refusals on held-out prompts before and after, plus the KL to the original.
 """

@@ -80,7 +80,7 @@ def _merge_plan(ckpt: Checkpoint, targets: dict[str, MergeTarget]) -> EditPlan:
         if tied and any(t.embedding for t in targets.values()):
             raise AbliterateError(f"{ckpt.root} ties its input and output embeddings and abliterate does not know this "
                                   "family's output layer, so it cannot keep the output layer as peft does; add the "
-                                  "family to abliterate/archs.py")
+                                  "family (a YAML file in abliterate/arch/families/, or --arch FILE)")
         return EditPlan(None, edits, None, {}, ())
     untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, EditOptions())
     return EditPlan(arch, edits, untie, config_updates, tuple(notes))
