@@ -7,6 +7,23 @@ from pathlib import Path
 from abliterate.jobs.run_options import RunOptions, kept_path
 
 
+def prompts_and_model(options: RunOptions, recipe, source: Path):
+    """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts and its one loaded model,
+    as the recipe and the command line set them: shared by plain extraction and `--search`."""
+    from abliterate.measure.extract import split_prompts
+    from abliterate.measure.loading import load_model
+
+    s = recipe.extract
+    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
+    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                               kind="harmful")
+    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
+                                                 kind="harmless")
+    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
+                    trust_remote_code=options.trust_remote_code)
+    return (harmful_train, harmless_train, harmful_val, harmless_val), lm
+
+
 def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
     """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
     from abliterate.measure.extract import PromptSets, extract, save_extraction

@@ -26,26 +26,20 @@ class SearchOutcome:
 
 def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> SearchOutcome:
     """Extract (unless options.direction), search options.search trials, pick, save the choice in `work`."""
-    from abliterate.measure.extract import split_prompts
-    from abliterate.measure.loading import load_model
+    from abliterate.jobs.extraction import prompts_and_model
     from abliterate.measure.templates import load_template
     from abliterate.search.objectives import borderline_prompts
     from abliterate.search.study import SearchSettings, load_candidates, pick, save_choice, search, table
 
     s = recipe.extract
-    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
-    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                               kind="harmful")
-    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                                 kind="harmless")
-    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
-                    trust_remote_code=options.trust_remote_code)
+    prompts, lm = prompts_and_model(options, recipe, source)
+    harmful_val, harmless_val = prompts[2:]
     candidates = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
     if candidates is None:
         from abliterate.jobs.extraction import extract_with
 
         candidates = work / "direction.safetensors"
-        extract_with(lm, options, recipe, (harmful_train, harmless_train, harmful_val, harmless_val), candidates,
+        extract_with(lm, options, recipe, prompts, candidates,
                      say)
     cands = load_candidates(candidates, lm)
     template = load_template(options.template)

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from abliterate.errors import AbliterateError
-from abliterate.jobs.extraction import extract_with
+from abliterate.jobs.extraction import extract_with, prompts_and_model
 from abliterate.jobs.run_options import (
     RunOptions,
     default_out,
@@ -132,18 +132,8 @@ def run(options: RunOptions) -> RunResult:
 
 
 def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
-    from abliterate.measure.extract import split_prompts
-    from abliterate.measure.loading import load_model
-
-    s = recipe.extract
-    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
-    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                               kind="harmful")
-    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                                 kind="harmless")
-    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
-                    trust_remote_code=options.trust_remote_code)
-    extract_with(lm, options, recipe, (harmful_train, harmless_train, harmful_val, harmless_val), path, say)
+    prompts, lm = prompts_and_model(options, recipe, source)
+    extract_with(lm, options, recipe, prompts, path, say)
     del lm
 
 
