@@ -34,6 +34,8 @@ GPT2_HOOKS = ("transformer.wte", "transformer.wpe", "transformer.h.{L}.attn.c_pr
 GRANITE_MOE_HOOKS = ("model.embed_tokens", "model.layers.{L}.self_attn.o_proj", "model.layers.{L}.block_sparse_moe")
 # Granite scales embeddings and block outputs by config multipliers: set them away from 1 so they matter.
 GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0)
+# Cohere multiplies its logits by 1/16 by default, which would shrink every effect the tests measure below their floor.
+COHERE = dict(LLAMA_LIKE, logit_scale=1.0)
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llama", COMMON),
@@ -49,8 +51,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("olmo2", COMMON),
     Family("olmo3", LLAMA_LIKE),
     Family("granite", dict(LLAMA_LIKE, **GRANITE)),
-    Family("cohere", LLAMA_LIKE, tied=True),
-    Family("cohere2", LLAMA_LIKE, tied=True),
+    Family("cohere", COHERE, tied=True),
+    Family("cohere2", COHERE, tied=True),
     Family("stablelm", LLAMA_LIKE),
     Family("glm", LLAMA_LIKE),
     Family("glm4", LLAMA_LIKE),
@@ -89,6 +91,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
 # Families the exactness test runs on: every one above.
 FAMILY_NAMES = sorted(FAMILIES)
 
+# The exactness tests' tolerance on logits in float32 (the README states it), and the least the removed direction
+# must move some logit for the comparison to mean something: a thousand times the tolerance, so an edit that is
+# even a fraction of a percent wrong fails.
+LOGIT_TOLERANCE = 1e-4
+EFFECT_FLOOR = 1000 * LOGIT_TOLERANCE
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+
 
 def build_model(family: Family, seed: int = 0) -> torch.nn.Module:
     """A random model whose every parameter (biases and norm gains included) is non-trivial."""
@@ -99,6 +108,17 @@ def build_model(family: Family, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+def written_direction(model: torch.nn.Module) -> torch.Tensor:
+    """A unit direction the model writes along: the top right singular vector of its residual stream after each
+    layer but the last (whose output is normalised) on IDS. Removing it moves logits by far more than removing a
+    random direction, which is mostly orthogonal to what the model writes."""
+    with torch.no_grad():
+        states = model(IDS, output_hidden_states=True).hidden_states
+    d = states[0].shape[-1]
+    stacked = torch.cat([h.reshape(-1, d) for h in states[1:-1]]).double()
+    return torch.linalg.svd(stacked, full_matrices=False).Vh[0].float()
 
 
 def save_sharded(model: torch.nn.Module, folder: Path, *, shards_at_least: int = 2) -> Path:
