@@ -13,7 +13,19 @@ from transformers import AutoModelForCausalLM
 from abliterate.arch.table import shipped_archs, supported_model_types
 from abliterate.cli.main import cli
 from abliterate.io.direction_file import save_direction
-from tests.families import LLAMA_HOOKS, LLAMA_LIKE, Family, ablation_hooks, build_model, hook_paths, save_sharded
+from tests.families import (
+    EFFECT_FLOOR,
+    IDS,
+    LLAMA_HOOKS,
+    LLAMA_LIKE,
+    LOGIT_TOLERANCE,
+    Family,
+    ablation_hooks,
+    build_model,
+    hook_paths,
+    save_sharded,
+    written_direction,
+)
 from tests.test_apply import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +48,9 @@ NEW_FAMILY = """\
 @pytest.fixture(scope="module")
 def new_family(tmp_path_factory) -> tuple[Path, Path, torch.Tensor]:
     root = tmp_path_factory.mktemp("arch")
-    model = save_sharded(build_model(NEW), root / "model")
-    r = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    built = build_model(NEW)
+    r = written_direction(built)
+    model = save_sharded(built, root / "model")
     save_direction(root / "dir.safetensors", r, {"model": "tiny", "layer": 1, "position": -1})
     (root / "ernie.yaml").write_text(textwrap.dedent(NEW_FAMILY))
     return root, model, r / r.norm()
@@ -59,17 +72,16 @@ def test_arch_file_adds_a_family_the_table_lacks_and_its_edit_is_exact(new_famil
     code, out = run_cli("apply", str(model), "--direction", str(root / "dir.safetensors"), "--out",
                         str(root / "edited"), "--arch", str(root / "ernie.yaml"), "-q")
     assert code == 0, out
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     hooks = ablation_hooks(base, hook_paths(NEW, 2), r)
     with torch.no_grad():
-        expected = base(ids).logits
+        expected = base(IDS).logits
         for h in hooks:
             h.remove()
-        unedited = base(ids).logits
-        got = AutoModelForCausalLM.from_pretrained(root / "edited", dtype=torch.float32).eval()(ids).logits
-    assert (expected - unedited).abs().max() > 1e-2
-    assert (got - expected).abs().max() <= 1e-4
+        unedited = base(IDS).logits
+        got = AutoModelForCausalLM.from_pretrained(root / "edited", dtype=torch.float32).eval()(IDS).logits
+    assert (expected - unedited).abs().max() >= EFFECT_FLOOR
+    assert (got - expected).abs().max() <= LOGIT_TOLERANCE
     code, out = run_cli("verify", str(model), str(root / "edited"), "--arch", str(root / "ernie.yaml"))
     assert code == 0 and "5 edited" in out, out
 
