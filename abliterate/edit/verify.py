@@ -23,6 +23,7 @@ import numpy as np
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.edit.projection import EPS, TINY, plan_chunks, read_chunk, residual_along
 from abliterate.edit.shard_writer import chunk_budget
+from abliterate.edit.verify_span import check_span_edited
 from abliterate.edit.verify_tensor import check_edited_tensor
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, MANIFEST_NAME
 from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
@@ -214,8 +215,9 @@ def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo
                               report)
         return
     report.bounds_checked = True
-    check = check_edited_tensor(src_fd, info, dst_fd, e_info, direction.for_layer(spec.layer), spec.scale,
-                                spec.hidden_axis, budget)
+    r = direction.for_layer(spec.layer)
+    check = (check_edited_tensor if r.ndim == 1 else check_span_edited)(src_fd, info, dst_fd, e_info, r, spec.scale,
+                                                                          spec.hidden_axis, budget)
     report.element_ratio = max(report.element_ratio, check.element_ratio)
     report.coefficient_ratio = max(report.coefficient_ratio, check.coefficient_ratio)
     if not check.finite:

@@ -55,6 +55,7 @@ def apply_edit(
     """Write the edited checkpoint to `out` atomically; the input folder is only ever read."""
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
+    check_rank_supported(direction, plan.norm_preserve)
     total = output_size(ckpt, plan)
     with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
@@ -67,6 +68,13 @@ def apply_edit(
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
     return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)))
+
+
+def check_rank_supported(direction: Direction, norm_preserve: bool) -> None:
+    """Several directions are removed as a span; the norm-preserving rescaling is checked for one direction only."""
+    if direction.rank > 1 and norm_preserve:
+        raise AbliterateError(f"--norm-preserve removes one direction, but {direction.path or 'the direction'} holds "
+                              f"{direction.rank}: drop --norm-preserve, or pass a rank-1 direction file")
 
 
 def keep_direction(direction: Direction, path: Path) -> None:
@@ -112,7 +120,7 @@ def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: 
         "source": str(ckpt.root),
         "norm_preserve": plan.norm_preserve,
         "direction": {"file": DIRECTION_NAME, "metadata": direction.metadata,
-                      "per_layer": direction.per_layer},
+                      "per_layer": direction.per_layer, "rank": direction.rank},
         "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
         "config_updates": plan.config_updates,
         "edits": {e.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,

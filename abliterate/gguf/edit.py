@@ -86,6 +86,10 @@ def apply_gguf(plan: GgufPlan, direction: Direction, out: Path, *, overwrite: bo
     src = plan.src
     if Path(out).absolute() == src.path.absolute():
         raise AbliterateError("--out is the input file; abliterate never modifies its input: choose another --out")
+    if direction.rank > 1:
+        raise AbliterateError(f"{direction.path or 'the direction'} holds {direction.rank} directions; GGUF edits "
+                              "remove one (re-quantisation is checked for rank 1 only): edit the safetensors "
+                              "checkpoint, or pass a rank-1 direction file")
     header = encode_header(src, [(p.tensor, p.offset) for p in plan.placed])
     tail = src.file_size - max(t.end for t in src.tensors)  # the input's padding after its last tensor
     size = len(header) + plan.data_size + (0 if plan.untie else tail)

@@ -4,6 +4,12 @@ A .safetensors file with tensor ``direction`` of shape [d] (one direction for ev
 [num_layers + 1, d] (row 0 for the embedding output, row L + 1 for what layer L writes), and
 string metadata (model, layer, position, hidden_size, command). Extraction may store more
 tensors beside it (candidates); editing reads only ``direction``.
+
+Several directions (a rank-k edit removes their span): metadata ``rank`` = k, and ``direction`` of shape
+[k, d] (the same k directions for every layer) or [num_layers + 1, k, d]. The marker is what tells
+[k, d] from [num_layers + 1, d]; a file without it is rank 1, read as before. The rows are made
+orthonormal here, in float64, by Gram-Schmidt in their order (row 0 keeps its own direction, so the
+rank-1 choice stays the first row); a set whose rows are (nearly) linearly dependent is refused.
 """
 
 from __future__ import annotations
@@ -20,15 +26,20 @@ from abliterate.errors import AbliterateError
 from abliterate.io.safetensors_format import read_header
 
 DIRECTION_KEY = "direction"
+RANK_KEY = "rank"
+# a row keeping less than this fraction of its norm after removing the rows before it is "dependent"
+DEPENDENT = 1e-4
 
 
 @dataclass(frozen=True)
 class Direction:
-    """Unit direction(s) in float32, one row per residual stream position when per-layer."""
+    """Unit direction(s) in float32, one row per residual stream position when per-layer; for rank k > 1,
+    k orthonormal rows (per residual stream when per-layer)."""
 
-    vectors: np.ndarray  # [d] or [num_layers + 1, d]
+    vectors: np.ndarray  # rank 1: [d] or [num_layers + 1, d]; rank k: [k, d] or [num_layers + 1, k, d]
     metadata: dict[str, str]
     path: Path | None = None
+    rank: int = 1
 
     @property
     def hidden_size(self) -> int:
@@ -36,19 +47,52 @@ class Direction:
 
     @property
     def per_layer(self) -> bool:
-        return self.vectors.ndim == 2
+        return self.vectors.ndim == (2 if self.rank == 1 else 3)
 
     def for_layer(self, layer: int | None) -> np.ndarray:
-        """The unit direction for what `layer` writes (None: the embeddings)."""
+        """What `layer` writes has removed (None: the embeddings): the unit direction [d], or for rank k the
+        orthonormal rows [k, d] whose span is removed."""
         if not self.per_layer:
             return self.vectors
         return self.vectors[0 if layer is None else layer + 1]
+
+    def leading(self, k: int) -> Direction:
+        """The first k directions (their span is that of the file's first k rows); k = 1 is a rank-1 direction,
+        identical to one saved alone."""
+        if not 1 <= k <= self.rank:
+            raise AbliterateError(f"asked for {k} directions but {self.path or 'the direction'} has {self.rank}")
+        if k == self.rank:
+            return self
+        rows = self.vectors[..., 0, :] if k == 1 else self.vectors[..., :k, :]
+        meta = {key: v for key, v in self.metadata.items() if key != RANK_KEY}
+        return Direction(np.ascontiguousarray(rows), meta if k == 1 else {**meta, RANK_KEY: str(k)}, None, k)
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
     """Unit rows, normalised in float64 so that |r| = 1 to float32 precision."""
     v = np.asarray(vectors, dtype=np.float64)
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def orthonormalise(rows: np.ndarray, where: str = "the directions") -> np.ndarray:
+    """Orthonormal rows spanning the same space, by Gram-Schmidt in float64 (twice, for float64 accuracy) in
+    the rows' order: row 0 is normalise(row 0) exactly. [.., k, d] -> float32 [.., k, d]."""
+    v = np.asarray(rows, dtype=np.float64)
+    flat = v.reshape(-1, v.shape[-2], v.shape[-1])
+    out = np.empty_like(flat)
+    for s, group in enumerate(flat):
+        for i, row in enumerate(group):
+            q = row / np.linalg.norm(row)
+            for _ in range(2):
+                q = q - out[s, :i].T @ (out[s, :i] @ q)
+            kept = np.linalg.norm(q)
+            if not kept > DEPENDENT:
+                stream = f" (residual stream {s})" if len(flat) > 1 else ""
+                raise AbliterateError(f"{where}: direction {i} lies (almost) in the span of the ones before it"
+                                      f"{stream}, so the set is rank-deficient; drop it or re-extract with fewer "
+                                      "directions")
+            out[s, i] = q / kept
+    return out.reshape(v.shape).astype(np.float32)
 
 
 def as_numpy(t: object) -> np.ndarray:
@@ -64,6 +108,8 @@ def save_direction(path: str | Path, vectors: object, metadata: dict[str, object
     path = Path(path)
     vectors = as_numpy(vectors).astype(np.float32)
     meta = {k: str(v) for k, v in metadata.items() if v is not None}
+    if RANK_KEY in meta and (vectors.ndim not in (2, 3) or str(vectors.shape[-2]) != meta[RANK_KEY]):
+        raise ValueError(f"rank {meta[RANK_KEY]} does not match a direction of shape {list(vectors.shape)}")
     meta.setdefault("hidden_size", str(vectors.shape[-1]))
     tensors = {DIRECTION_KEY: vectors}
     tensors.update({k: as_numpy(v) for k, v in (extra or {}).items()})
@@ -92,8 +138,9 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
     with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(DIRECTION_KEY)
     metadata = dict(header.metadata or {})
-    if vectors.ndim not in (1, 2) or vectors.shape[-1] == 0:
-        raise AbliterateError(f"{path}: direction has shape {list(vectors.shape)}; expected [d] or [layers + 1, d]")
+    rank = _rank(path, vectors.shape, metadata)
+    if rank == 1 and RANK_KEY in metadata:  # [1, d] or [layers + 1, 1, d]: a rank-1 direction
+        vectors = vectors[..., 0, :]
     if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
         raise AbliterateError(f"{path}: direction contains NaN/inf or is not floating point; re-extract it")
     if (np.linalg.norm(vectors.astype(np.float64), axis=-1) == 0).any():
@@ -104,20 +151,42 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
             f"{path}: direction has hidden size {vectors.shape[-1]} but the model has {hidden_size}{source}; "
             "use a direction extracted from this model"
         )
-    if num_layers is not None and vectors.ndim == 2 and vectors.shape[0] != num_layers + 1:
+    per_layer = vectors.ndim == (2 if rank == 1 else 3)
+    if num_layers is not None and per_layer and vectors.shape[0] != num_layers + 1:
         raise AbliterateError(
             f"{path}: per-layer direction has {vectors.shape[0]} rows but the model has {num_layers} layers "
             f"(needs {num_layers + 1}: embedding + one per layer){source}"
         )
-    return Direction(normalise(vectors), metadata, path)
+    if rank == 1:
+        return Direction(normalise(vectors), metadata, path)
+    return Direction(orthonormalise(vectors, str(path)), metadata, path, rank)
+
+
+def _rank(path: Path, shape: tuple[int, ...], metadata: dict[str, str]) -> int:
+    """k from the `rank` marker (1 without it), checked against the tensor's shape."""
+    if shape and shape[-1] == 0:
+        raise AbliterateError(f"{path}: direction has shape {list(shape)}; its rows are empty")
+    if RANK_KEY not in metadata:
+        if len(shape) not in (1, 2):
+            raise AbliterateError(f"{path}: direction has shape {list(shape)} but no `rank` metadata; expected [d] "
+                                  "or [layers + 1, d], or with rank = k in the metadata [k, d] or [layers + 1, k, d]")
+        return 1
+    try:
+        rank = int(metadata[RANK_KEY])
+    except ValueError:
+        rank = 0
+    if rank < 1 or len(shape) not in (2, 3) or shape[-2] != rank:
+        raise AbliterateError(f"{path}: metadata rank = {metadata[RANK_KEY]!r} but direction has shape {list(shape)}; "
+                              f"a rank-k file holds [k, d] or [layers + 1, k, d] with k = rank")
+    return rank
 
 
 def biproject(direction: Direction) -> Direction:
     """The direction made orthogonal to the harmless mean at its own layer and position (what the search's
     "projected" variant does): r' = unit(r - (r.h) h), h the unit harmless mean that extraction saved."""
     where = direction.path or "the direction"
-    if direction.per_layer:
-        raise AbliterateError(f"{where}: biprojection needs one direction [d], not one per layer")
+    if direction.per_layer or direction.rank > 1:
+        raise AbliterateError(f"{where}: biprojection needs one direction [d], not one per layer or several")
     try:
         layer, position = int(direction.metadata["layer"]), int(direction.metadata["position"])
         with safe_open(str(direction.path), framework="np") as f:

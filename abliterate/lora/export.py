@@ -111,6 +111,9 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
             "a norm-preserving edit rescales every input feature of each edited matrix (W' = (I - s r r^T) W D), "
             "which is no low-rank update, so a LoRA adapter cannot carry it exactly: drop --adapter (write the "
             "weights) or drop --norm-preserve")
+    if direction.rank > 1:
+        raise AbliterateError(f"{direction.path or 'the direction'} holds {direction.rank} directions; the adapter "
+                              "export writes rank-1 edits only: drop --adapter (write the weights)")
     model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
     experts = _expert_counts(ckpt, model_type)

@@ -1,8 +1,8 @@
 """Forward hooks that do in memory what an edit does to the weights, and what steering adds.
 
-`ablate` removes s r (r . out) from the output of exactly the modules whose weights `apply` edits
-(the architecture table's hook_modules), so an ablated forward computes what the edited checkpoint
-computes: selection, evaluation and search score the edit itself, not an approximation of it.
+`ablate` removes s r (r . out) (for several directions s Q^T (Q out), their span) from the output of exactly
+the modules whose weights `apply` edits (the architecture table's hook_modules), so an ablated forward computes
+what the edited checkpoint computes: selection, evaluation and search score the edit itself, not an approximation of it.
 `add` adds a vector to the residual stream entering a decoder layer (activation addition), `add_after` to
 the stream leaving one (steering).
 """
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from abliterate.arch.table import Arch
+from abliterate.io.direction_file import Direction
 
 Strength = Callable[[str, "int | None"], float]
 
@@ -43,15 +44,32 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True)
 
 
-@contextlib.contextmanager
-def ablate(model: torch.nn.Module, arch: Arch, direction: torch.Tensor, strength: Strength | float = 1.0,
-           num_layers: int | None = None) -> Iterator[None]:
-    """Remove the direction from every residual writer's output while the block runs.
+def rows_for(direction: torch.Tensor | Direction) -> Callable[[int | None], torch.Tensor]:
+    """layer (None: embeddings) -> what its writers have removed: a unit [d], or orthonormal rows [k, d].
 
-    direction: [d] for all layers or [num_layers + 1, d] (row 0: embeddings, row L + 1: layer L),
-    normalised here. strength: a scale, or a function of (component, layer) giving one per module.
-    """
+    A tensor is [d] for all layers or [num_layers + 1, d] (row 0: embeddings, row L + 1: layer L), normalised
+    here; a `Direction` (any rank, its rows already orthonormal) is used as it is."""
+    if isinstance(direction, Direction):
+        cache = {}
+
+        def of(layer: int | None) -> torch.Tensor:
+            key = None if not direction.per_layer else layer
+            if key not in cache:
+                cache[key] = torch.from_numpy(direction.for_layer(layer).astype("float32"))
+            return cache[key]
+        return of
     units = _unit(direction)
+    return lambda layer: units if units.ndim == 1 else units[0 if layer is None else layer + 1]
+
+
+@contextlib.contextmanager
+def ablate(model: torch.nn.Module, arch: Arch, direction: torch.Tensor | Direction, strength: Strength | float = 1.0,
+           num_layers: int | None = None) -> Iterator[None]:
+    """Remove the direction (a `Direction`'s span for rank k) from every residual writer's output while the
+    block runs. direction: see `rows_for`. strength: a scale, or a function of (component, layer) giving one
+    per module.
+    """
+    rows = rows_for(direction)
     num_layers = num_layers if num_layers is not None else len(decoder_layers(model, arch))
     scale_of = strength if callable(strength) else (lambda _c, _l: float(strength))
     handles = []
@@ -61,7 +79,7 @@ def ablate(model: torch.nn.Module, arch: Arch, direction: torch.Tensor, strength
                 s = scale_of(component, layer)
                 if s == 0.0:
                     continue
-                r = units if units.ndim == 1 else units[0 if layer is None else layer + 1]
+                r = rows(layer)
                 for path in paths:
                     target = module(model, path.format(layer=layer))
                     handles.append(target.register_forward_hook(_remover(r, s)))
@@ -80,6 +98,8 @@ def _remover(r: torch.Tensor, s: float):
             if key not in cache:
                 cache[key] = r.to(dtype=out.dtype, device=out.device)
             rr = cache[key]
+            if rr.ndim == 2:  # orthonormal rows: remove their span
+                return out - s * ((out @ rr.T) @ rr)
             return out - s * (out @ rr).unsqueeze(-1) * rr
         return _apply_to_output(output, remove)
 
