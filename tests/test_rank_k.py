@@ -3,6 +3,8 @@ along the span and compute what the ablation hooks compute."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,9 +136,10 @@ def rank_k_edit(request, tmp_path_factory):
     (original / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     d = model.config.get_text_config().hidden_size
     save_direction(root / "dir.safetensors", rows(d), {"model": "tiny", "rank": K})
-    result = CliRunner().invoke(cli, ["apply", str(original), "--direction", str(root / "dir.safetensors"),
-                                      "--out", str(root / "edited"), "--quiet"])
-    assert result.exit_code == 0, result.output
+    for out, extra in (("edited", ()), ("adapter", ("--adapter",))):
+        result = CliRunner().invoke(cli, ["apply", str(original), "--direction", str(root / "dir.safetensors"),
+                                          "--out", str(root / out), "--quiet", *extra])
+        assert result.exit_code == 0, result.output
     q = torch.from_numpy(load_direction(root / "dir.safetensors").vectors)
     return family, original, root / "edited", q
 
@@ -197,3 +200,30 @@ def test_norm_preserving_rank_k_edit_is_refused_with_one_line(rank_k_edit, tmp_p
                                       "--out", str(tmp_path / "out"), "--quiet"])
     assert result.exit_code != 0 and "--norm-preserve removes one direction" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_rank_k_adapter_is_a_rank_k_lora_computing_what_the_edited_checkpoint_computes(rank_k_edit):
+    from peft import PeftModel
+
+    _, original, edited, _ = rank_k_edit
+    adapter = edited.parent / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == K
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+        unedited = base(ids).logits
+        got = PeftModel.from_pretrained(base, adapter).eval()(ids).logits
+        expected = AutoModelForCausalLM.from_pretrained(edited, dtype=torch.float32).eval()(ids).logits
+    assert (expected - unedited).abs().max() > 1e-3
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_merging_the_rank_k_adapter_writes_what_apply_writes_byte_for_byte(rank_k_edit, tmp_path):
+    from tests.test_merge import same_files
+
+    _, original, edited, _ = rank_k_edit
+    result = CliRunner().invoke(cli, ["merge", str(original), str(edited.parent / "adapter"), "--out",
+                                      str(tmp_path / "merged"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert same_files(edited, tmp_path / "merged") == []

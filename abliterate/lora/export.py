@@ -13,6 +13,10 @@ no dropout. With r the unit direction of the tensor's layer and s its scale, `co
 * biases of Linear / Conv1D layers: no LoRA factor changes a bias, but peft's ``bias="lora_only"`` stores the
   bias of each adapted layer in the adapter and loads it into that layer: the adapter carries the edited bias.
 
+Several directions (a rank-k direction file): the same with Q [k, d] (orthonormal rows) for r, so r = lora_alpha = k
+(scaling 1), B = -Q^T [d, k] and A = s Q W [k, in] (for [.., d] tensors A = s (W Q^T)^T); experts get k rows each
+(peft: A rows expert-major, B columns rank-major); gpt-oss's expert biases A = Q, B = -s (b Q^T) [E, k].
+
 Coefficients are computed with the chunks and blocks `apply` uses, so merging the adapter with the same
 --max-memory reproduces `apply`'s tensors byte for byte. Each target tensor is read once, chunk by chunk; only
 the factors are kept (a few MB for a 7B model). No torch: peft is needed only to load the result.
@@ -41,6 +45,7 @@ from abliterate.edit.projection import (
     iter_edited_chunks,
     plan_chunks,
     read_stored,
+    row_coefficients,
     widen,
 )
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, keep_direction, write_manifest
@@ -111,9 +116,6 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
             "a norm-preserving edit rescales every input feature of each edited matrix (W' = (I - s r r^T) W D), "
             "which is no low-rank update, so a LoRA adapter cannot carry it exactly: drop --adapter (write the "
             "weights) or drop --norm-preserve")
-    if direction.rank > 1:
-        raise AbliterateError(f"{direction.path or 'the direction'} holds {direction.rank} directions; the adapter "
-                              "export writes rank-1 edits only: drop --adapter (write the weights)")
     model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
     experts = _expert_counts(ckpt, model_type)
@@ -141,7 +143,7 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
     with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
         nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS)
-        config = adapter_config(ckpt, export.factors, export.biases, options.base_model)
+        config = adapter_config(ckpt, export.factors, export.biases, options.base_model, direction.rank)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"adapter": {"ignore_biases": options.ignore_biases,
@@ -267,67 +269,73 @@ def _edited_bytes(fd: int, edit: TensorEdit, direction: Direction, budget: int) 
 
 def stream_coefficients(fd: int, edit: TensorEdit, r: np.ndarray, budget: int) -> np.ndarray:
     """The coefficients `apply` subtracts, computed with its chunks and blocks: [matrices, in] of r^T W for
-    hidden axis -2, [rows] of W r for hidden axis -1. Reads the tensor once."""
+    hidden axis -2, [rows] of W r for hidden axis -1 (rank k, Q [k, d]: [matrices, k, in] and [rows, k]).
+    Reads the tensor once."""
     info = edit.info
     scratch = Scratch()
     parts: list[np.ndarray] = []
     coeff = np.zeros(0, dtype=r.dtype)
-    for chunk in plan_chunks(info, edit.hidden_axis, r.size, budget):
+    for chunk in plan_chunks(info, edit.hidden_axis, r.shape[-1], budget):
         stored = read_stored(fd, info, chunk, scratch)
         if edit.hidden_axis == -1:
             parts.append(_row_coefficients(stored, info.dtype, r))
         elif chunk.rows is None:
             parts.extend(coefficients(m, info.dtype, r) for m in stored)
         else:  # row blocks of a matrix larger than the budget, summed in order as `apply` does
-            part = coefficients(stored[0], info.dtype, r[chunk.rows])
+            part = coefficients(stored[0], info.dtype, r[..., chunk.rows])
             coeff = part if chunk.rows.start == 0 else coeff + part
             if chunk.last:
                 parts.append(coeff)
     if not parts:
-        return np.zeros((0,), dtype=r.dtype)
+        return np.zeros((0, *r.shape[:-1]), dtype=r.dtype)
     return np.concatenate(parts) if edit.hidden_axis == -1 else np.stack(parts)
 
 
 def _row_coefficients(m: np.ndarray, dtype: str, r: np.ndarray) -> np.ndarray:
-    """W r of a stored [rows, d] chunk, in the blocks `projection.edit_cols` uses (same sums, same rounding)."""
+    """W r (W Q^T) of a stored [rows, d] chunk, in the blocks `projection.edit_cols` uses (same sums, rounding)."""
     step = max(1, BLOCK_ELEMENTS // max(m.shape[1], 1))
-    out = np.empty(m.shape[0], dtype=r.dtype)
+    out = np.empty((m.shape[0], *r.shape[:-1]), dtype=r.dtype)
     for i in range(0, m.shape[0], step):
-        out[i : i + step] = widen(m[i : i + step], dtype) @ r
+        out[i : i + step] = row_coefficients(widen(m[i : i + step], dtype), r)
     if not np.isfinite(out).all():
         raise NonFiniteError
     return out
 
 
 def _add_factors(export: _Export, edit: TensorEdit, target: _Target, r: np.ndarray, coeff: np.ndarray) -> None:
-    """A = s coeff (the input side), B = -r (the output side); a bias parameter [E, d] is the other way round."""
-    if target.kind == "bias_param":  # row e of [E, d] gets -(s b_e . r) r
-        f = _factors(export, target, "param", r.size, coeff.size, 1, r.dtype)
-        f.a[0], f.b[:, 0], f.filled[:] = r, -coeff, True
+    """A = s coeff (the input side), B = -r (the output side); a bias parameter [E, d] is the other way round.
+    Rank k: k rows of A and columns of B per expert, A's rows expert-major and B's columns rank-major (peft's
+    ParamWrapper layout; for one expert both are just the k directions in order)."""
+    q = r.reshape(-1, r.shape[-1])  # [k, d]
+    k = q.shape[0]
+    if target.kind == "bias_param":  # row e of [E, d] gets -sum_i (s b_e . q_i) q_i
+        f = _factors(export, target, "param", q.shape[1], coeff.shape[0], 1, k, r.dtype)
+        f.a[:], f.b[:], f.filled[:] = q, -coeff.reshape(coeff.shape[0], k), True
         return
-    rows = _input_rows(edit, coeff)
+    rows = _input_rows(edit, coeff, k)  # [experts here, k, in]
     kind = "param" if target.kind in ("param", "expert_param") else target.kind
-    f = _factors(export, target, kind, rows.shape[1], r.size, target.experts, r.dtype)
-    first = target.expert or 0
-    f.a[first : first + rows.shape[0]] = rows
-    f.b[:, first : first + rows.shape[0]] = -r[:, None]
-    f.filled[first : first + rows.shape[0]] = True
+    f = _factors(export, target, kind, rows.shape[2], q.shape[1], target.experts, k, r.dtype)
+    first, n = target.expert or 0, rows.shape[0]
+    f.a[first * k : (first + n) * k] = rows.reshape(n * k, -1)
+    b = f.b.reshape(q.shape[1], k, target.experts)  # a view: column j * E + e
+    b[:, :, first : first + n] = -q.T[:, :, None]
+    f.filled[first : first + n] = True
 
 
-def _input_rows(edit: TensorEdit, coeff: np.ndarray) -> np.ndarray:
-    """The coefficients as one row per expert (one row for a 2-D tensor): [experts, in]."""
+def _input_rows(edit: TensorEdit, coeff: np.ndarray, k: int) -> np.ndarray:
+    """The coefficients as k rows per expert (one expert for a 2-D tensor): [experts, k, in]."""
     if edit.hidden_axis == -2:
-        return coeff.reshape(-1, edit.info.shape[-1])
+        return coeff.reshape(-1, k, edit.info.shape[-1])
     experts = edit.info.shape[0] if len(edit.info.shape) == 3 else 1
-    return coeff.reshape(experts, -1)
+    return np.swapaxes(coeff.reshape(experts, -1, k), 1, 2)
 
 
-def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int, rank: int,
+def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int, experts: int, k: int,
              dtype: np.dtype) -> Factors:
     if target.target not in export.factors:
         export.factors[target.target] = Factors(
-            kind, target.target, np.zeros((rank, n_in), dtype), np.zeros((n_out, rank), dtype),
-            np.zeros(rank, bool), target.order)
+            kind, target.target, np.zeros((experts * k, n_in), dtype), np.zeros((n_out, experts * k), dtype),
+            np.zeros(experts, bool), target.order)
     return export.factors[target.target]
 
 

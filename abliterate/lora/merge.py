@@ -127,8 +127,13 @@ def _merge_tensor(out: StreamTarget, target: MergeTarget, weights: AdapterFile) 
         out.write(memoryview(result.reshape(-1).view(np.uint8)), chunk.first * out_info.itemsize, scratch)
 
 
+EXACT_RANK = 16
+
+
 def _add_delta(w: np.ndarray, rows: tuple[int, int], pieces: list) -> None:
-    """w (rows [r0, r1) of the tensor) += U[rows] @ V for each piece overlapping them; rank 1 as exact products."""
+    """w (rows [r0, r1) of the tensor) += U[rows] @ V for each piece overlapping them; up to rank EXACT_RANK as
+    exact outer products added one after the other (what `apply` subtracts for k directions, so an abliterate
+    adapter merges to its bytes), higher ranks as one matrix product."""
     r0, r1 = rows
     for start, stop, u, v in pieces:
         lo, hi = max(r0, start), min(r1, stop)
@@ -136,8 +141,12 @@ def _add_delta(w: np.ndarray, rows: tuple[int, int], pieces: list) -> None:
             continue
         uu = u[lo - start : hi - start].astype(w.dtype, copy=False)
         vv = v.astype(w.dtype, copy=False)
-        delta = np.multiply.outer(uu[:, 0], vv[0]) if uu.shape[1] == 1 else uu @ vv
-        w[lo - r0 : hi - r0] += delta.reshape(hi - lo, -1)
+        part = w[lo - r0 : hi - r0].reshape(hi - lo, -1)  # a view
+        if uu.shape[1] > EXACT_RANK:
+            part += uu @ vv
+            continue
+        for j in range(uu.shape[1]):
+            part += np.multiply.outer(uu[:, j], vv[j])
 
 
 def _pass_on_manifest(ckpt: Checkpoint, adapter_dir: Path, tmp: Path) -> list[str]:

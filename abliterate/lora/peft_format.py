@@ -30,7 +30,7 @@ class Factors:
     target: str  # module path, or parameter path for "param"
     a: np.ndarray  # [rank, in]
     b: np.ndarray  # [out, rank]
-    filled: np.ndarray  # which of the rank rows were computed (experts may be spread over several tensors)
+    filled: np.ndarray  # which experts' rows were computed (experts may be spread over several tensors)
     order: int = 0  # registration order among the targeted parameters of one module (nesting of ParamWrappers)
 
 
@@ -75,8 +75,9 @@ def write_weights(factors: dict[str, Factors], biases: dict[str, Bias], path: Pa
 
 
 def adapter_config(ckpt: Checkpoint, factors: dict[str, Factors], biases: dict[str, Bias],
-                   base_model: str | None) -> dict:
-    """A plain peft LoraConfig: r = lora_alpha = 1, no dropout, the targets by full in-memory name."""
+                   base_model: str | None, rank: int = 1) -> dict:
+    """A plain peft LoraConfig: r = lora_alpha = the number of directions (scaling 1), no dropout, the targets by
+    full in-memory name."""
     modules = sorted(f.target for f in factors.values() if f.kind != "param")
     params = sorted(f.target for f in factors.values() if f.kind == "param")
     return {
@@ -84,8 +85,8 @@ def adapter_config(ckpt: Checkpoint, factors: dict[str, Factors], biases: dict[s
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or base_model_name(ckpt),
         "revision": None,
-        "r": 1,
-        "lora_alpha": 1,
+        "r": rank,
+        "lora_alpha": rank,
         "lora_dropout": 0.0,
         "use_rslora": False,
         "use_dora": False,
