@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from abliterate.publish.card import CardInfo, base_license, write_card
+from abliterate.publish.card import CardInfo, DirectionSummary, EditSummary, EvalSummary, base_license, write_card
 from tests.test_apply import run_cli
 
 
@@ -15,10 +15,11 @@ def make_folder(tmp_path, adapter: bool):
     (folder / "config.json").write_text("{}")
     info = CardInfo(
         base_model="someone/tiny-chat", adapter=adapter, license="apache-2.0",
-        direction={"layer": "3", "position": "-1", "model": "someone/tiny-chat"},
-        edit={"scale": 1.0, "components": ["embed", "attn", "mlp"], "layers": None, "edited": 9,
-              "untied": "lm_head.weight", "notes": ["a note"]},
-        evaluation={"refusal rate": "2/32 (6%)", "command": "abliterate evaluate out --baseline someone/tiny-chat"},
+        direction=DirectionSummary("someone/tiny-chat", layer="3", position="-1"),
+        edit=EditSummary(scale=1.0, layers=None, components=("embed", "attn", "mlp"), edited=9,
+                         untied="lm_head.weight", notes=("a note",)),
+        evaluation=EvalSummary(rows=(("refusal rate", "2/32 (6%)"),),
+                               command="abliterate evaluate out --baseline someone/tiny-chat"),
         regenerate="abliterate someone/tiny-chat --out out", recipe_name="llama",
     )
     write_card(folder, info)
@@ -61,7 +62,23 @@ def test_card_says_which_selection_filter_was_relaxed_only_when_one_was(tmp_path
         folder.mkdir()
         (folder / "config.json").write_text("{}")
         write_card(folder, CardInfo(base_model="someone/tiny-chat", adapter=False, license=None,
-                                    direction={"layer": "3", "position": "-1", "selection": selection},
-                                    edit={}, evaluation=None, regenerate="abliterate x", recipe_name="llama"))
+                                    direction=DirectionSummary.of(
+                                        {"layer": "3", "position": "-1", "selection": selection}, "someone/tiny-chat"),
+                                    edit=EditSummary(1.0, None, ("attn",), 1), evaluation=None,
+                                    regenerate="abliterate x", recipe_name="llama"))
         text = (folder / "README.md").read_text()
         assert (f"| selection | {relaxed} |" in text) is shown and ("every filter held" in text) is False
+
+
+def test_card_shows_the_search_front_with_the_chosen_trial_and_the_limits_that_chose_it():
+    from abliterate.publish.card import FrontRow, SearchSummary, render_card
+
+    front = (FrontRow(3, "1/8", "0/4", 0.012, "layer 2"), FrontRow(5, "0/8", "1/4", 0.2, "layer 3"))
+    info = CardInfo(base_model="someone/tiny-chat", adapter=False, license=None,
+                    direction=DirectionSummary("someone/tiny-chat"), edit=EditSummary(1.0, None, ("attn",), 1),
+                    evaluation=None, regenerate="abliterate x",
+                    search=SearchSummary(6, 1.5, 3, front, max_kl=0.05, max_refusals=None, recipe_file="r.yaml"))
+    text = render_card(info)
+    assert "| 3 **(chosen)** | 1/8 | 0/4 | 0.012 | layer 2 |" in text and "| 5 | 0/8 | 1/4 | 0.2 | layer 3 |" in text
+    assert "Chosen by: max-kl 0.05." in text and "--recipe r.yaml" in text
+    assert "layer ? , " not in text and "layer ?, post-instruction position ?" in text

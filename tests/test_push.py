@@ -113,10 +113,12 @@ def test_fetch_takes_safetensors_and_metadata_never_pickles_and_code_only_when_t
 
 
 def test_a_card_names_a_hub_base_model_but_never_a_local_path(tmp_path):
-    from abliterate.publish.card import CardInfo, render_card
+    from abliterate.publish.card import CardInfo, DirectionSummary, EditSummary, render_card
 
     def card(base: str) -> ModelCard:
-        return ModelCard(render_card(CardInfo(base_model=base, adapter=False, license=None, direction={}, edit={},
+        return ModelCard(render_card(CardInfo(base_model=base, adapter=False, license=None,
+                                              direction=DirectionSummary.of({}, base),
+                                              edit=EditSummary(1.0, None, ("attn",), 1),
                                               evaluation=None, regenerate=f"abliterate {base}")))
 
     hub_card = card("owner/model")

@@ -146,12 +146,3 @@ class EvalReport:
             lines = ["| metric | model | baseline |", "|---|---|---|"]
             lines += [f"| {m} | {v} | {b if b is not None else '-'} |" for m, v, b in self.rows()]
         return "\n".join(lines) + (f"\n\n{self.benchmarks.table()}" if self.benchmarks else "")
-
-    def card_rows(self) -> dict[str, object]:
-        """Rows for abliterate.card.CardInfo.evaluation (name -> value, plus the command)."""
-        out: dict[str, object] = {}
-        for metric, value, base in self.rows():
-            out[metric] = value if base is None else f"{value} (baseline {base})"
-        out.update(self.benchmarks.card_rows() if self.benchmarks else {})
-        out["command"] = self.command
-        return out

@@ -101,15 +101,15 @@ class TaskReport:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def card_rows(self) -> dict[str, str]:
-        """name -> value rows in the card's evaluation table (baseline and difference in the value)."""
-        out = {}
+    def card_rows(self) -> list[tuple[str, str]]:
+        """(name, value) rows in the card's evaluation table (baseline and difference in the value)."""
+        out = []
         for r in self.rows:
             name = f"{r.task} {r.metric} (n={r.n}, {r.n_shot if r.n_shot is not None else '?'}-shot, lm-eval)"
             value = fmt(r.model)
             if r.baseline is not None:
                 value += f" (baseline {fmt(r.baseline)}, difference {fmt(r.difference, signed=True)})"
-            out[name] = value
+            out.append((name, value))
         return out
 
     def to_dict(self) -> dict:

@@ -36,9 +36,9 @@ def run_stream(options) -> str:
     from abliterate.io import hub
     from abliterate.io.checkpoint import INDEX_NAME
     from abliterate.io.direction_file import load_direction
-    from abliterate.jobs.run_options import default_out, regenerate_command
+    from abliterate.jobs.run_options import default_out, public_model, regenerate_command
     from abliterate.options.recipe import load_recipe
-    from abliterate.publish.card import CardInfo, render_card, sha256_file
+    from abliterate.publish.card import CardInfo, DirectionSummary, EditSummary, render_card, sha256_file
     from abliterate.publish.push import check_target, target_repo
 
     say = (lambda _m: None) if options.quiet else (lambda m: click.echo(m, err=True))
@@ -124,10 +124,12 @@ def run_stream(options) -> str:
     card_text = (meta / "README.md").read_text(errors="replace") if (meta / "README.md").is_file() else None
     a = recipe.apply
     (final / "README.md").write_text(render_card(CardInfo(
-        base_model=options.model, adapter=False, license=base_license(card_text), direction=dict(direction.metadata),
-        edit={"scale": a.scale, "layers": a.layers, "components": list(a.components),
-              "edited": sum(r["edited"] for r in state["shards"].values()),
-              "notes": ["streamed shard by shard (--stream); not evaluated: run `abliterate evaluate` on the result"]},
+        base_model=options.model, adapter=False, license=base_license(card_text),
+        direction=DirectionSummary.of(direction.metadata,
+                                      public_model(direction.metadata.get("model") or options.model)),
+        edit=EditSummary(a.scale, a.layers, tuple(a.components), sum(r["edited"] for r in state["shards"].values()),
+                         notes=("streamed shard by shard (--stream); not evaluated: run `abliterate evaluate` on "
+                                "the result",)),
         evaluation=None, regenerate=regenerate_command(options) + " --push --stream", recipe_name=recipe.name,
         files=sums)))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from abliterate.options.recipe import Recipe, overlay, read_yaml
+from abliterate.publish.card import FrontRow, SearchSummary
 
 RECIPE_NAME = "abliterate-recipe.yaml"  # the searched recipe, written beside the weights
 
@@ -21,7 +22,7 @@ class SearchOutcome:
     recipe: Recipe  # the job's recipe with the chosen point as its apply section
     recipe_file: Path  # the recipe `search` wrote (apply.direction names the file beside it)
     direction: Path
-    card: dict[str, object]  # what the card shows: trials, front rows, the chosen trial, prompt counts
+    card: SearchSummary  # what the card shows: trials, front rows, the chosen trial, the limits
 
 
 def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> SearchOutcome:
@@ -58,12 +59,11 @@ def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> Searc
     del lm
     searched = overlay(recipe, {"apply": read_yaml(recipe_file)["apply"]}, str(recipe_file))
     searched = replace(searched, apply=replace(searched.apply, direction=str(direction)))
-    front = [{"trial": t.number, "refused": f"{t.refusals}/{result.prompts}",
-              "borderline": None if t.overrefusals is None else f"{t.overrefusals}/{result.borderline}",
-              "kl": round(t.kl, 5), "edit": t.point.describe()} for t in result.front]
-    card = {"trials": len(result.trials), "seconds": round(result.seconds, 1), "chosen": choice.number,
-            "front": front, "limits": {"max_kl": options.max_kl, "max_refusals": options.max_refusals},
-            "recipe_file": RECIPE_NAME}
+    front = tuple(FrontRow(t.number, f"{t.refusals}/{result.prompts}",
+                           None if t.overrefusals is None else f"{t.overrefusals}/{result.borderline}",
+                           round(t.kl, 5), t.point.describe()) for t in result.front)
+    card = SearchSummary(len(result.trials), round(result.seconds, 1), choice.number, front, options.max_kl,
+                         options.max_refusals, RECIPE_NAME)
     return SearchOutcome(searched, recipe_file, direction, card)
 
 

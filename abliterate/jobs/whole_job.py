@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -25,6 +26,9 @@ from abliterate.jobs.run_options import (
     regenerate_command,
 )
 from abliterate.options.command import command_line
+
+if TYPE_CHECKING:
+    from abliterate.publish.card import EditSummary
 
 __all__ = ["RunOptions", "RunResult", "default_out", "extract_with", "kept_path", "public_model",
            "regenerate_command", "run"]
@@ -44,7 +48,7 @@ def run(options: RunOptions) -> RunResult:
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.io.direction_file import load_direction
     from abliterate.options.recipe import load_recipe
-    from abliterate.publish.card import CardInfo, base_license, write_card
+    from abliterate.publish.card import CardInfo, DirectionSummary, EvalSummary, base_license, write_card
 
     if options.search is None and any(v is not None for v in (options.max_kl, options.max_refusals,
                                                                options.time_budget)):
@@ -96,7 +100,7 @@ def run(options: RunOptions) -> RunResult:
             direction = biproject(direction)
         staged = work / "output"
         edit = _edit(options, recipe, ckpt, direction, staged)
-        for note in edit["notes"]:
+        for note in edit.notes:
             say(f"note: {note}")
         if searched:
             from abliterate.jobs.job_search import write_recipe_copy
@@ -108,8 +112,8 @@ def run(options: RunOptions) -> RunResult:
                                   else str(ckpt.config.get("_name_or_path") or options.model))
         write_card(staged, CardInfo(
             base_model=base_model, adapter=options.adapter, license=base_license(card_text),
-            direction={**direction.metadata, "model": base_model},
-            edit=edit, evaluation=evaluation.card_rows() if evaluation else None,
+            direction=DirectionSummary.of(direction.metadata, base_model),
+            edit=edit, evaluation=EvalSummary.of(evaluation) if evaluation else None,
             regenerate=regenerate_command(options, base_model),
             recipe_name=recipe.name, direction_file=DIRECTION_NAME, search=searched.card if searched else None))
         if out.exists():
@@ -137,10 +141,11 @@ def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None
     del lm
 
 
-def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[str, object]:
+def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSummary:
     """Write the edited weights or the adapter to `staged`; return what the card says was done."""
     from abliterate.edit.plan import edit_options, plan_edit
     from abliterate.edit.weights import untie_note
+    from abliterate.publish.card import EditSummary
 
     a = recipe.apply
     plan = plan_edit(ckpt, edit_options(recipe.apply))
@@ -153,10 +158,10 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> dict[st
         from abliterate.edit.weights import apply_edit
 
         notes = apply_edit(ckpt, plan, direction, staged, quiet=options.quiet).notes
-    return {"scale": a.scale, "layers": a.layers, "components": list(a.components), "edited": len(plan.edits),
-            "untied": plan.untie[0] if plan.untie and not options.adapter else None,
-            "notes": [n for n in notes if n not in untie_note(plan)] + (["per-layer scales from the recipe"]
-                                                                        if a.layer_scales else [])}
+    notes = tuple(n for n in notes if n not in untie_note(plan)) + (
+        ("per-layer scales from the recipe",) if a.layer_scales else ())
+    return EditSummary(a.scale, a.layers, tuple(a.components), len(plan.edits),
+                       plan.untie[0] if plan.untie and not options.adapter else None, notes)
 
 
 def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):

@@ -10,15 +10,84 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from abliterate.errors import AbliterateError
+from abliterate.evaluate.records import EvalReport
 
 CHECKSUMS_NAME = "SHA256SUMS"
 CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class DirectionSummary:
+    """Which direction was removed. Built from a direction file's metadata, which a user's file may lack
+    keys of: those are None and the card shows "?"."""
+
+    model: str  # the model it was measured on, as the card names it
+    layer: str | None = None
+    position: str | None = None
+    selection: str | None = None  # which selection filter was relaxed, if one was
+
+    @classmethod
+    def of(cls, metadata: Mapping[str, str], model: str) -> DirectionSummary:
+        return cls(model, metadata.get("layer"), metadata.get("position"), metadata.get("selection"))
+
+
+@dataclass(frozen=True)
+class EditSummary:
+    """What the edit did, as the card states it."""
+
+    scale: float
+    layers: str | None  # as given (START:END); None: every layer
+    components: tuple[str, ...]
+    edited: int  # tensors edited
+    untied: str | None = None  # the output embedding written untied, holding the original matrix
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The evaluation as the card shows it: (metric, value) rows and the command that measured them."""
+
+    rows: tuple[tuple[str, str], ...]
+    command: str
+
+    @classmethod
+    def of(cls, report: EvalReport) -> EvalSummary:
+        """The report's rows (the baseline's value beside the model's), then its benchmark rows."""
+        rows = [(metric, value if base is None else f"{value} (baseline {base})")
+                for metric, value, base in report.rows()]
+        rows += report.benchmarks.card_rows() if report.benchmarks else []
+        return cls(tuple(rows), report.command)
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """One point of the search's Pareto front."""
+
+    trial: int
+    refused: str  # "k/n" refused validation prompts
+    borderline: str | None  # "k/n" refused borderline prompts; None when they were not counted
+    kl: float
+    edit: str  # the point, described
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What `--search` did, as the card shows it: the front, the chosen trial and the limits that chose it."""
+
+    trials: int
+    seconds: float
+    chosen: int
+    front: tuple[FrontRow, ...]
+    max_kl: float | None
+    max_refusals: float | None
+    recipe_file: str  # the chosen recipe's name beside the weights
 
 
 @dataclass(frozen=True)
@@ -26,14 +95,14 @@ class CardInfo:
     base_model: str
     adapter: bool
     license: str | None
-    direction: dict[str, str]  # the direction file's metadata
-    edit: dict[str, object]  # scale, layers, components, edited tensor count, untied output embedding, notes
-    evaluation: dict[str, object] | None  # summary rows name -> value, plus "command"
+    direction: DirectionSummary
+    edit: EditSummary
+    evaluation: EvalSummary | None
     regenerate: str  # the command that rebuilds this output
     recipe_name: str = "default"
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     direction_file: str = "refusal_direction.safetensors"
-    search: dict[str, object] | None = None  # `--search`: trials, the front's rows, the chosen trial, recipe file
+    search: SearchSummary | None = None
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
@@ -110,26 +179,25 @@ def render_card(info: CardInfo) -> str:
         "byte for byte.\n",
         "## What was done\n",
         "| | |\n|---|---|",
-        f"| direction | difference of means at layer {d.get('layer', '?')}, post-instruction position "
-        f"{d.get('position', '?')}, from `{d.get('model', info.base_model)}` |",
-        f"| edit | W' = W - {e.get('scale', 1.0)} r (r^T W) on {e.get('edited', '?')} tensors "
-        f"({', '.join(map(str, e.get('components') or []))}; layers {e.get('layers') or 'all'}) |",
+        f"| direction | difference of means at layer {d.layer or '?'}, post-instruction position "
+        f"{d.position or '?'}, from `{d.model}` |",
+        f"| edit | W' = W - {e.scale} r (r^T W) on {e.edited} tensors "
+        f"({', '.join(e.components)}; layers {e.layers or 'all'}) |",
         f"| recipe | `{info.recipe_name}` |",
     ]
-    if d.get("selection") and d["selection"] != "every filter held":
-        lines.append(f"| selection | {d['selection']} |")
-    if e.get("untied"):
-        lines.append(f"| tied embeddings | untied: `{e['untied']}` holds the original matrix |")
+    if d.selection and d.selection != "every filter held":
+        lines.append(f"| selection | {d.selection} |")
+    if e.untied:
+        lines.append(f"| tied embeddings | untied: `{e.untied}` holds the original matrix |")
     lines.append(f"\nThe direction is in `{info.direction_file}` beside the weights.")
-    for note in e.get("notes") or []:
+    for note in e.notes:
         lines.append(f"\n> {note}")
     if info.search:
-        lines += search_section(info)
+        lines += search_section(info.search, info.base_model)
     if info.evaluation:
         lines += ["\n## Evaluation\n", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in info.evaluation.items() if k != "command"]
-        if info.evaluation.get("command"):
-            lines.append(f"\nMeasured with:\n\n```bash\n{info.evaluation['command']}\n```")
+        lines += [f"| {metric} | {value} |" for metric, value in info.evaluation.rows]
+        lines.append(f"\nMeasured with:\n\n```bash\n{info.evaluation.command}\n```")
     lines += ["\n## Reproduce\n", f"```bash\n{info.regenerate}\n```"]
     if info.files:
         lines += ["\n## Files (sha256)\n", "Check a download with `abliterate verify FOLDER`.\n", "```"]
@@ -138,25 +206,23 @@ def render_card(info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
-def search_section(info: CardInfo) -> list[str]:
+def search_section(s: SearchSummary, base_model: str) -> list[str]:
     """The search's front (refusals, borderline refusals, KL on validation prompts) and the chosen point."""
-    s = info.search or {}
-    front = list(s.get("front") or [])
-    borderline = any(row.get("borderline") for row in front)
+    borderline = any(row.borderline for row in s.front)
     lines = ["\n## Search\n",
-             f"{s.get('trials')} trials ({s.get('seconds')} s) searched the direction and per-layer strengths; the "
+             f"{s.trials} trials ({s.seconds} s) searched the direction and per-layer strengths; the "
              "front of refused validation prompts (greedy replies matched against refusal markers)"
              + (", refused borderline prompts" if borderline else "") + " and first-token KL on harmless ones:\n",
              "| trial | refused |" + (" borderline refused |" if borderline else "") + " KL | edit |",
              "|---|---|" + ("---|" if borderline else "") + "---|---|"]
-    for row in front:
-        mark = " **(chosen)**" if row.get("trial") == s.get("chosen") else ""
-        over = f" {row.get('borderline')} |" if borderline else ""
-        lines.append(f"| {row.get('trial')}{mark} | {row.get('refused')} |{over} {row.get('kl')} | {row.get('edit')} |")
-    limits = {k: v for k, v in (s.get("limits") or {}).items() if v is not None}
-    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in limits.items()) or "fewest refusals, then lowest KL"
-    lines.append(f"\nChosen by: {rule}. `{s.get('recipe_file')}` beside the weights holds the chosen edit; "
-                 f"`abliterate apply {info.base_model} --recipe {s.get('recipe_file')} --out DIR`, run in a "
+    for row in s.front:
+        mark = " **(chosen)**" if row.trial == s.chosen else ""
+        over = f" {row.borderline} |" if borderline else ""
+        lines.append(f"| {row.trial}{mark} | {row.refused} |{over} {row.kl} | {row.edit} |")
+    limits = {"max-kl": s.max_kl, "max-refusals": s.max_refusals}
+    rule = ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None) or "fewest refusals, then lowest KL"
+    lines.append(f"\nChosen by: {rule}. `{s.recipe_file}` beside the weights holds the chosen edit; "
+                 f"`abliterate apply {base_model} --recipe {s.recipe_file} --out DIR`, run in a "
                  "download of this repo, rebuilds these weights byte for byte.")
     return lines
 
@@ -169,7 +235,7 @@ def write_card(folder: Path, info: CardInfo) -> None:
     """README.md and SHA256SUMS for a finished output folder."""
     sums = checksums(folder)
     write_checksums(folder, sums)
-    (folder / CARD_NAME).write_text(render_card(CardInfo(**{**info.__dict__, "files": sums})))
+    (folder / CARD_NAME).write_text(render_card(replace(info, files=sums)))
 
 
 def base_license(card_text: str | None) -> str | None:
