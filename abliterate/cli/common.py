@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
-from abliterate.arch.table import COMPONENTS
+from abliterate.options import values
 
 
 def parse_size(value: str) -> int:
-    """'256MB', '1G', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
-    if not m:
-        raise click.BadParameter(f"{value!r} is not a size; write e.g. 256MB or 1GB")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+    """'256MB', '1G', '1048576' -> bytes (options.values.parse_size, its error reported as the option's)."""
+    return _as_option_error(values.parse_size, value, None)
 
 
 def parse_layers(value: str | None) -> range | None:
-    """--layers, read as plan.parse_layer_range reads it, its error reported as the option's."""
-    from abliterate.edit.plan import parse_layer_range
-    from abliterate.errors import AbliterateError
-
-    try:
-        return parse_layer_range(value)
-    except AbliterateError as e:
-        raise click.BadParameter(str(e), param_hint="'--layers'") from None
+    """--layers, read as options.values.parse_layer_range reads it, its error reported as the option's."""
+    return _as_option_error(values.parse_layer_range, value, "'--layers'")
 
 
 def parse_components(value: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in value.split(",") if p.strip())
-    bad = [p for p in parts if p not in COMPONENTS]
-    if bad or not parts:
-        raise click.BadParameter(f"{value!r}: choose from {','.join(COMPONENTS)}")
-    return parts
+    return _as_option_error(values.parse_components, value, None)
+
+
+def _as_option_error(parse, value, hint: str | None):
+    from abliterate.errors import AbliterateError
+
+    try:
+        return parse(value)
+    except AbliterateError as e:
+        raise click.BadParameter(str(e), param_hint=hint) from None
 
 
 def model_options(*, thinking: bool = True, batch_size: int | None = None):

@@ -10,6 +10,8 @@ import click
 
 from abliterate.arch.table import COMPONENTS
 from abliterate.cli.common import arch_option, given_on_command_line, parse_components, parse_layers, parse_size
+from abliterate.options.declared import click_options, from_params
+from abliterate.options.families import ApplyOptions
 
 if TYPE_CHECKING:
     from abliterate.edit.plan import EditOptions
@@ -20,55 +22,9 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--direction", default=None, type=click.Path(path_type=Path),
-              help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, d]); required unless "
-              "--recipe names one.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
-@click.option("--scale", default=1.0, show_default=True,
-              help="1 removes the direction fully, 0.5 half; negative values amplify it.")
-@click.option("--add", "add_direction", is_flag=True, help="Amplify the direction instead of removing it (uses "
-              "-|scale|: W + |s| r r^T W), e.g. to make a model refuse more; --scale 2 is often needed.")
-@click.option("--layers", default=None, callback=lambda c, p, v: parse_layers(v) and v,
-              help="Decoder layers to edit, START:END (END excluded). Default: all.")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True,
-              callback=lambda c, p, v: parse_components(v),
-              help="Which writers to edit: embed (token/position embeddings), attn (attention output), mlp "
-              "(MLP / MoE expert / shared expert outputs).")
-@click.option("--targets", multiple=True, help="Regex (full match) of tensor names to edit instead of the "
-              "architecture table; repeatable. Orientation is read from the shape ([d, in] assumed when square).")
-@click.option("--keep-tied", is_flag=True, help="With tied embeddings, edit the shared matrix instead of writing "
-              "an untied lm_head with the original; the output layer then also stops reading the direction.")
-@click.option("--norm-preserve", is_flag=True, help="Rescale each vector an edited tensor writes into the residual "
-              "stream (a column of a Linear weight, a row of an embedding, a bias) to its original norm after the "
-              "projection: W' = (I - s r r^T) W D. Not with --adapter (no low-rank update expresses D).")
-@click.option("--biproject", is_flag=True, help="First make the direction orthogonal to the harmless mean at its "
-              "layer and position (needs the file `abliterate extract` wrote); the edited folder keeps the result.")
-@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
-              help="Memory budget for tensor chunks.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--adapter", is_flag=True, help="Write a peft LoRA adapter (rank 1 per edited module) to --out "
-              "instead of a checkpoint; PeftModel(base, adapter) computes what the edited checkpoint computes.")
-@click.option("--ignore-biases", is_flag=True, help="With --adapter: leave biases unedited (a pure LoRA adapter; "
-              "otherwise edited biases are carried with peft's bias='lora_only').")
-@click.option("--base-model", default=None, help="With --adapter: the Hub id to record as the adapter's base model "
-              "(default: read from a Hub cache path, else the local path).")
-@click.option("--recipe", "recipe_path", default=None, type=click.Path(path_type=Path),
-              help="Take the apply settings (direction, scale, layers, components, layer_scales...) from this recipe, "
-              "e.g. the one `abliterate search` wrote; options given on the command line win.")
-@click.option("--layer-scales", "layer_scales_path", default=None, type=click.Path(path_type=Path),
-              help="Per-layer, per-component multipliers of --scale from a YAML file (a recipe's apply.layer_scales "
-              "or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
-@click.option("--requant", default="Q8_0", show_default=True,
-              help="GGUF input only: the type to write edited tensors whose quantisation the gguf library cannot "
-              "write (K-quants, IQ types); Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
+@click_options(ApplyOptions)
 @arch_option
-def apply(checkpoint: Path, direction: Path | None, out: Path, scale: float, add_direction: bool,
-          layers: str | None, components: tuple[str, ...], targets: tuple[str, ...], keep_tied: bool,
-          norm_preserve: bool, biproject: bool, max_memory: int,
-          overwrite: bool, quiet: bool, adapter: bool, ignore_biases: bool, base_model: str | None,
-          recipe_path: Path | None, layer_scales_path: Path | None, requant: str) -> None:
+def apply(**params) -> None:
     """Project a direction out of every residual-stream writer of CHECKPOINT, writing a new folder.
 
     Edits the token embedding, each attention output projection, each MLP output projection (every
@@ -95,34 +51,35 @@ def apply(checkpoint: Path, direction: Path | None, out: Path, scale: float, add
     from abliterate.edit.plan import edit_options
     from abliterate.errors import AbliterateError
     from abliterate.io.checkpoint import Checkpoint
+    from abliterate.options.declared import recipe_overrides
     from abliterate.options.recipe import apply_settings
 
-    if not adapter and (ignore_biases or base_model):
+    o = from_params(ApplyOptions, params)
+    if not o.adapter and (o.ignore_biases or o.base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
-    gguf = checkpoint.suffix.lower() == ".gguf"
-    if gguf and (adapter or targets or recipe_path or norm_preserve or biproject):
+    gguf = o.checkpoint.suffix.lower() == ".gguf"
+    if gguf and (o.adapter or o.targets or o.recipe or o.norm_preserve or o.biproject):
         raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
                               "for GGUF input; pass the edit's options (--scale, --layers, --components, "
                               "--layer-scales) directly")
-    ckpt = None if gguf else Checkpoint.open(checkpoint)
-    settings = apply_settings(ckpt.config.get("model_type") if ckpt else None, recipe_path, dict(
-        scale=scale, layers=layers, components=components, targets=targets, keep_tied=keep_tied,
-        norm_preserve=norm_preserve, direction=direction), given_on_command_line(), layer_scales_path)
-    options = edit_options(settings, add=add_direction)
+    ckpt = None if gguf else Checkpoint.open(o.checkpoint)
+    settings = apply_settings(ckpt.config.get("model_type") if ckpt else None, o.recipe,
+                              recipe_overrides(o, "apply"), given_on_command_line(), o.layer_scales)
+    options = edit_options(settings, add=o.add)
     direction = Path(settings.direction) if settings.direction else None
     if ckpt is None:
-        return _apply_gguf(checkpoint, direction, out, options, requant, max_memory, overwrite, quiet)
+        return _apply_gguf(o.checkpoint, direction, o.out, options, o.requant, o.max_memory, o.overwrite, o.quiet)
     if direction is None:
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
-    if adapter:
+    if o.adapter:
         from abliterate.lora.export import AdapterOptions
 
-        _apply_adapter(ckpt, direction, biproject or settings.biprojected, out, options, AdapterOptions(
-            ignore_biases=ignore_biases, base_model=base_model, max_memory=max_memory, overwrite=overwrite,
-            quiet=quiet))
+        _apply_adapter(ckpt, direction, settings.biprojected, o.out, options, AdapterOptions(
+            ignore_biases=o.ignore_biases, base_model=o.base_model, max_memory=o.max_memory, overwrite=o.overwrite,
+            quiet=o.quiet))
     else:
-        _apply_weights(ckpt, direction, biproject or settings.biprojected, out, options, max_memory, overwrite, quiet)
+        _apply_weights(ckpt, direction, settings.biprojected, o.out, options, o.max_memory, o.overwrite, o.quiet)
 
 
 def _load(ckpt: Checkpoint, path: Path, biproject: bool) -> Direction:

@@ -7,39 +7,10 @@ from pathlib import Path
 import click
 
 from abliterate.cli.common import model_options
+from abliterate.options.declared import click_options
+from abliterate.options.families import TaskOptions
 
-
-def task_options(fn):
-    """--tasks and its settings (lm-evaluation-harness), shared by `evaluate` and the whole job."""
-    options = [
-        click.option("--tasks", default=None, help="lm-evaluation-harness tasks to run on the model and the baseline, "
-                     "comma-separated: registered names (gsm8k,mmlu,arc_easy,piqa) or local task folders/YAML files "
-                     "in the harness's format. Needs `pip install 'abliterate[bench]'`."),
-        click.option("--tasks-limit", default=None, type=int, help="Documents per task (default: all)."),
-        click.option("--tasks-fewshot", default=None, type=int,
-                     help="Few-shot examples per prompt (default: each task's own, as the harness does)."),
-        click.option("--tasks-chat-template", is_flag=True, help="Render task prompts with the model's chat template, "
-                     "few-shot examples as turns (the harness's --apply_chat_template; default off, as there)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def task_settings_from(tasks: str | None, limit: int | None, fewshot: int | None, chat_template: bool,
-                       batch_size: int, thinking: bool):
-    """TaskSettings for --tasks (None without it); the other --tasks-* options need --tasks."""
-    from abliterate.errors import AbliterateError
-    from abliterate.evaluate.tasks import TaskSettings, check_tasks, parse_tasks
-
-    if not tasks:
-        if limit is not None or fewshot is not None or chat_template:
-            raise AbliterateError("--tasks-limit, --tasks-fewshot and --tasks-chat-template need --tasks")
-        return None
-    settings = TaskSettings(parse_tasks(tasks), limit=limit, num_fewshot=fewshot, chat_template=chat_template,
-                            batch_size=batch_size, thinking=thinking)
-    check_tasks(settings)  # the extra installed, every task known: before any model loads
-    return settings
+task_options = click_options(TaskOptions)  # --tasks and its settings, shared by `evaluate` and the whole job
 
 
 def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, device: str) -> None:
@@ -94,6 +65,7 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
     tables for a model card.
     """
     from abliterate.errors import AbliterateError
+    from abliterate.evaluate import tasks as evaluate_tasks
     from abliterate.evaluate.evaluation import EvalSettings
     from abliterate.evaluate.evaluation import evaluate as run_evaluate
     from abliterate.lora.adapter_file import weights_path
@@ -111,7 +83,8 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
         raise AbliterateError("missing MODEL: give the model folder or Hub id to evaluate (or --judge-check)")
     if limit < 0:
         raise AbliterateError("--limit must be 0 (every prompt) or more")
-    task_settings = task_settings_from(tasks, tasks_limit, tasks_fewshot, tasks_chat_template, batch_size, thinking)
+    task_settings = evaluate_tasks.task_settings(TaskOptions(tasks, tasks_limit, tasks_fewshot, tasks_chat_template),
+                                                 batch_size, thinking)
     if adapter_dir is not None:  # before loading anything; and never let peft fall back to a pickled .bin
         weights_path(adapter_dir)
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

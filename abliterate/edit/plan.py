@@ -15,28 +15,11 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.options.recipe import ApplySettings
+from abliterate.options.values import TO_THE_END, parse_layer_range
 
 TIE_KEY = "tie_word_embeddings"
 
-
-TO_THE_END = 1 << 30  # the stop of an open range "START:"; layers past the model are never planned
-
-
-def parse_layer_range(text: str | None) -> range | None:
-    """'8:20' (start inclusive, end exclusive), '8:' or ':20', or one layer '12'; None: every layer.
-    The one reading of --layers and of a recipe's apply.layers."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*))?\s*", text)
-    if not m or (m.group(2) is None and not m.group(1)):
-        raise AbliterateError(f"{text!r} is not a layer range; write START:END (END excluded), e.g. 8:20")
-    start = int(m.group(1) or 0)
-    if m.group(2) is None:
-        return range(start, start + 1)
-    layers = range(start, int(m.group(2)) if m.group(2) else TO_THE_END)
-    if not layers:
-        raise AbliterateError(f"{text!r} selects no layer (END is excluded); write START:END with START < END")
-    return layers
+__all__ = ["TO_THE_END", "EditOptions", "EditPlan", "edit_options", "parse_layer_range", "plan_edit"]
 
 
 @dataclass(frozen=True)

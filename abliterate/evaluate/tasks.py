@@ -24,6 +24,7 @@ import yaml
 
 from abliterate.errors import AbliterateError
 from abliterate.measure.loading import LoadedModel
+from abliterate.options.families import TaskOptions
 
 INSTALL_HINT = "pip install 'abliterate[bench]'"
 
@@ -131,6 +132,19 @@ def require_harness():
     except ImportError:
         raise AbliterateError(f"--tasks needs lm-evaluation-harness, which is not installed; {INSTALL_HINT}") from None
     return lm_eval
+
+
+def task_settings(options: TaskOptions, batch_size: int, thinking: bool) -> TaskSettings | None:
+    """TaskSettings for --tasks (None without it), checked before any model loads: the harness installed,
+    every task known; the other --tasks-* options need --tasks."""
+    if not options.tasks:
+        if options.tasks_limit is not None or options.tasks_fewshot is not None or options.tasks_chat_template:
+            raise AbliterateError("--tasks-limit, --tasks-fewshot and --tasks-chat-template need --tasks")
+        return None
+    settings = TaskSettings(parse_tasks(options.tasks), limit=options.tasks_limit, num_fewshot=options.tasks_fewshot,
+                            chat_template=options.tasks_chat_template, batch_size=batch_size, thinking=thinking)
+    check_tasks(settings)
+    return settings
 
 
 def parse_tasks(value: str | None) -> tuple[str, ...]:

@@ -27,12 +27,10 @@ def prompts_and_model(options: RunOptions, recipe, source: Path):
 def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
     """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
     from abliterate.measure.extract import PromptSets, extract, save_extraction
-    from abliterate.measure.selection import SelectionSettings
     from abliterate.measure.templates import load_template
 
     s = recipe.extract
-    settings = SelectionSettings(s.prune_layers, s.kl_threshold, s.induce_threshold, s.batch_size, s.screen_prompts,
-                                 s.finalists)
+    settings = s.selection()
     pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
     result = extract(lm, PromptSets(*prompts), positions=s.positions, template=load_template(options.template),
                      settings=settings, template_kwargs={"enable_thinking": False}, quiet=options.quiet,

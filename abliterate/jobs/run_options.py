@@ -4,42 +4,89 @@ imports another for these."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
+import click
+
 from abliterate.options.command import command_line
+from abliterate.options.declared import command_args, group, option, public_path
+from abliterate.options.families import TaskOptions
+
+__all__ = ["RunOptions", "default_out", "kept_path", "public_model", "public_path", "regenerate_command"]
+
+
+def _uploaded_direction(_path: Path) -> str:
+    """--direction as the card's reader has it: the file uploaded beside the weights."""
+    from abliterate.edit.weights import DIRECTION_NAME
+
+    return DIRECTION_NAME
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    model: str
-    out: Path | None = None
-    adapter: bool = False
-    direction: Path | None = None
-    recipe: Path | None = None
-    harmful: str | None = None
-    harmless: str | None = None
-    field: str | None = None
-    eval_harmful: str = "builtin:harmful"
-    eval_harmless: str = "builtin:harmless"
-    evaluate: bool = True
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = False
-    force: bool = False
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    template: str | None = None  # --template: a Jinja file or text, for models without a chat template
-    overwrite: bool = False
-    stream: bool = False
-    quiet: bool = False
-    tasks: object | None = None  # evaluate.tasks.TaskSettings: lm-evaluation-harness tasks in the evaluation
-    search: int | None = None  # --search N: trials of the search on the loaded model; its choice is applied
-    max_kl: float | None = None  # the search's choice: fewest refusals within this KL
-    max_refusals: float | None = None  # ... or lowest KL within this fraction of refused prompts
-    time_budget: float | None = None  # seconds for the search's trials
+    """The whole job's options: each field is its click option and, unless recorded "never", part of the
+    command the card gives to rebuild the output (abliterate.options.declared)."""
+
+    model: str = option(help="", default=MISSING, record="never")  # the argument (regenerate_command writes it)
+    out: Path | None = option("--out", type=click.Path(path_type=Path), record="never",
+                              help="Output folder (default: ./NAME-abliterated, or NAME-abliterated-adapter).")
+    push_to: str | None = option("--push", is_flag=False, flag_value="", metavar="[REPO_ID]", record="never",
+                                 help="Push the result to the Hub (default repo: YOUR_USER/NAME-abliterated).")
+    adapter: bool = option("--adapter", is_flag=True,
+                           help="Write an exactly equivalent rank-1 LoRA adapter instead of weights.")
+    revision: str | None = option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
+    direction: Path | None = option("--direction", type=click.Path(path_type=Path), record=_uploaded_direction,
+                                    help="Use this direction file instead of extracting one.")
+    recipe: Path | None = option("--recipe", type=click.Path(path_type=Path), record="path",
+                                 help="Recipe YAML overriding the family's settings (see recipes/README.md).")
+    harmful: str | None = option("--harmful", recipe="extract.harmful", default=None, record="path",
+                                 help="Harmful prompts for extraction (default: the recipe's, built-in).")
+    harmless: str | None = option("--harmless", recipe="extract.harmless", default=None, record="path",
+                                  help="Harmless prompts for extraction (default: the recipe's, built-in).")
+    field: str | None = option("--field", help="Column/field holding the prompt in structured files or datasets.")
+    dtype: str | None = option("--dtype", recipe="extract.dtype", default=None,
+                               help="Compute dtype for extraction/evaluation (default: the recipe's).")
+    template: str | None = option("--template", record="path",
+                                  help="Chat template (Jinja file or text) for models without one.")
+    search: int | None = option("--search", type=int, metavar="N",
+                                help="Search N trials of direction and per-layer strengths on the loaded model (as "
+                                "`abliterate search`; needs optuna) and apply the chosen point; the card shows the "
+                                "front and the recipe.")
+    max_kl: float | None = option("--max-kl", type=float,
+                                  help="With --search: the fewest refusals with KL at most this.")
+    max_refusals: float | None = option("--max-refusals", type=float, help="With --search: the lowest KL with at "
+                                        "most this fraction of validation prompts refused.")
+    time_budget: float | None = option("--time-budget", type=float,
+                                       help="With --search: seconds for the trials (no new trial starts after this).")
+    eval_harmful: str = option("--eval-harmful", default="builtin:harmful", show_default=True, record="never",
+                               help="Held-out harmful prompts for the evaluation.")
+    eval_harmless: str = option("--eval-harmless", default="builtin:harmless", show_default=True, record="never",
+                                help="Harmless prompts for the evaluation's KL.")
+    evaluate: bool = option("--eval/--no-eval", default=True, record="never",
+                            help="Run the quick evaluation (--no-eval: skip it; the card then has no numbers).")
+    tasks: TaskOptions = group(TaskOptions, record=False)  # lm-evaluation-harness tasks in the evaluation
+    private: bool = option("--private", is_flag=True, record="never", help="Create the Hub repo private.")
+    force: bool = option("--force", is_flag=True, record="never",
+                         help="Push even into an existing repo abliterate did not create.")
+    device: str = option("--device", default="auto", show_default=True, record="never",
+                         help="cpu, cuda, mps or auto.")
+    trust_remote_code: bool = option("--trust-remote-code", is_flag=True,
+                                     help="Allow the model's own Python code from the Hub.")
+    overwrite: bool = option("--overwrite", is_flag=True, record="never", help="Replace --out if it exists.")
+    stream: bool = option("--stream", is_flag=True, record="never",
+                          help="With --push and --direction: download, edit, upload and delete one shard at a time "
+                          "(disk for about two shards); a rerun resumes; --out is the work folder.")
+    quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress messages.")
+
+    @property
+    def push(self) -> bool:
+        return self.push_to is not None
+
+    @property
+    def repo_id(self) -> str | None:
+        """The repo named after --push; None: the default (YOUR_USER/NAME-abliterated)."""
+        return self.push_to or None
 
 
 def default_out(model: str, adapter: bool) -> Path:
@@ -56,26 +103,8 @@ def kept_path(options: RunOptions, what: str) -> Path:
 def regenerate_command(options: RunOptions, model: str | None = None) -> str:
     """The command that rebuilds this output, as a reader of the card can run it: the model as `model` (the
     card's base model) when given; --direction as the file uploaded beside the weights; other local files
-    by their names only (no path of the publisher's disk); no --push, no token."""
-    from abliterate.edit.weights import DIRECTION_NAME
-
-    args = [model or options.model]
-    direction = DIRECTION_NAME if options.direction is not None else None
-    flags = {"--revision": options.revision, "--direction": direction, "--recipe": public_path(options.recipe),
-             "--harmful": public_path(options.harmful), "--harmless": public_path(options.harmless),
-             "--field": options.field, "--dtype": options.dtype, "--template": public_path(options.template)}
-    for flag, value in flags.items():
-        if value is not None:
-            args += [flag, str(value)]
-    for flag, value in {"--search": options.search, "--max-kl": options.max_kl,
-                        "--max-refusals": options.max_refusals, "--time-budget": options.time_budget}.items():
-        if value is not None:
-            args += [flag, f"{value:g}"]
-    if options.adapter:
-        args.append("--adapter")
-    if options.trust_remote_code:
-        args.append("--trust-remote-code")
-    return command_line(args)
+    by their names only (no path of the publisher's disk); no --push, no token, no evaluation settings."""
+    return command_line([model or options.model, *command_args(options)])
 
 
 def public_model(name: str) -> str:
@@ -83,10 +112,3 @@ def public_model(name: str) -> str:
     from abliterate.publish.card import is_hub_id
 
     return name if is_hub_id(name) else Path(name.rstrip("/")).name or name
-
-
-def public_path(value: str | Path | None) -> str | None:
-    """A local file by its name only; prompt sources such as builtin:NAME or hf:OWNER/NAME as they are."""
-    if value is None or not Path(value).exists():
-        return None if value is None else str(value)
-    return Path(value).name

@@ -26,6 +26,7 @@ from abliterate.jobs.run_options import (
     regenerate_command,
 )
 from abliterate.options.command import command_line
+from abliterate.options.declared import command_args
 
 if TYPE_CHECKING:
     from abliterate.publish.card import EditSummary
@@ -56,6 +57,11 @@ def run(options: RunOptions) -> RunResult:
     if options.search is not None and (options.stream or options.search < 1):
         raise AbliterateError("--search needs at least 1 trial and the whole model (not --stream): the trials run "
                               "on the loaded model")
+    if options.tasks.tasks and (not options.evaluate or options.stream):
+        raise AbliterateError("--tasks runs in the evaluation; drop --no-eval / --stream to use it")
+    from abliterate.evaluate.tasks import task_settings
+
+    tasks = task_settings(options.tasks, batch_size=8, thinking=False)  # checked before anything loads
     if options.stream:
         from abliterate.jobs.hub_stream import run_stream
 
@@ -106,7 +112,7 @@ def run(options: RunOptions) -> RunResult:
             from abliterate.jobs.job_search import write_recipe_copy
 
             write_recipe_copy(searched, staged, DIRECTION_NAME)
-        evaluation = _evaluate(options, recipe, source, staged, say) if options.evaluate else None
+        evaluation = _evaluate(options, recipe, source, staged, say, tasks) if options.evaluate else None
         card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
         base_model = public_model(options.model if source != Path(options.model)
                                   else str(ckpt.config.get("_name_or_path") or options.model))
@@ -164,7 +170,7 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSum
                        plan.untie[0] if plan.untie and not options.adapter else None, notes)
 
 
-def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
+def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, tasks):
     from abliterate.evaluate.evaluation import EvalSettings, evaluate
     from abliterate.measure.loading import LoadedModel, load_model
     from abliterate.measure.templates import load_template
@@ -192,16 +198,8 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say):
     if options.eval_harmless != "builtin:harmless":
         args += ["--harmless", public_path(options.eval_harmless) or ""]
     args += ["--template", public_path(options.template) or ""] if options.template else []
-    args += _tasks_arguments(options.tasks) if options.tasks else []
-    tasks = replace(options.tasks, batch_size=e.batch_size) if options.tasks else None
+    args += command_args(options.tasks)
+    tasks = replace(tasks, batch_size=e.batch_size) if tasks else None
     report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
     say(report.table())
     return report
-
-
-def _tasks_arguments(tasks) -> list[object]:
-    """The --tasks options of the recorded evaluate command."""
-    out: list[object] = ["--tasks", ",".join(tasks.tasks)]
-    out += ["--tasks-limit", tasks.limit] if tasks.limit is not None else []
-    out += ["--tasks-fewshot", tasks.num_fewshot] if tasks.num_fewshot is not None else []
-    return out + (["--tasks-chat-template"] if tasks.chat_template else [])

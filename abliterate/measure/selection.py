@@ -20,16 +20,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from abliterate.errors import AbliterateError
+from abliterate.options.recipe import SelectionSettings
 
-
-@dataclass(frozen=True)
-class SelectionSettings:
-    prune_layers: float = 0.2
-    kl_threshold: float = 0.1
-    induce_threshold: float = 0.0
-    batch_size: int = 16
-    screen_prompts: int = 8  # harmful validation prompts in the first (cheap) round of successive halving
-    finalists: int = 8  # candidates that get all three scores; 0: every candidate (exhaustive)
+__all__ = ["CandidateScore", "Choice", "SelectionSettings", "choose", "scores_from_json", "scores_json", "verdict"]
 
 
 @dataclass(frozen=True)

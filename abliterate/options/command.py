@@ -19,6 +19,11 @@ def command_line(args: Sequence[object]) -> str:
     return shlex.join(["abliterate", *(str(a) for a in args)])
 
 
+def as_word(value: object) -> str:
+    """One option value as typed on a command line: a list of names comma-separated (`--components attn,mlp`)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def given_command() -> str | None:
     """The running CLI command as given (the parameters set on the command line, long names, in declaration
     order), or None outside the CLI."""
@@ -38,7 +43,7 @@ def given_command() -> str | None:
             args.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
         else:
             for v in value if isinstance(param, click.Option) and param.multiple else [value]:
-                args += [param.opts[0], v]
+                args += [param.opts[0], as_word(v)]
     return command_line(args)
 
 

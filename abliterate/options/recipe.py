@@ -20,16 +20,26 @@ from abliterate.errors import AbliterateError, first_line
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
-    n_train: int = 128
-    n_val: int = 32
-    batch_size: int = 16
-    positions: int | None = None
+class SelectionSettings:
+    """What choosing among scored candidates needs (measure/selection): part of the extract section."""
+
     prune_layers: float = 0.2
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
-    screen_prompts: int = 8
-    finalists: int = 8
+    batch_size: int = 16
+    screen_prompts: int = 8  # harmful validation prompts in the first (cheap) round of successive halving
+    finalists: int = 8  # candidates that get all three scores; 0: every candidate (exhaustive)
+
+    def selection(self) -> SelectionSettings:
+        """Only the selection settings (what a direction file records of them)."""
+        return SelectionSettings(**{f.name: getattr(self, f.name) for f in fields(SelectionSettings)})
+
+
+@dataclass(frozen=True)
+class ExtractSettings(SelectionSettings):
+    n_train: int = 128
+    n_val: int = 32
+    positions: int | None = None
     dtype: str = "auto"
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
