@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -174,3 +175,22 @@ def test_whole_job_tasks_put_the_before_after_scores_on_the_card(refusing_model,
     row = next(line for line in card.splitlines() if line.startswith("| toy_reply_choice acc"))
     assert "(n=12, 0-shot, lm-eval) | 1.0000 ± 0.0000 (baseline 0.3333 ± " in row and "difference +0.6667 ± " in row
     assert f"--tasks {task_folder / 'choice.yaml'} --tasks-limit 12" in card
+
+
+def test_tasks_chat_template_renders_with_the_given_template_on_a_tokenizer_without_one(refusing_model,
+                                                                                         task_folder):
+    from abliterate.demo.toy import CHAT_TEMPLATE
+
+    settings = TaskSettings(tasks=(str(task_folder / "choice.yaml"),), limit=4, chat_template=True)
+    own = run_tasks(load_model(refusing_model, device="cpu"), settings, quiet=True, keep_samples=True)
+    bare = load_model(refusing_model, device="cpu")
+    bare.tokenizer.chat_template = None
+    with pytest.raises(AbliterateError, match="no chat template; pass --template FILE"):
+        run_tasks(bare, settings, quiet=True)
+    given = run_tasks(bare, replace(settings, template=CHAT_TEMPLATE), quiet=True, keep_samples=True)
+
+    prompts = [s["arguments"] for s in given.raw_samples["toy_reply_choice"]]
+    assert prompts == [s["arguments"] for s in own.raw_samples["toy_reply_choice"]]
+    assert "<|assistant|>" in str(prompts[0]) and given.scores == own.scores
+    assert bare.tokenizer.chat_template is None  # lent for the run only
+    assert replace(settings, template=CHAT_TEMPLATE).to_dict()["template"].startswith("sha256:")

@@ -84,7 +84,7 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
     if limit < 0:
         raise AbliterateError("--limit must be 0 (every prompt) or more")
     task_settings = evaluate_tasks.task_settings(TaskOptions(tasks, tasks_limit, tasks_fewshot, tasks_chat_template),
-                                                 batch_size, thinking)
+                                                 batch_size, thinking, settings.template)
     if adapter_dir is not None:  # before loading anything; and never let peft fall back to a pickled .bin
         weights_path(adapter_dir)
     lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

@@ -14,9 +14,11 @@ configures it. The harness is an optional extra: ``pip install 'abliterate[bench
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,9 +39,14 @@ class TaskSettings:
     chat_template: bool = False  # render through the model's chat template (harness: --apply_chat_template)
     batch_size: int = 8
     thinking: bool = False  # with chat_template: leave the template's thinking mode on
+    template: str | None = None  # --template: the chat template to render with, for tokenizers without one
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as recorded: a given template by its sha256 (the text is the user's file)."""
+        out = asdict(self)
+        if self.template is not None:
+            out["template"] = "sha256:" + hashlib.sha256(self.template.encode()).hexdigest()
+        return out
 
 
 @dataclass
@@ -134,7 +141,8 @@ def require_harness():
     return lm_eval
 
 
-def task_settings(options: TaskOptions, batch_size: int, thinking: bool) -> TaskSettings | None:
+def task_settings(options: TaskOptions, batch_size: int, thinking: bool,
+                  template: str | None = None) -> TaskSettings | None:
     """TaskSettings for --tasks (None without it), checked before any model loads: the harness installed,
     every task known; the other --tasks-* options need --tasks."""
     if not options.tasks:
@@ -142,7 +150,8 @@ def task_settings(options: TaskOptions, batch_size: int, thinking: bool) -> Task
             raise AbliterateError("--tasks-limit, --tasks-fewshot and --tasks-chat-template need --tasks")
         return None
     settings = TaskSettings(parse_tasks(options.tasks), limit=options.tasks_limit, num_fewshot=options.tasks_fewshot,
-                            chat_template=options.tasks_chat_template, batch_size=batch_size, thinking=thinking)
+                            chat_template=options.tasks_chat_template, batch_size=batch_size, thinking=thinking,
+                            template=template)
     check_tasks(settings)
     return settings
 
@@ -239,7 +248,10 @@ def run_tasks(lm: LoadedModel, settings: TaskSettings, quiet: bool = False, keep
 
     manager, names = checked or check_tasks(settings)
     template_args = {} if settings.thinking else {"enable_thinking": False}
-    with _harness_logs():
+    if settings.chat_template and not (settings.template or getattr(lm.tokenizer, "chat_template", None)):
+        raise AbliterateError("--tasks-chat-template: the tokenizer has no chat template; pass --template FILE "
+                              "(a Jinja chat template)")
+    with _harness_logs(), _template_in(lm.tokenizer, settings.template):
         wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=settings.batch_size,
                        chat_template_args=template_args)
         try:
@@ -250,6 +262,20 @@ def run_tasks(lm: LoadedModel, settings: TaskSettings, quiet: bool = False, keep
             raise AbliterateError(f"--tasks: the harness could not run {', '.join(names)} "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return _collect(results, names, keep_samples)
+
+
+@contextmanager
+def _template_in(tokenizer, template: str | None):
+    """The harness renders (and records) the tokenizer's own template: lend it --template for the run."""
+    if template is None:
+        yield
+        return
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = saved
 
 
 def _collect(results: dict, names: list[str], keep_samples: bool) -> TaskRun:

@@ -60,8 +60,10 @@ def run(options: RunOptions) -> RunResult:
     if options.tasks.tasks and (not options.evaluate or options.stream):
         raise AbliterateError("--tasks runs in the evaluation; drop --no-eval / --stream to use it")
     from abliterate.evaluate.tasks import task_settings
+    from abliterate.measure.templates import load_template
 
-    tasks = task_settings(options.tasks, batch_size=8, thinking=False)  # checked before anything loads
+    tasks = task_settings(options.tasks, batch_size=8, thinking=False,  # checked before anything loads
+                          template=load_template(options.template))
     if options.stream:
         from abliterate.jobs.hub_stream import run_stream
 

@@ -27,7 +27,8 @@ class TaskOptions:
                                        "does).")
     tasks_chat_template: bool = option("--tasks-chat-template", is_flag=True,
                                        help="Render task prompts with the model's chat template, few-shot examples "
-                                       "as turns (the harness's --apply_chat_template; default off, as there).")
+                                       "as turns (the harness's --apply_chat_template; default off, as there); "
+                                       "--template, when given, is the template used.")
 
 
 @dataclass(frozen=True)
