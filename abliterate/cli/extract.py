@@ -23,9 +23,11 @@ def extract(**params) -> None:
     layer and post-instruction position. Every candidate is screened by the refusal log-odds with
     it ablated on a few harmful prompts; the best quarter is scored on all of them, and the best
     --finalists also by the refusal log-odds with it added (must rise) and the first-token KL on
-    harmless prompts (must stay small). The lowest ablation score passing both filters wins; when
-    none passes, a filter is relaxed and the output says which. Candidates and scores are saved
-    before the choice (OUT.candidates.safetensors while scoring), so --reselect can choose again.
+    harmless prompts (must stay small). The lowest ablation score passing both filters wins
+    (--refusal-objective count: the fewest refused replies; --kl-objective continuation: the KL over
+    the first reply tokens); when none passes, a filter is relaxed and the output says which.
+    Candidates and scores are saved before the choice (OUT.candidates.safetensors while scoring), so
+    --reselect can choose again.
     """
     from abliterate.errors import AbliterateError
     from abliterate.io.direction_file import check_output_file
@@ -71,11 +73,16 @@ def _extract(o: ExtractOptions, m: ModelParams, command: str):
                                                kind="harmful")
     harmless_train, harmless_val = split_prompts(o.harmless, n_train=o.n_train, n_val=o.n_val, field=o.field,
                                                  kind="harmless")
+    from abliterate.search.finalists import by_generation, finalist_measure
+
     lm = load_model(o.model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    template, settings = load_template(m.template), o.selection()
+    measure = finalist_measure(lm, harmful_val, harmless_val, settings, template=template, thinking=m.thinking,
+                               quiet=o.quiet) if by_generation(settings) else None
     return extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val),
-                   template=load_template(m.template), positions=o.positions, settings=o.selection(),
+                   template=template, positions=o.positions, settings=settings,
                    template_kwargs={} if m.thinking else {"enable_thinking": False}, quiet=o.quiet,
-                   pending=pending_path(o.out), metadata={"command": command})
+                   pending=pending_path(o.out), metadata={"command": command}, measure_finalists=measure)
 
 
 def report(result, out: Path) -> None:
@@ -84,15 +91,27 @@ def report(result, out: Path) -> None:
     shown = [s for s in full if s.rejected is None] or full
     if result.baseline_refusal == result.baseline_refusal:  # not NaN
         click.echo(f"refusal score (log-odds) on harmful validation prompts: {result.baseline_refusal:.2f} before")
-    click.echo(f"{'layer':>5} {'pos':>4} {'ablated':>8} {'added':>8} {'KL':>8}")
-    for s in sorted(shown, key=lambda s: s.refusal_ablated)[:10]:
+    replies, continuation = (any(getattr(s, a) is not None for s in shown) for a in ("refusals", "kl_continuation"))
+    click.echo(f"{'layer':>5} {'pos':>4} {'ablated':>8} {'added':>8} {'KL':>8}" + (f" {'refused':>9}" * replies)
+               + (f" {'KL reply':>9}" * continuation))
+    for s in sorted(shown, key=lambda s: (s.refusals or 0, s.refusal_ablated))[:10]:
         mark = " <- chosen" if (s.layer, s.position) == (result.best.layer, result.best.position) else ""
-        click.echo(f"{s.layer:>5} {s.position:>4} {s.refusal_ablated:>8.2f} {s.refusal_added:>8.2f} {s.kl:>8.4f}{mark}")
+        extra = (f" {_count(s):>9}" if replies else "") + (f" {_number(s.kl_continuation):>9}" if continuation else "")
+        click.echo(f"{s.layer:>5} {s.position:>4} {s.refusal_ablated:>8.2f} {s.refusal_added:>8.2f} {s.kl:>8.4f}"
+                   f"{extra}{mark}")
     if result.relaxed:
         click.echo(f"note: {result.relaxed}")
     rejected = sum(s.rejected is not None for s in full)
     click.echo(f"{len(result.scores)} candidates screened, {len(full)} scored fully, {rejected} of those rejected by "
                f"the filters; wrote {out}")
+
+
+def _count(s) -> str:
+    return "-" if s.refusals is None else f"{s.refusals}/{s.replies}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _harmfulness(o: ExtractOptions, m: ModelParams, command: str) -> None:

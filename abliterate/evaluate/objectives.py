@@ -28,9 +28,6 @@ from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import render
 
-KL_OBJECTIVES = ("first-token", "continuation")
-REFUSAL_OBJECTIVES = ("score", "count")
-
 
 class ContinuationKL:
     """Multi-token KL against the unedited model; construct it while no edit is active.

@@ -28,13 +28,17 @@ def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...]
     """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
     from abliterate.measure.extract import PromptSets, extract, save_extraction
     from abliterate.measure.templates import load_template
+    from abliterate.search.finalists import by_generation, finalist_measure
 
     s = recipe.extract
     settings = s.selection()
     pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
-    result = extract(lm, PromptSets(*prompts), positions=s.positions, template=load_template(options.template),
-                     settings=settings, template_kwargs={"enable_thinking": False}, quiet=options.quiet,
-                     pending=pending, metadata={"model": options.model})
+    template = load_template(options.template)
+    measure = finalist_measure(lm, prompts[2], prompts[3], settings, template=template,
+                               quiet=options.quiet) if by_generation(settings) else None
+    result = extract(lm, PromptSets(*prompts), positions=s.positions, template=template, settings=settings,
+                     template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
+                     metadata={"model": options.model}, measure_finalists=measure)
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,14 @@ from abliterate.io.safetensors_format import read_header
 from abliterate.measure.activations import mean_residuals
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids, score_candidates
-from abliterate.measure.selection import CandidateScore, SelectionSettings, choose, scores_from_json, scores_json
+from abliterate.measure.selection import (
+    CandidateScore,
+    SelectionSettings,
+    check_settings,
+    choose,
+    scores_from_json,
+    scores_json,
+)
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render
 from abliterate.options.command import recorded_command
 from abliterate.prompts import PromptError, builtin, load_prompts
@@ -75,12 +83,16 @@ def pending_path(out: Path) -> Path:
 def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None, positions: int | None = None,
             settings: SelectionSettings | None = None, refusal_prefixes: tuple[str, ...] | None = None,
             template_kwargs: dict | None = None, quiet: bool = False, pending: Path | None = None,
-            metadata: dict[str, str] | None = None) -> Extraction:
+            metadata: dict[str, str] | None = None,
+            measure_finalists: Callable[[torch.Tensor, list[CandidateScore]], list[CandidateScore]] | None = None,
+            ) -> Extraction:
     """Candidates, their scores and the choice. With `pending`, the candidates and every round's scores are
     saved there before the next step (a failed or interrupted choice then costs no forward pass again).
-    `metadata` is recorded in the files as given (e.g. the command line)."""
+    `measure_finalists` adds the scores beyond the first token that the settings rank by (see
+    `search.finalists`). `metadata` is recorded in the files as given (e.g. the command line)."""
     metadata = metadata or {}
     settings = settings or SelectionSettings()
+    check_settings(settings)  # before any forward pass
     kwargs = template_kwargs or {}
     suffix = post_instruction_suffix(lm.tokenizer, template, **kwargs)
     fmt = lambda texts: [render(lm.tokenizer, t, template, **kwargs) for t in texts]  # noqa: E731
@@ -102,6 +114,10 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
     if save:
         save([])
     scores = score_candidates(lm, candidates, scorer, settings, quiet=quiet, on_round=save)
+    if measure_finalists is not None:
+        scores = measure_finalists(candidates, scores)
+        if save:
+            save(scores)
     try:
         choice = choose(scores, settings, lm.num_layers)
     except AbliterateError as e:

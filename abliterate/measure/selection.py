@@ -11,6 +11,12 @@ still made, with the filters relaxed one at a time and the reason recorded:
 3. else both.
 
 Only when no candidate has finite full scores is there nothing to choose.
+
+By default candidates are ranked by the first-token scores alone (fast). With
+``refusal_objective="count"`` the finalists also carry a count of refused greedy replies (measured
+by the caller, `search.finalists`, since counting needs generation) and the fewest refusals win, the
+ablation score breaking ties; with ``kl_objective="continuation"`` the KL filter reads the KL averaged over the
+reply's first tokens instead of the first token's. The settings saved with the scores record which.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from abliterate.errors import AbliterateError
-from abliterate.options.recipe import SelectionSettings
+from abliterate.options.recipe import KL_OBJECTIVES, REFUSAL_OBJECTIVES, SelectionSettings
 
 __all__ = ["CandidateScore", "Choice", "SelectionSettings", "choose", "scores_from_json", "scores_json", "verdict"]
 
@@ -34,10 +40,35 @@ class CandidateScore:
     kl: float | None
     rejected: str | None  # why the candidate was not chosen by the strict filters, or None
     prompts: int = 0  # harmful validation prompts behind refusal_ablated
+    refusals: int | None = None  # refused greedy replies of `replies` harmful validation prompts, ablated
+    replies: int = 0
+    kl_continuation: float | None = None  # KL over the first reply tokens on harmless prompts, ablated
 
     @property
     def full(self) -> bool:
         return self.refusal_added is not None and self.kl is not None
+
+
+def _kl(s: CandidateScore, settings: SelectionSettings) -> float | None:
+    return s.kl_continuation if settings.kl_objective == "continuation" else s.kl
+
+
+def _measured(s: CandidateScore, settings: SelectionSettings) -> bool:
+    """Has every score the settings rank and filter by."""
+    return s.full and _kl(s, settings) is not None and (settings.refusal_objective == "score" or s.refusals is not None)
+
+
+def _values(s: CandidateScore, settings: SelectionSettings) -> tuple[float, ...]:
+    extra = (float(s.refusals),) if settings.refusal_objective == "count" else ()
+    return (s.refusal_ablated, s.refusal_added, _kl(s, settings), *extra)
+
+
+def check_settings(settings: SelectionSettings) -> None:
+    if settings.refusal_objective not in REFUSAL_OBJECTIVES:
+        raise AbliterateError(f"unknown refusal objective {settings.refusal_objective!r}; use one of "
+                              f"{', '.join(REFUSAL_OBJECTIVES)}")
+    if settings.kl_objective not in KL_OBJECTIVES:
+        raise AbliterateError(f"unknown KL objective {settings.kl_objective!r}; use one of {', '.join(KL_OBJECTIVES)}")
 
 
 @dataclass(frozen=True)
@@ -56,49 +87,59 @@ def verdict(s: CandidateScore, settings: SelectionSettings, num_layers: int) -> 
     """Why the strict filters reject `s` (None: it passes)."""
     if not s.full:
         return f"pruned after screening (ablation score on {s.prompts} prompts)"
-    if not all(math.isfinite(x) for x in (s.refusal_ablated, s.refusal_added, s.kl)):
+    if not _measured(s, settings):
+        return "not among the finalists measured by generated replies"
+    if not all(math.isfinite(x) for x in _values(s, settings)):
         return "non-finite score"
     if s.layer >= max_layer(num_layers, settings.prune_layers):
         return f"in the last {settings.prune_layers:.0%} of layers"
     if s.refusal_added <= settings.induce_threshold:
         return f"adding it does not induce refusal ({s.refusal_added:.2f} <= {settings.induce_threshold})"
-    if s.kl > settings.kl_threshold:
-        return f"KL {s.kl:.3f} > {settings.kl_threshold}"
+    if _kl(s, settings) > settings.kl_threshold:
+        return f"{settings.kl_objective} KL {_kl(s, settings):.3f} > {settings.kl_threshold}"
     return None
 
 
 def choose(scores: list[CandidateScore], settings: SelectionSettings, num_layers: int) -> Choice:
     """The best candidate under the strict filters, else under relaxed ones (saying which and why)."""
+    check_settings(settings)
     judged = [replace(s, rejected=verdict(s, settings, num_layers)) for s in scores]
     top = max_layer(num_layers, settings.prune_layers)
-    usable = [s for s in judged if s.full and s.layer < top
-              and all(math.isfinite(x) for x in (s.refusal_ablated, s.refusal_added, s.kl))]
+    usable = [s for s in judged if _measured(s, settings) and s.layer < top
+              and all(math.isfinite(x) for x in _values(s, settings))]
     if not usable:
+        if settings.refusal_objective == "count" and not any(s.refusals is not None for s in scores):
+            raise AbliterateError("--refusal-objective count needs refused-reply counts, which these scores lack; "
+                                  "run `abliterate extract MODEL --refusal-objective count` (it generates them)")
         raise AbliterateError(
             f"none of the {len(scores)} candidates has finite full scores below the last "
             f"{settings.prune_layers:.0%} of layers; check that the model runs in this dtype (try --dtype float32) "
             "and refuses the harmful prompts at all")
-    best = lambda pool: min(pool, key=lambda s: s.refusal_ablated)  # noqa: E731
+    key = (lambda s: (s.refusals, s.refusal_ablated)) if settings.refusal_objective == "count" else (
+        lambda s: s.refusal_ablated)
+    best = lambda pool: min(pool, key=key)  # noqa: E731
+    kl = lambda s: _kl(s, settings)  # noqa: E731
+    ranked = "fewest refused replies" if settings.refusal_objective == "count" else "best ablation score"
     induces = lambda s: s.refusal_added > settings.induce_threshold  # noqa: E731
     passed = [s for s in usable if s.rejected is None]
     if passed:
         return Choice(best(passed), judged, None)
-    within_kl = [s for s in usable if s.kl <= settings.kl_threshold]
+    within_kl = [s for s in usable if kl(s) <= settings.kl_threshold]
     if within_kl:
         strongest = max(s.refusal_added for s in usable)
         return Choice(best(within_kl), judged, (
             f"induction filter relaxed: adding no candidate raised the harmless prompts' refusal log-odds above "
-            f"{settings.induce_threshold} (highest {strongest:.2f}); chose the best ablation score among the "
+            f"{settings.induce_threshold} (highest {strongest:.2f}); chose the {ranked} among the "
             f"{len(within_kl)} within KL {settings.kl_threshold}"))
     inducing = [s for s in usable if induces(s)]
     pool, what = (inducing, "KL limit relaxed") if inducing else (usable, "KL limit and induction filter relaxed")
-    lowest = min(s.kl for s in pool)
+    lowest = min(kl(s) for s in pool)
     limit = 2 * lowest
-    chosen = best([s for s in pool if s.kl <= limit])
+    chosen = best([s for s in pool if kl(s) <= limit])
     why = "" if inducing else f" and none induces refusal (threshold {settings.induce_threshold})"
     return Choice(chosen, judged, (
-        f"{what}: no candidate stays within KL {settings.kl_threshold} (lowest {lowest:.3f}){why}; chose the best "
-        f"ablation score among those within KL {limit:.3f} (twice the lowest)"))
+        f"{what}: no candidate stays within KL {settings.kl_threshold} (lowest {lowest:.3f}){why}; chose the "
+        f"{ranked} among those within KL {limit:.3f} (twice the lowest)"))
 
 
 def scores_json(scores: list[CandidateScore]) -> str:

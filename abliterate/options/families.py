@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from abliterate.options.declared import option
-from abliterate.options.recipe import SelectionSettings
+from abliterate.options.recipe import KL_OBJECTIVES, REFUSAL_OBJECTIVES, SelectionSettings
 from abliterate.options.values import checked_layers, parse_components, parse_size
 
 
@@ -75,6 +75,20 @@ class ExtractOptions:
                                      "harmless prompts above this.")
     prune_layers: float = option("--prune-layers", recipe="extract.prune_layers", show_default=True,
                                  help="Fraction of last layers never selected.")
+    refusal_objective: str = option("--refusal-objective", recipe="extract.refusal_objective",
+                                    type=click.Choice(REFUSAL_OBJECTIVES), show_default=True,
+                                    help="Rank the finalists by the first-token refusal log-odds (fast), or by how "
+                                    "many greedy replies of --max-new-tokens to the harmful validation prompts the "
+                                    "refusal markers count as refusals (generation per finalist; the log-odds break "
+                                    "ties).")
+    kl_objective: str = option("--kl-objective", recipe="extract.kl_objective", type=click.Choice(KL_OBJECTIVES),
+                               show_default=True, help="The KL the --kl-threshold filter reads: at the first reply "
+                               "token (fast), or averaged over the first --kl-tokens tokens of the unedited model's "
+                               "greedy replies.")
+    max_new_tokens: int = option("--max-new-tokens", recipe="extract.max_new_tokens", show_default=True,
+                                 help="Reply tokens with --refusal-objective count.")
+    kl_tokens: int = option("--kl-tokens", recipe="extract.kl_tokens", show_default=True,
+                            help="Reply tokens with --kl-objective continuation.")
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 
     def selection(self) -> SelectionSettings:

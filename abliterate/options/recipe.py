@@ -18,6 +18,9 @@ import yaml
 from abliterate.arch.table import COMPONENTS
 from abliterate.errors import AbliterateError, first_line
 
+REFUSAL_OBJECTIVES = ("score", "count")  # what ranks candidates: first-token log-odds, or refused greedy replies
+KL_OBJECTIVES = ("first-token", "continuation")  # what the KL filter reads
+
 
 @dataclass(frozen=True)
 class SelectionSettings:
@@ -29,6 +32,10 @@ class SelectionSettings:
     batch_size: int = 16
     screen_prompts: int = 8  # harmful validation prompts in the first (cheap) round of successive halving
     finalists: int = 8  # candidates that get all three scores; 0: every candidate (exhaustive)
+    refusal_objective: str = "score"  # "score": first-token ablation score; "count": refused greedy replies first
+    kl_objective: str = "first-token"  # or "continuation": the KL filter reads CandidateScore.kl_continuation
+    max_new_tokens: int = 24  # reply length counted with refusal_objective "count"
+    kl_tokens: int = 16  # reply tokens averaged with kl_objective "continuation"
 
     def selection(self) -> SelectionSettings:
         """Only the selection settings (what a direction file records of them)."""
