@@ -35,7 +35,7 @@ FAMILIES = [(RunOptions, run), (ExtractOptions, extract), (ApplyOptions, apply),
 
 # values a generic rule cannot guess: a valid choice, a layer range, a direction under the name the job records
 SPECIAL = {"kind": "harmfulness", "layers": "2:5", "components": ("attn",), "targets": ("a\\.weight", "b.*"),
-           "max_memory": 3 << 20, "requant": "Q4_0"}
+           "max_memory": 3 << 20, "requant": "Q4_0", "refusal_objective": "count", "kl_objective": "continuation"}
 
 
 def changed(f: dataclasses.Field, cls: type) -> object:
@@ -123,7 +123,8 @@ def test_extract_options_select_with_the_recipe_schemas_selection_settings():
     assert issubclass(ExtractSettings, SelectionSettings)
     o = instance(ExtractOptions)
     assert o.selection() == SelectionSettings(o.prune_layers, o.kl_threshold, o.induce_threshold, o.batch_size,
-                                              o.screen_prompts, o.finalists)
+                                              o.screen_prompts, o.finalists, o.refusal_objective, o.kl_objective,
+                                              o.max_new_tokens, o.kl_tokens)
     assert ExtractSettings(kl_threshold=0.3).selection() == SelectionSettings(kl_threshold=0.3)
 
 
