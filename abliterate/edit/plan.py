@@ -85,6 +85,9 @@ class EditPlan:
     config_updates: dict[str, object]
     notes: tuple[str, ...]
     norm_preserve: bool = False  # see EditOptions
+    # tensors the output adds, each appended to its `shard` (after an untied output embedding) and computed whole
+    # by the writer's compute function (their `info` gives dtype, shape and size; there is nothing to read)
+    added: tuple[TensorEdit, ...] = ()
 
 
 def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None = None) -> EditPlan:

@@ -54,15 +54,20 @@ class ShardLayout:
 
 def shard_layout(ckpt: Checkpoint, plan: EditPlan, shard: str) -> ShardLayout:
     """What an output shard consists of: the input's header and tensors, in the same order, each
-    copied or edited, plus the untied output embedding when it has to be added to this shard."""
+    copied or edited, plus the untied output embedding when it has to be added to this shard, then the
+    plan's added tensors that belong to it."""
     src = ckpt.headers[shard]
     out_name, embed_name = plan.untie or (None, None)
     append = embed_name is not None and out_name not in ckpt.tensors and ckpt.tensors[embed_name][0] == shard
+    added = [e for e in plan.added if e.shard == shard]
     header = src.header_bytes
-    if append:
-        embed = ckpt.tensors[embed_name][1]
+    if append or added:
         entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in src.tensors]
-        header = encode_header([*entries, (out_name, embed.dtype, embed.shape, embed.nbytes)], src.metadata)
+        if append:
+            embed = ckpt.tensors[embed_name][1]
+            entries.append((out_name, embed.dtype, embed.shape, embed.nbytes))
+        entries += [(e.name, e.info.dtype, e.info.shape, e.info.nbytes) for e in added]
+        header = encode_header(entries, src.metadata)
     shift = 8 + len(header) - src.data_start
     segments: list[Copy | Computed] = []
     for info in src.tensors:
@@ -82,6 +87,9 @@ def shard_layout(ckpt: Checkpoint, plan: EditPlan, shard: str) -> ShardLayout:
         embed = ckpt.tensors[embed_name][1]
         segments.append(Copy(shard, embed.start, size, embed.nbytes))
         size += embed.nbytes
+    for e in added:
+        segments.append(Computed(e, size))
+        size += e.info.nbytes
     return ShardLayout(header, size, tuple(segments))
 
 
@@ -212,16 +220,22 @@ def output_size(ckpt: Checkpoint, plan: EditPlan) -> int:
 
 
 def write_index(ckpt: Checkpoint, plan: EditPlan, tmp: Path) -> None:
+    """The input's index (byte for byte when nothing is added), with an untied output embedding and the plan's
+    added tensors mapped to the shards holding them."""
     if ckpt.index_bytes is None:
         return
-    if plan.untie is None or plan.untie[0] in ckpt.tensors:
+    new = {e.name: (e.shard, e.info.nbytes) for e in plan.added}
+    if plan.untie is not None and plan.untie[0] not in ckpt.tensors:
+        embed_shard, embed = ckpt.tensors[plan.untie[1]]
+        new = {plan.untie[0]: (embed_shard, embed.nbytes), **new}
+    if not new:
         (tmp / INDEX_NAME).write_bytes(ckpt.index_bytes)
         return
     index = json.loads(ckpt.index_bytes)
-    out_name, embed_name = plan.untie
-    index["weight_map"][out_name] = ckpt.tensors[embed_name][0]
-    if isinstance(index.get("metadata", {}).get("total_size"), int):
-        index["metadata"]["total_size"] += ckpt.tensors[embed_name][1].nbytes
+    for name, (shard, nbytes) in new.items():
+        index["weight_map"][name] = shard
+        if isinstance(index.get("metadata", {}).get("total_size"), int):
+            index["metadata"]["total_size"] += nbytes
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=False) + "\n")
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from contextlib import ExitStack
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +26,19 @@ import torch
 from tqdm import tqdm
 
 from abliterate.arch.table import arch_for_config
-from abliterate.edit.shard_writer import copy_other_files
+from abliterate.edit.plan import EditPlan, TensorEdit
+from abliterate.edit.shard_writer import (
+    Target,
+    copy_other_files,
+    output_size,
+    write_config,
+    write_index,
+    write_shards,
+)
+from abliterate.edit.weights import DEFAULT_MAX_MEMORY
 from abliterate.errors import AbliterateError
-from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
-from abliterate.io.safetensors_format import atomic_folder, copy_range, encode_header, pread_into, pwrite_all
+from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.safetensors_format import DTYPE_SIZES, TensorInfo, atomic_folder, pread_into
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BIAS_FLAG = "mlp_bias"
@@ -120,61 +128,58 @@ def bake(checkpoint: str | Path, vectors_path: str | Path, layer: int, coeff: fl
     # Granite-style families scale each block output by a config multiplier before the residual add: divide it
     # out so that the bias adds coeff * vector to the residual stream, exactly what the hook adds.
     delta = (torch.as_tensor(vector, dtype=torch.float64) * coeff / residual_scale(ckpt)).float()
-    new: dict[str, tuple[str, torch.Tensor]] = {}  # name -> (shard, value)
-    for name, shape in new_shapes.items():
-        owner = name[: -len("bias")] + "weight"
-        if owner not in ckpt.tensors:
-            raise AbliterateError(f"{flag} adds {name} but the checkpoint has no {owner}; this family cannot be baked")
-        value = delta if name == bias else torch.zeros(shape)
-        new[name] = (ckpt.tensors[owner][0], value.to(TORCH_DTYPES[dtype]))
-    with atomic_folder(Path(out), overwrite=overwrite) as tmp, ExitStack() as stack:
-        for shard in tqdm(ckpt.shards, desc="bake", disable=quiet, leave=False):
-            src = ckpt.headers[shard]
-            extra = [(n, v) for n, (s, v) in new.items() if s == shard]
-            entries = [(t.name, t.dtype, t.shape, t.nbytes) for t in src.tensors]
-            entries += [(n, dtype, tuple(v.shape), v.numel() * v.element_size()) for n, v in extra]
-            header = encode_header(entries, src.metadata)
-            src_fd = os.open(ckpt.root / shard, os.O_RDONLY)
-            stack.callback(os.close, src_fd)
-            dst_fd = os.open(tmp / shard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            stack.callback(os.close, dst_fd)
-            pwrite_all(dst_fd, memoryview(len(header).to_bytes(8, "little") + header), 0)
-            at = 8 + len(header)
-            for info in src.tensors:
-                if info.name == bias:  # an existing bias: add the vector to it
-                    buf = bytearray(info.nbytes)
-                    pread_into(src_fd, memoryview(buf), info.start)
-                    old = torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).float()
-                    pwrite_all(dst_fd, _bytes((old + delta).to(TORCH_DTYPES[info.dtype])), at)
-                else:
-                    copy_range(src_fd, dst_fd, info.start, at, info.nbytes)
-                at += info.nbytes
-            for _, value in extra:
-                data = _bytes(value)
-                pwrite_all(dst_fd, data, at)
-                at += len(data)
-        _write_index(ckpt, tmp, {n: (s, v.numel() * v.element_size()) for n, (s, v) in new.items()})
-        config = json.loads((ckpt.root / "config.json").read_text())
-        if flag is not None:
-            (config["text_config"] if isinstance(config.get("text_config"), dict) else config)[flag] = True
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    plan, kinds = _bake_plan(ckpt, flag, new_shapes, bias, layer, dtype)
+    zeros = tuple(name for name, kind in kinds.items() if kind == "zeros")
+    with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
+        total=output_size(ckpt, plan), unit="B", unit_scale=True, desc="bake", disable=quiet, file=sys.stderr
+    ) as bar:
+        write_shards(ckpt, plan, tmp, lambda target: _write_bias(target, kinds, delta),
+                     max_memory=DEFAULT_MAX_MEMORY, progress=bar.update)
+        write_index(ckpt, plan, tmp)
+        write_config(ckpt, plan, tmp)
         skipped = copy_other_files(ckpt, tmp)
         (tmp / NOTE_FILE).write_text(json.dumps({
             "steering": {"layer": layer, "coeff": coeff, "bias": bias, "vectors": str(vectors_path),
                          "residual": f"after decoder layer {layer} (steering-vector row {layer + 1})",
-                         "positions": "every position, prompt included", "zero_biases_added": max(len(new) - 1, 0),
+                         "positions": "every position, prompt included", "zero_biases_added": len(zeros),
                          "config_flag": flag},
         }, indent=2) + "\n")
-    return BakeResult(Path(out), bias, tuple(n for n in new if n != bias), flag, skipped)
+    return BakeResult(Path(out), bias, zeros, flag, skipped)
 
 
-def _write_index(ckpt: Checkpoint, tmp: Path, added: dict[str, tuple[str, int]]) -> None:
-    if ckpt.index_bytes is None:
-        return
-    index = json.loads(ckpt.index_bytes)
-    for name, (shard, nbytes) in added.items():
-        index["weight_map"][name] = shard
-        if isinstance(index.get("metadata", {}).get("total_size"), int):
-            index["metadata"]["total_size"] += nbytes
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+def _bake_plan(ckpt: Checkpoint, flag: str | None, new_shapes: dict[str, tuple[int, ...]], bias: str, layer: int,
+               dtype: str) -> tuple[EditPlan, dict[str, str]]:
+    """The shard writer's plan: the existing bias edited in place, or the flag set and every bias it makes the model
+    expect appended to the shard of its weight; and what each bias holds ("zeros", "vector", or "added": the
+    stored values plus the vector)."""
+    kinds: dict[str, str] = {}
+    added = []
+    for name, shape in new_shapes.items():
+        owner = name[: -len("bias")] + "weight"
+        if owner not in ckpt.tensors:
+            raise AbliterateError(f"{flag} adds {name} but the checkpoint has no {owner}; this family cannot be baked")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        added.append(TensorEdit(name, ckpt.tensors[owner][0], TensorInfo(name, dtype, tuple(shape), 0, nbytes), "mlp",
+                                None, 0, 1.0))
+        kinds[name] = "vector" if name == bias else "zeros"
+    edits = {}
+    if bias in ckpt.tensors:
+        shard, info = ckpt.tensors[bias]
+        edits[bias] = TensorEdit(bias, shard, info, "mlp", layer, 0, 1.0)
+        kinds[bias] = "added"
+    return EditPlan(None, edits, None, {flag: True} if flag else {}, (), added=tuple(added)), kinds
+
+
+def _write_bias(target: Target, kinds: dict[str, str], delta: torch.Tensor) -> None:
+    """One bias, whole (biases are small): zeros, the vector, or the stored values plus the vector."""
+    e = target.edit
+    dtype = TORCH_DTYPES[e.info.dtype]
+    if kinds[e.name] == "zeros":
+        value = torch.zeros(e.info.shape, dtype=dtype)
+    elif kinds[e.name] == "vector":
+        value = delta.to(dtype)
+    else:
+        buf = bytearray(e.info.nbytes)
+        pread_into(target.src_fd, memoryview(buf), e.info.start)
+        value = (torch.frombuffer(buf, dtype=dtype).float() + delta).to(dtype)
+    target.write(_bytes(value), 0, target.buffers.take())
