@@ -103,6 +103,7 @@ def test_arch_file_replaces_the_table_entry_of_a_listed_model_type(new_family, t
     assert code == 0 and "2 edited (2 at scale 1)" in out, out
 
 
+_MOE = 'name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}.b", kind: linear, component: mlp}]\nhooks: {}\n'
 BAD_FILES = {
     "unknown key": ("name: x\nmodel_types: [ernie4_5]\nwriters: []\nhooks: {}\ncolour: red\n", "unknown key"),
     "no writers": ("name: x\nmodel_types: [ernie4_5]\nwriters: []\nhooks: {}\n", "writers must be"),
@@ -115,6 +116,13 @@ BAD_FILES = {
                         'component: mlp}]\nhooks: {}\n', "not a placeholder"),
     "tensor axis": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}", kind: tensor, '
                     'component: mlp}]\nhooks: {}\n', "hidden_axis"),
+    "expert types": (_MOE + "fused_experts: {model_types: [llama], params: [{memory: '{p}.m', disk: '{p}.d'}]}\n",
+                     "the file's model_types"),
+    "expert placeholder": (_MOE + "fused_experts: {params: [{memory: '{p}.m', disk: '{p}.{n}.d'}]}\n",
+                           "the only other placeholder is {e}"),
+    "expert index": (_MOE + "fused_experts: {params: [{memory: '{p}.m', disk: ['{p}.{e}.a', '{p}.b']}]}\n",
+                     "{e} belongs in every disk name"),
+    "renames": (_MOE + "module_renames: [{memory: .mlp.}]\n", "module_renames is a list of {memory, disk}"),
     "not yaml": ("name: [x\n", "not valid YAML"),
     "not a mapping": ("- a\n- b\n", "a family file is a mapping"),
 }

@@ -98,11 +98,24 @@ def test_every_model_type_in_the_table_has_a_tiny_model_in_the_exactness_tests()
     assert set(supported_model_types()) == set(FAMILIES)
 
 
-def test_model_type_tables_outside_the_architecture_table_name_only_its_model_types():
-    from abliterate.lora.export import EXPERT_LAYOUTS
-    from abliterate.lora.placement import _MODULE_RENAMES
+def test_fused_expert_layouts_and_module_renames_are_family_data_for_the_moe_model_types_only():
+    from abliterate.arch.table import arch_for_config
+    from abliterate.lora.experts import expert_layout
 
-    assert set(EXPERT_LAYOUTS) | set(_MODULE_RENAMES) <= set(supported_model_types())
+    assert expert_layout("llama") == () and expert_layout("qwen2") == () and expert_layout("no_such_type") == ()
+    qwen = expert_layout("qwen3_moe")
+    assert [(p.memory, p.disk) for p in qwen] == [
+        ("{p}.mlp.experts.gate_up_proj",
+         ("{p}.mlp.experts.{e}.gate_proj.weight", "{p}.mlp.experts.{e}.up_proj.weight")),
+        ("{p}.mlp.experts.down_proj", ("{p}.mlp.experts.{e}.down_proj.weight",))]
+    assert expert_layout("olmoe") == expert_layout("deepseek_v3") == expert_layout("qwen2_moe") == qwen
+    assert [p.transposed for p in expert_layout("gpt_oss")] == [True, False, True, False]
+    assert expert_layout("phimoe")[0].disk[0] == "{p}.block_sparse_moe.experts.{e}.w1.weight"
+    assert arch_for_config({"model_type": "mixtral"}).module_renames == ((".mlp.", ".block_sparse_moe."),)
+    assert arch_for_config({"model_type": "llama"}).module_renames == ()
+
+
+def test_model_type_tables_outside_the_architecture_table_name_only_its_model_types():
     recipes = {p.stem for p in (ROOT / "recipes").glob("*.yaml")} - {"default"}
     assert recipes <= set(supported_model_types())
 

@@ -17,6 +17,14 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
       embed: [model.embed_tokens]
       attn: ["model.layers.{layer}.self_attn.o_proj"]
       mlp: ["model.layers.{layer}.mlp"]
+    fused_experts:                        # optional, MoE: where transformers 5 holds the experts in memory
+      model_types: [mixtral]              # optional: the file's model types whose experts are fused (default: all)
+      params:                             # in registration order; "{p}": the layer's prefix, "{e}": expert index
+        - {memory: "{p}.mlp.experts.gate_up_proj", disk: ["{p}.mlp.experts.{e}.w1.weight",
+                                                          "{p}.mlp.experts.{e}.w3.weight"]}
+        - {memory: "{p}.mlp.experts.down_proj", disk: "{p}.mlp.experts.{e}.w2.weight", transposed: false}
+    module_renames:                       # optional: module-name parts transformers renames on loading
+      - {memory: ".mlp.", disk: ".block_sparse_moe."}
 
 In `tensor`, `{layer}` stands for the decoder layer index and `{n}` for any index (an expert's); the rest
 is literal. Kinds: `linear` (nn.Linear prefix: `.weight` [d, in] and `.bias` [d]), `conv1d` (GPT-2's
@@ -32,12 +40,12 @@ from typing import Any
 
 import yaml
 
-from abliterate.arch.writers import COMPONENTS, Arch, Writer
+from abliterate.arch.writers import COMPONENTS, Arch, ExpertParam, Writer
 from abliterate.errors import AbliterateError
 
 KINDS = ("linear", "conv1d", "embedding", "tensor")
 _KEYS = {"name", "model_types", "decoder_layers", "output_embedding", "normalised_block_outputs",
-         "residual_multiplier", "notes", "writers", "hooks"}
+         "residual_multiplier", "notes", "writers", "hooks", "fused_experts", "module_renames"}
 _REQUIRED = ("name", "model_types", "writers", "hooks")
 _WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis"}
 _PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "n": r"\d+"}
@@ -80,6 +88,8 @@ def parse_family(data: Any, source: str) -> Arch:
         normalised_block_outputs=_flag(data, "normalised_block_outputs", source),
         residual_multiplier=_string(data, "residual_multiplier", source, None),
         notes=_string(data, "notes", source, ""),
+        **_fused_experts(data.get("fused_experts"), tuple(model_types), source),
+        module_renames=_renames(data.get("module_renames"), source),
     )
 
 
@@ -157,3 +167,52 @@ def _hooks(hooks: Any, source: str) -> dict[str, tuple[str, ...]]:
             raise AbliterateError(f"{source}: hooks.{component} must be a non-empty list of module paths")
         out[component] = tuple(paths)
     return out
+
+
+def _fused_experts(section: Any, model_types: tuple[str, ...], source: str) -> dict[str, Any]:
+    """fused_experts -> Arch's fused_experts and fused_expert_types (none when the section is absent)."""
+    where = f"{source}: fused_experts"
+    if section is None:
+        return {}
+    if not isinstance(section, dict) or set(section) - {"model_types", "params"} or "params" not in section:
+        raise AbliterateError(f"{where} is a mapping with `params` (and optionally `model_types`)")
+    types = section.get("model_types", list(model_types))
+    if not isinstance(types, list) or not types or not set(types) <= set(model_types):
+        raise AbliterateError(f"{where}.model_types must be a non-empty list of the file's model_types")
+    params = section["params"]
+    if not isinstance(params, list) or not params:
+        raise AbliterateError(f"{where}.params must be a non-empty list of {{memory, disk, transposed}} entries")
+    return {"fused_experts": tuple(_expert_param(p, f"{where}.params[{i}]") for i, p in enumerate(params)),
+            "fused_expert_types": tuple(types)}
+
+
+def _expert_param(entry: Any, where: str) -> ExpertParam:
+    if not isinstance(entry, dict) or set(entry) - {"memory", "disk", "transposed"} or not _is_name(
+            entry.get("memory")):
+        raise AbliterateError(f"{where}: each parameter is a mapping with `memory`, `disk` and optionally `transposed`")
+    disk = entry.get("disk")
+    disk = [disk] if isinstance(disk, str) else disk
+    if not isinstance(disk, list) or not disk or not all(_is_name(d) for d in disk):
+        raise AbliterateError(f"{where}: disk is a tensor name or a list of them")
+    for name in [entry["memory"], *disk]:
+        if "{p}" not in name or re.sub(r"\{[pe]\}", "", name).count("{"):
+            raise AbliterateError(f"{where}: {name!r} must start from the layer's prefix {{p}}; the only other "
+                                  "placeholder is {e} (the expert index)")
+    if "{e}" in entry["memory"] or len({"{e}" in d for d in disk}) != 1:
+        raise AbliterateError(f"{where}: {{e}} belongs in every disk name (one tensor per expert) or in none "
+                              "(one tensor holding every expert), never in memory")
+    transposed = entry.get("transposed", False)
+    if not isinstance(transposed, bool):
+        raise AbliterateError(f"{where}: transposed must be true or false")
+    return ExpertParam(entry["memory"], tuple(disk), transposed)
+
+
+def _renames(entries: Any, source: str) -> tuple[tuple[str, str], ...]:
+    if entries is None:
+        return ()
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and set(e) == {"memory", "disk"} and _is_name(e["memory"]) and _is_name(e["disk"])
+        for e in entries)
+    if not ok:
+        raise AbliterateError(f"{source}: module_renames is a list of {{memory, disk}} name parts")
+    return tuple((e["memory"], e["disk"]) for e in entries)

@@ -15,6 +15,7 @@ The families themselves are data (abliterate/arch/families/*.yaml, read by famil
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -34,6 +35,34 @@ class Writer:
 
 
 @dataclass(frozen=True)
+class ExpertParam:
+    """One fused expert parameter of a transformers 5 model and where its values are on disk.
+
+    `memory` is the parameter's in-memory name and `disk` the on-disk tensor(s) holding it ("{p}" is the
+    layer's module prefix, "{e}" the expert index): several names are concatenated along the output axis per
+    expert (gate and up into gate_up_proj); a name without "{e}" is one tensor holding every expert.
+    `transposed` marks [E, in, out] storage (the module's `is_transposed`); 2-D parameters are [E, n] biases.
+    A family's parameters are listed in registration order, the order in which peft nests its wrappers.
+    """
+
+    memory: str
+    disk: tuple[str, ...]
+    transposed: bool = False
+
+    def disk_regex(self, part: int) -> re.Pattern[str]:
+        return _template_regex(self.disk[part])
+
+    def memory_regex(self) -> re.Pattern[str]:
+        return _template_regex(self.memory)
+
+
+@functools.cache
+def _template_regex(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template).replace(r"\{p\}", r"(?P<p>.+?)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(pattern)
+
+
+@dataclass(frozen=True)
 class Arch:
     """How one model family lays out its residual writers on disk and in memory."""
 
@@ -50,3 +79,13 @@ class Arch:
     # unaffected (the product is linear), but a bias written to steer must be divided by it.
     residual_multiplier: str | None = None
     notes: str = ""
+    # Where transformers 5 holds MoE experts in memory (fused parameters, for adapters: peft targets in-memory
+    # names), for the model types in `fused_expert_types` (a family file may cover dense types too).
+    fused_experts: tuple[ExpertParam, ...] = ()
+    fused_expert_types: tuple[str, ...] = ()
+    # (in-memory, on-disk) substrings of module names transformers renames on loading (Mixtral's .mlp.)
+    module_renames: tuple[tuple[str, str], ...] = ()
+
+    def experts_for(self, model_type: str | None) -> tuple[ExpertParam, ...]:
+        """The fused expert parameters of `model_type` (none for a dense model type of the family)."""
+        return self.fused_experts if model_type in self.fused_expert_types else ()

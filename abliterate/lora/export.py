@@ -54,9 +54,9 @@ from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
 from abliterate.lora.experts import (
-    EXPERT_LAYOUTS,
     PEFT_RENAMED_LEAVES,
     ExpertParam,
+    expert_layout,
     expert_param_for_disk,
     looks_like_expert,
 )
@@ -73,8 +73,8 @@ from abliterate.lora.peft_format import (
 )
 
 # names other modules and tests import from here (their homes are experts.py and peft_format.py)
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "EXPERT_LAYOUTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES",
-           "AdapterOptions", "AdapterResult", "ExpertParam", "base_model_name", "expert_param_for_disk",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES", "AdapterOptions",
+           "AdapterResult", "ExpertParam", "base_model_name", "expert_layout", "expert_param_for_disk",
            "export_adapter", "looks_like_expert", "peft_keys", "stream_coefficients"]
 
 
@@ -183,7 +183,7 @@ def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int
     found = expert_param_for_disk(model_type, name)
     if found is not None:
         param, memory, expert, _ = found
-        order = EXPERT_LAYOUTS[model_type or ""].index(param)
+        order = expert_layout(model_type).index(param)
         if expert is not None:
             return _Target("expert_param", memory, expert=expert, experts=experts[memory], order=order)
         if len(shape) == 2:  # [E, d]: gpt-oss's expert biases, a 2-D parameter for peft
@@ -200,7 +200,7 @@ def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int
         module = name.removesuffix(".weight")
         if edit.hidden_axis == -1:
             return _Target("embedding" if edit.component == "embed" else "conv1d", module)
-        if model_type in EXPERT_LAYOUTS and module.rsplit(".", 1)[-1] in PEFT_RENAMED_LEAVES:
+        if expert_layout(model_type) and module.rsplit(".", 1)[-1] in PEFT_RENAMED_LEAVES:
             return _Target("param", name)
         return _Target("linear", module)
     raise AbliterateError(

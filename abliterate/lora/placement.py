@@ -20,13 +20,12 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.lora.adapter_file import AdapterFile, LoraSettings
-from abliterate.lora.experts import EXPERT_LAYOUTS, ExpertParam
+from abliterate.lora.experts import ExpertParam, expert_layout
 from abliterate.lora.peft_format import ADAPTER_CONFIG, PEFT_PREFIX
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.(?P<what>lora_A\.weight|lora_B\.weight|"
                        r"lora_B\.bias|lora_embedding_A|lora_embedding_B)")
 _SAVED_KEY = re.compile(r"(?P<module>.+?)(?:\.base_layer)*\.(?P<param>weight|bias)")
-_MODULE_RENAMES = {"mixtral": ((".mlp.", ".block_sparse_moe."),), "phimoe": ((".mlp.", ".block_sparse_moe."),)}
 
 
 @dataclass(frozen=True)
@@ -85,12 +84,13 @@ def _target(targets: dict[str, MergeTarget], name: str) -> MergeTarget:
 def _disk_name(ckpt: Checkpoint, model_type: str | None, module: str, param: str) -> str | None:
     """The checkpoint tensor of an in-memory module's parameter (transformers renames a few on loading)."""
     candidates = [f"{module}.{param}"]
-    for memory, disk in _MODULE_RENAMES.get(model_type or "", ()):
-        candidates.append(f"{module}.{param}".replace(memory, disk))
     try:
-        output = arch_for_config(ckpt.config).output_embedding
+        arch = arch_for_config(ckpt.config)
     except AbliterateError:
-        output = None
+        arch = None
+    for memory, disk in arch.module_renames if arch else ():
+        candidates.append(f"{module}.{param}".replace(memory, disk))
+    output = arch.output_embedding if arch else None
     if module == "lm_head" and output:
         candidates.append(output.removesuffix(".weight") + f".{param}")
     return next((c for c in candidates if c in ckpt.tensors), None)
@@ -254,7 +254,7 @@ def _targeted_params(ckpt: Checkpoint, model_type: str | None, settings: LoraSet
 
 
 def _resolve_param(ckpt: Checkpoint, model_type: str | None, key: str) -> _Param | None:
-    layouts = EXPERT_LAYOUTS.get(model_type or "", ())
+    layouts = expert_layout(model_type)
     for order, layout in enumerate(layouts):
         m = layout.memory_regex().fullmatch(key)
         if m is None:
