@@ -42,6 +42,9 @@ def extract(**params) -> None:
         raise AbliterateError("give MODEL to extract, or --reselect FILE to choose again among saved candidates "
                               "(not both)")
     command = recorded_command()
+    if o.directions > 1 and (o.reselect or o.kind == "harmfulness"):
+        raise AbliterateError("--directions needs MODEL and --kind refusal: the extra directions are measured on the "
+                              "model at the chosen layer (--reselect loads no model)")
     if o.kind == "harmfulness":
         return _harmfulness(o, m, command)
     result = run_reselect(o.reselect, o.selection()) if o.reselect else _extract(o, m, command)
@@ -82,7 +85,8 @@ def _extract(o: ExtractOptions, m: ModelParams, command: str):
     return extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val),
                    template=template, positions=o.positions, settings=settings,
                    template_kwargs={} if m.thinking else {"enable_thinking": False}, quiet=o.quiet,
-                   pending=pending_path(o.out), metadata={"command": command}, measure_finalists=measure)
+                   pending=pending_path(o.out), metadata={"command": command}, measure_finalists=measure,
+                   directions=o.directions)
 
 
 def report(result, out: Path) -> None:
@@ -102,8 +106,9 @@ def report(result, out: Path) -> None:
     if result.relaxed:
         click.echo(f"note: {result.relaxed}")
     rejected = sum(s.rejected is not None for s in full)
+    more = "" if result.more is None else f" ({len(result.more) + 1} directions: the chosen one first)"
     click.echo(f"{len(result.scores)} candidates screened, {len(full)} scored fully, {rejected} of those rejected by "
-               f"the filters; wrote {out}")
+               f"the filters; wrote {out}{more}")
 
 
 def _count(s) -> str:

@@ -55,6 +55,7 @@ class Extraction:
     model: str = ""
     num_layers: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # recorded as given (command, model name, ...)
+    more: torch.Tensor | None = None  # [K - 1, d] directions beside `direction` (`--directions K`, directions.py)
 
 
 def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, seed: int = 0,
@@ -85,11 +86,13 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
             template_kwargs: dict | None = None, quiet: bool = False, pending: Path | None = None,
             metadata: dict[str, str] | None = None,
             measure_finalists: Callable[[torch.Tensor, list[CandidateScore]], list[CandidateScore]] | None = None,
-            ) -> Extraction:
+            directions: int = 1) -> Extraction:
     """Candidates, their scores and the choice. With `pending`, the candidates and every round's scores are
     saved there before the next step (a failed or interrupted choice then costs no forward pass again).
     `measure_finalists` adds the scores beyond the first token that the settings rank by (see
-    `search.finalists`). `metadata` is recorded in the files as given (e.g. the command line)."""
+    `search.finalists`). `metadata` is recorded in the files as given (e.g. the command line). directions > 1:
+    that many directions, the choice first, then the leading principal directions of the per-prompt
+    differences at its layer and position (measure/directions.py)."""
     metadata = metadata or {}
     settings = settings or SelectionSettings()
     check_settings(settings)  # before any forward pass
@@ -126,8 +129,15 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
         raise AbliterateError(f"{e}; every candidate and its scores are saved in {pending}: `abliterate extract "
                               f"--reselect {pending} --out FILE` chooses again with other thresholds") from None
     best = choice.best
-    return Extraction(candidates[best.layer, best.position + k], best, choice.scores, candidates, suffix, baseline,
-                      harmless_mean, choice.relaxed, settings, lm.name, lm.num_layers, metadata)
+    r = candidates[best.layer, best.position + k]
+    more = None
+    if directions > 1:
+        from abliterate.measure.directions import propose
+
+        more = propose(lm, harmful_train, harmless_train, best.layer, best.position, r, directions - 1,
+                       batch_size=settings.batch_size, quiet=quiet)
+    return Extraction(r, best, choice.scores, candidates, suffix, baseline, harmless_mean, choice.relaxed, settings,
+                      lm.name, lm.num_layers, metadata, more)
 
 
 def reselect(path: Path, settings: SelectionSettings) -> Extraction:
@@ -214,4 +224,8 @@ def save_extraction(result: Extraction, path: Path, extra_metadata: dict | None 
         **result.metadata,
         **(extra_metadata or {}),
     }
-    save_direction(path, result.direction, metadata, extra=_extra_tensors(result))
+    direction = result.direction
+    if result.more is not None:  # row 0 the choice, then the principal directions beside it
+        direction = torch.cat([direction[None], result.more.to(direction.dtype)])
+        metadata["rank"] = len(direction)
+    save_direction(path, direction, metadata, extra=_extra_tensors(result))

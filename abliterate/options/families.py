@@ -89,6 +89,11 @@ class ExtractOptions:
                                  help="Reply tokens with --refusal-objective count.")
     kl_tokens: int = option("--kl-tokens", recipe="extract.kl_tokens", show_default=True,
                             help="Reply tokens with --kl-objective continuation.")
+    directions: int = option("--directions", type=click.IntRange(1, 64), default=1, show_default=True,
+                             help="Write K directions ([K, d], metadata rank = K): the chosen one first, then the "
+                             "K - 1 leading principal directions of the per-prompt harmful-minus-harmless differences "
+                             "at its layer and position (one more pass over the training prompts). `apply` removes "
+                             "their span; `search` tries the first k = 1..K of them.")
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 
     def selection(self) -> SelectionSettings:

@@ -13,7 +13,7 @@ import yaml
 
 from abliterate import __version__
 from abliterate.errors import AbliterateError
-from abliterate.io.direction_file import save_direction
+from abliterate.io.direction_file import Direction, save_direction
 from abliterate.measure.loading import LoadedModel
 from abliterate.options.command import recorded_command
 from abliterate.search.space import CandidateSet, Point, direction_for
@@ -94,8 +94,9 @@ def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: 
     out = Path(out)
     direction_path = out.with_name(out.stem + DIRECTION_SUFFIX)
     r = direction_for(cands, choice.point)
+    rank = {"rank": r.rank} if isinstance(r, Direction) else {}
     command = recorded_command()
-    save_direction(direction_path, r, {
+    save_direction(direction_path, r.vectors if isinstance(r, Direction) else r, {**rank,
         "model": model_name or lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
         "hidden_size": lm.hidden_size, "num_layers": lm.num_layers, "command": command,
         "tool": f"abliterate {__version__}", "search_params": json.dumps(choice.point.params()),

@@ -1,5 +1,6 @@
 """The search space: the extraction's candidates, one point (a direction and a strength per writer), and the unit
-direction a point removes (blended between neighbouring layers, optionally projected off the harmless mean)."""
+direction a point removes (blended between neighbouring layers, optionally projected off the harmless mean), with
+the first k - 1 further directions of a rank-K extraction (`extract --directions K`) when the point has k > 1."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from abliterate.edit.plan import EditOptions
 from abliterate.edit.strengths import LAYERED, Profile, layer_scales, uniform
 from abliterate.errors import AbliterateError
+from abliterate.io.direction_file import RANK_KEY, Direction, orthonormalise
 from abliterate.measure.loading import LoadedModel
 
 
@@ -29,10 +31,15 @@ class CandidateSet:
     selected: tuple[int, int]  # (layer, position) extraction chose
     metadata: dict[str, str]
     digest: str  # identifies the candidates, so a resumed study is known to be about the same ones
+    more: torch.Tensor | None = None  # [K - 1, d]: the rank-K file's directions after its first (None: rank 1)
 
     @property
     def positions(self) -> int:
         return self.candidates.shape[1]
+
+    @property
+    def max_directions(self) -> int:
+        return 1 if self.more is None else 1 + len(self.more)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Point:
     embed: float
     profiles: dict[str, Profile]
     preserve: bool = False  # norm-preserving: each written vector keeps its norm (`apply --norm-preserve`)
+    directions: int = 1  # k: remove the span of the direction and the rank-K file's next k - 1 directions
 
     def options(self, num_layers: int) -> EditOptions:
         return EditOptions(layer_scales=layer_scales(self.profiles, self.embed, num_layers),
@@ -56,6 +64,8 @@ class Point:
                                   "norm_preserve": self.preserve}
         for c, p in self.profiles.items():
             out.update({f"{c}_peak": p.peak, f"{c}_center": p.center, f"{c}_width": p.width, f"{c}_floor": p.floor})
+        if self.directions > 1:
+            out["directions"] = self.directions
         return out
 
     @classmethod
@@ -64,11 +74,12 @@ class Point:
                     for c in LAYERED}
         return cls(float(params["direction_layer"]), int(params["direction_position"]),
                    bool(params.get("projected", False)), float(params["embed_strength"]), profiles,
-                   bool(params.get("norm_preserve", False)))
+                   bool(params.get("norm_preserve", False)), int(params.get("directions", 1)))
 
     def describe(self) -> str:
         layer = f"{self.layer:.2f}".rstrip("0").rstrip(".")
         parts = [f"dir L{layer} p{self.position}{' proj' if self.projected else ''}"
+                 f"{f' k={self.directions}' if self.directions > 1 else ''}"
                  f"{' norm-preserving' if self.preserve else ''}", f"embed {self.embed:.2f}"]
         parts += [f"{c} {p.peak:.2f}@{p.center:.1f} w{p.width:.1f} f{p.floor:.2f}" for c, p in self.profiles.items()]
         return ", ".join(parts)
@@ -90,6 +101,7 @@ def load_candidates(path: str | Path, lm: LoadedModel) -> CandidateSet:
                                       "`abliterate extract` (re-run it)")
             candidates = f.get_tensor("candidates").float()
             harmless = f.get_tensor("harmless_mean").float() if "harmless_mean" in names else None
+            rows = f.get_tensor("direction").float() if RANK_KEY in metadata and "direction" in names else None
     except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError subclass) on bad files
         raise AbliterateError(f"cannot read {path}: {e}") from None
     want = (lm.num_layers + 1, lm.hidden_size)
@@ -116,15 +128,20 @@ def load_candidates(path: str | Path, lm: LoadedModel) -> CandidateSet:
         raise AbliterateError(f"{path}: the candidates at layers up to {selected[0]} include zero or non-finite "
                               "vectors; re-run `abliterate extract`")
     digest = hashlib.sha256(candidates.numpy().tobytes()).hexdigest()[:16]
-    return CandidateSet(candidates, harmless, min_layer, max_layer, selected, metadata, digest)
+    more = None
+    if rows is not None and rows.ndim == 2 and len(rows) > 1 and rows.shape[1] == lm.hidden_size:
+        more = rows[1:]
+        digest = hashlib.sha256(candidates.numpy().tobytes() + more.numpy().tobytes()).hexdigest()[:16]
+    return CandidateSet(candidates, harmless, min_layer, max_layer, selected, metadata, digest, more)
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm()
 
 
-def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor:
-    """The unit direction [d] a point removes: blended between neighbouring layers, optionally projected."""
+def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor | Direction:
+    """The unit direction [d] a point removes: blended between neighbouring layers, optionally projected; for
+    k > 1 directions a rank-k `Direction`: that direction and the file's next k - 1, orthonormalised in order."""
     j = point.position + cands.positions
     lo = min(math.floor(point.layer), cands.candidates.shape[0] - 1)
     frac = point.layer - lo
@@ -139,7 +156,14 @@ def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor:
             raise AbliterateError("the projected variant needs the harmless mean; re-run `abliterate extract`")
         h = blend(cands.harmless_mean)
         r = _unit(r - (r @ h) * h)
-    return r
+    if point.directions <= 1:
+        return r
+    if cands.more is None or point.directions > cands.max_directions:
+        raise AbliterateError(f"the point removes {point.directions} directions but the direction file holds "
+                              f"{cands.max_directions}; use the file written by `abliterate extract --directions`")
+    rows = torch.cat([r[None], cands.more[: point.directions - 1]]).numpy()
+    return Direction(orthonormalise(rows, "the searched directions"), {RANK_KEY: str(point.directions)}, None,
+                     point.directions)
 
 
 def selected_point(cands: CandidateSet) -> Point:

@@ -109,13 +109,15 @@ def suggest(trial, cands: CandidateSet, settings: SearchSettings, num_layers: in
     layer = trial.suggest_float("direction_layer", float(cands.min_layer), float(cands.max_layer))
     position = trial.suggest_int("direction_position", -cands.positions, -1)
     projected = trial.suggest_categorical("projected", [False, True]) if cands.harmless_mean is not None else False
-    preserve = trial.suggest_categorical("norm_preserve", [False, True]) if settings.norm_preserve else False
+    k = trial.suggest_int("directions", 1, cands.max_directions) if cands.max_directions > 1 else 1
+    # norm-preserving edits remove one direction
+    preserve = trial.suggest_categorical("norm_preserve", [False, True]) if settings.norm_preserve and k == 1 else False
     embed = trial.suggest_float("embed_strength", 0.0, top)
     profiles = {c: Profile(trial.suggest_float(f"{c}_peak", 0.0, top),
                            trial.suggest_float(f"{c}_center", 0.0, float(num_layers - 1)),
                            trial.suggest_float(f"{c}_width", 0.5, float(num_layers)),
                            trial.suggest_float(f"{c}_floor", 0.0, 1.0)) for c in LAYERED}
-    return Point(layer, position, projected, embed, profiles, preserve)
+    return Point(layer, position, projected, embed, profiles, preserve, k)
 
 
 class Scorer:
@@ -201,7 +203,8 @@ def _fingerprint(lm: LoadedModel, cands: CandidateSet, scorer: Scorer, settings:
             "layers": str(lm.num_layers), "min_layer": str(cands.min_layer), "max_layer": str(cands.max_layer),
             "positions": str(cands.positions),
             "projected": str(cands.harmless_mean is not None), "max_strength": str(settings.max_strength),
-            "max_new_tokens": str(settings.max_new_tokens), **_objective_fingerprint(settings)}
+            "max_new_tokens": str(settings.max_new_tokens), **_objective_fingerprint(settings),
+            **({"directions": str(cands.max_directions)} if cands.max_directions > 1 else {})}
 
 
 def _objective_fingerprint(settings: SearchSettings) -> dict[str, str]:
@@ -278,7 +281,11 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
                        settings.startup_trials)
     done = [_trial_result(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not study.trials and settings.start_from_selected:
-        study.enqueue_trial(selected_point(cands).params())
+        if cands.max_directions > 1:  # the choice alone, then with every direction of the file
+            study.enqueue_trial({**selected_point(cands).params(), "directions": 1})
+            study.enqueue_trial(replace(selected_point(cands), directions=cands.max_directions).params())
+        else:
+            study.enqueue_trial(selected_point(cands).params())
     values = [(t.refusal_score, t.kl) for t in done]
     todo = max(0, settings.trials - len(done))
     n = len(scorer.harmful)
