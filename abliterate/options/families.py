@@ -109,7 +109,8 @@ class ApplyOptions:
     checkpoint: Path = option(help="", type=click.Path(path_type=Path), default=MISSING)
     direction: Path | None = option("--direction", recipe="apply.direction", type=click.Path(path_type=Path),
                                     help="Direction file (.safetensors with tensor 'direction', [d] or [layers+1, "
-                                    "d]); required unless --recipe names one.")
+                                    "d]; with metadata rank = k, [k, d] or [layers+1, k, d], whose span is removed); "
+                                    "required unless --recipe names one.")
     out: Path = option("--out", required=True, type=click.Path(path_type=Path), default=MISSING,
                        help="Output model folder (must not exist).")
     scale: float = option("--scale", recipe="apply.scale", show_default=True,
