@@ -94,8 +94,8 @@ FAMILY_NAMES = sorted(FAMILIES)
 # The exactness tests' tolerance on logits in float32 (the README states it), and the least the removed direction
 # must move some logit for the comparison to mean something: a thousand times the tolerance, so an edit that is
 # even a fraction of a percent wrong fails.
-LOGIT_TOLERANCE = 1e-4
-EFFECT_FLOOR = 1000 * LOGIT_TOLERANCE
+LOGIT_TOLERANCE = 1e-5
+EFFECT_FLOOR = 1e4 * LOGIT_TOLERANCE
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
 
 
