@@ -80,6 +80,51 @@ def test_one_element_a_few_rounding_steps_off_fails(edited, tmp_path, steps, ok)
         assert f"FAIL {name} differs from the recomputed projection" in output
 
 
+@pytest.fixture(scope="module")
+def preserved(edited, tmp_path_factory) -> Path:
+    """The same model and direction, edited with --norm-preserve."""
+    original, _, direction = edited
+    out = tmp_path_factory.mktemp("preserved") / "edited"
+    code, text = run_cli("apply", str(original), "--direction", str(direction), "--norm-preserve", "--out", str(out),
+                         "-q")
+    assert code == 0, text
+    return out
+
+
+@pytest.mark.parametrize("steps,ok", [(0, True), (6, False)])
+def test_one_norm_preserved_element_a_few_rounding_steps_off_fails(edited, preserved, tmp_path, steps, ok):
+    """The norm-preserving check is as tight as the plain one: 6 units in the last place at an element where
+    r is small (the bound there is about 3 units; the check this one replaced allowed about 190)."""
+    original = edited[0]
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def nudge(t: torch.Tensor) -> torch.Tensor:
+        bits = t.view(torch.int32)
+        bits[28, 5] += steps
+        return bits.view(torch.float32)
+
+    code, output = run_cli("verify", str(original), str(tampered_copy(preserved, tmp_path / "t", name, nudge)))
+    assert (code == 0) == ok, output
+    assert "worst element error" in output
+    if not ok:
+        assert f"FAIL {name} differs from the recomputed norm-preserving projection by" in output
+
+
+def test_a_norm_preserved_vector_rescaled_by_one_part_in_a_million_fails(edited, preserved, tmp_path):
+    """Rescaling a whole column moves every element in proportion, which the element check alone would take for
+    a different factor: the factor itself must be the one apply computes from the original."""
+    original = edited[0]
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def rescale(t: torch.Tensor) -> torch.Tensor:
+        t[:, 7] = (t[:, 7].double() * (1 + 1e-6)).float()
+        return t
+
+    code, output = run_cli("verify", str(original), str(tampered_copy(preserved, tmp_path / "t", name, rescale)))
+    assert code == 1 and f"FAIL {name} differs from the recomputed norm-preserving projection" in output, output
+    assert "rescaling is off by" in output
+
+
 def test_an_edit_along_a_slightly_different_direction_fails(edited, tmp_path):
     """A direction 1e-4 off in angle is caught (the float32 edit itself is exact to ~1e-7)."""
     original, out, direction = edited
@@ -142,10 +187,14 @@ def test_readme_and_help_state_the_bound_the_code_enforces():
     coefficient = "s gamma_d sum_k |r_k W_k| + u |T| + D"
     readme = " ".join((ROOT / "README.md").read_text().split())
     help_text = " ".join(CliRunner().invoke(cli, ["verify", "--help"]).output.split())
+    preserved = "rho_2 |W'_i| + 3u |F r_i T| + E_F |W_i - r_i T| + (F + E_F) |r_i| E_T + tiny"
     for text in (readme, help_text):
-        assert bound in text and coefficient in text
+        assert bound in text and coefficient in text and preserved in text and "rho_2 = (2u + e) / (1 - 2u - e)" in text
     source = (ROOT / "abliterate" / "edit" / "verify_tensor.py").read_text()
     assert "3 * self.u * np.abs(rt)" in source and "abs(self.scale) * self.gamma * g.a" in source
+    source = (ROOT / "abliterate" / "edit" / "verify_preserve.py").read_text()
+    assert "self.rho * np.abs(y) + 3 * self.u * np.abs(f * rt) + da * np.abs(proj)" in source
+    assert "(2 * u + e) / (1 - 2 * u - e)" in source
 
 
 def test_the_manifest_records_the_apply_command_not_the_callers_argv(edited):

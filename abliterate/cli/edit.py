@@ -189,8 +189,12 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     plus one float32 subtraction; u = 2^-24; D: the estimate's own rounding bound), and T must be
     within s gamma_d sum_k |r_k W_k| + u |T| + D of s r^T W (gamma_d = d u / (1 - d u): summing d
     float32 products in any order). At scale 1 at most 1e-6 |W| may remain along r (float32;
-    eps(dtype) |W| for 16-bit). Every other tensor, the index, config and other files must be
-    identical. The report says how many tensors were edited, at which scale, and how many are
+    eps(dtype) |W| for 16-bit). A norm-preserving edit's factor F is estimated per vector too:
+    |W'_i - F (W_i - r_i T)| <= rho_2 |W'_i| + 3u |F r_i T| + E_F |W_i - r_i T| + (F + E_F) |r_i| E_T + tiny
+    (rho_2 = (2u + e) / (1 - 2u - e): two float32 roundings, e half a step of a 16-bit dtype; E_F, E_T the
+    estimates' rounding bounds), T as above, and F within E_F plus one rounding of the range of
+    |w| / |w - s c' r| over every c' the summation bound allows. Every other tensor, the index, config
+    and other files must be identical. The report says how many tensors were edited, at which scale, and how many are
     identical. Exits 1 on any violation.
 
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.

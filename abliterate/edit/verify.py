@@ -18,11 +18,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from abliterate.edit.plan import EditOptions, plan_edit
-from abliterate.edit.projection import EPS, TINY, plan_chunks, read_chunk, residual_along
+from abliterate.edit.projection import EPS
 from abliterate.edit.shard_writer import chunk_budget
+from abliterate.edit.verify_preserve import check_preserved_tensor
 from abliterate.edit.verify_span import check_span_edited
 from abliterate.edit.verify_tensor import check_edited_tensor
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, MANIFEST_NAME
@@ -209,25 +208,22 @@ def _blocks(fd_a: int, start_a: int, fd_b: int, start_b: int, n: int,
 def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, direction: Direction,
                   spec: TargetSpec, budget: int, report: VerifyReport) -> None:
     report.count_edit(spec.scale)
-    if spec.preserve:
-        edited_view = TensorInfo(e_info.name, e_info.dtype, e_info.shape, e_info.start, e_info.end)
-        _check_norm_preserved(src_fd, info, dst_fd, edited_view, direction.for_layer(spec.layer), spec, budget,
-                              report)
-        return
     report.bounds_checked = True
     r = direction.for_layer(spec.layer)
-    check = (check_edited_tensor if r.ndim == 1 else check_span_edited)(src_fd, info, dst_fd, e_info, r, spec.scale,
-                                                                          spec.hidden_axis, budget)
+    checker = check_preserved_tensor if spec.preserve else check_edited_tensor if r.ndim == 1 else check_span_edited
+    check = checker(src_fd, info, dst_fd, e_info, r, spec.scale, spec.hidden_axis, budget)
     report.element_ratio = max(report.element_ratio, check.element_ratio)
     report.coefficient_ratio = max(report.coefficient_ratio, check.coefficient_ratio)
+    what = "norm-preserving projection" if spec.preserve else "projection"
     if not check.finite:
-        report.problems.append(f"{e_info.name} holds NaN or inf where the recomputed projection is finite")
+        report.problems.append(f"{e_info.name} holds NaN or inf where the recomputed {what} is finite")
     elif check.element_ratio > 1:
-        report.problems.append(f"{e_info.name} differs from the recomputed projection by {check.element_ratio:.3g} "
+        report.problems.append(f"{e_info.name} differs from the recomputed {what} by {check.element_ratio:.3g} "
                                "times the rounding bound (see `abliterate verify --help`)")
     elif check.coefficient_ratio > 1:
-        report.problems.append(f"{e_info.name} differs from the recomputed projection: what it removes along the "
-                               f"direction is off by {check.coefficient_ratio:.3g} times the float32 summation bound")
+        report.problems.append(f"{e_info.name} differs from the recomputed {what}: what it removes along the "
+                               f"direction{' or its rescaling' if spec.preserve else ''} is off by "
+                               f"{check.coefficient_ratio:.3g} times the float32 summation bound")
     if spec.scale == 1.0:
         tolerance = FLOAT32_RESIDUAL_TOLERANCE if info.dtype in ("F32", "F64") else max(FLOAT32_RESIDUAL_TOLERANCE,
                                                                                          EPS[info.dtype])
@@ -236,50 +232,3 @@ def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo
         if relative > tolerance:
             report.problems.append(f"{e_info.name} keeps {relative:.3g} |W| along the direction "
                                    f"(allowed {tolerance:.3g})")
-
-
-def _check_norm_preserved(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, r: np.ndarray,
-                          spec: TargetSpec, budget: int, report: VerifyReport) -> None:
-    """A norm-preserving edit, recomputed in float64 from the original, independently of the editor: each
-    written vector w (column of [.., d, in], row of [.., d]) must become (w - s c r) |w| / |w - s c r|,
-    c = r^T w, within one rounding step of the dtype plus the float32 bound on c (d u |w|), both scaled by
-    the factor |w| / |w - s c r|; and with s = 1 keep nothing along r beyond that."""
-    r64 = r.astype(np.float64)
-    d, s = r.size, spec.scale
-    slack = 2 * EPS[info.dtype] + d * 2.0**-24
-    chunks = plan_chunks(info, spec.hidden_axis, d, budget)
-    c = sumsq = np.zeros(0)
-    for i, chunk in enumerate(chunks):
-        w = read_chunk(src_fd, info, chunk).astype(np.float64)
-        got = read_chunk(dst_fd, e_info, chunk).astype(np.float64)
-        if spec.hidden_axis == -1:  # rows are the vectors
-            c, sumsq, rr = w @ r64, np.square(w).sum(-1), r64
-            vec = lambda a: a  # noqa: E731
-        else:  # columns [.., d, n] are the vectors (a row block covers chunk.rows of them)
-            rr = r64 if chunk.rows is None else r64[chunk.rows]
-            if chunk.rows is None:
-                c, sumsq = np.einsum("d,kdn->kn", r64, w), np.square(w).sum(1)
-            elif chunk.rows.start == 0:
-                c, sumsq = np.zeros(info.shape[-1]), np.zeros(info.shape[-1])
-                for block in chunks[i:]:
-                    part = read_chunk(src_fd, info, block)[0].astype(np.float64)
-                    c, sumsq = c + r64[block.rows] @ part, sumsq + np.square(part).sum(0)
-                    if block.last:
-                        break
-            vec = lambda a: np.expand_dims(a, -2)  # noqa: E731
-        after = sumsq - (2 * s - s * s) * c * c
-        factor = np.where(after > 0, np.sqrt(sumsq / np.where(after > 0, after, 1.0)), 1.0)
-        want = (w - s * (np.multiply.outer(c, rr) if spec.hidden_axis == -1 else
-                         np.expand_dims(rr, -1) * vec(c))) * (factor[..., None] if spec.hidden_axis == -1
-                                                               else vec(factor))
-        norms = np.sqrt(sumsq) * factor
-        allowed = slack * (norms[..., None] if spec.hidden_axis == -1 else vec(norms)) + TINY[info.dtype]
-        diff = np.abs(got - want)
-        if not (diff <= allowed).all() or not np.isfinite(got).all():
-            report.problems.append(f"{e_info.name} differs from the norm-preserving projection recomputed from the "
-                                   f"original (max abs diff {float(np.nan_to_num(diff, nan=np.inf).max()):.3g})")
-            return
-    if s == 1.0:
-        along, norm = residual_along(dst_fd, e_info, r, spec.hidden_axis, budget)
-        relative = along / norm if norm else 0.0
-        report.max_relative_residual = max(report.max_relative_residual, relative)
