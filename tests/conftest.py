@@ -37,8 +37,10 @@ def _shared_toy(tmp_path_factory, name: str, **options) -> Path:
 
 @pytest.fixture(scope="session")
 def refusing_model(tmp_path_factory) -> Path:
-    """A folder holding the toy chat model that refuses harmful-looking requests (see abliterate.toy).
+    """A folder holding the toy chat model that refuses harmful-looking requests (see abliterate.demo.toy).
 
+    Trained with the toy's TRAIN_SEED: 4 of the seeds 0-9 give a toy whose extracted direction meets what the
+    behaviour tests ask (benchmarks/toy_seeds.py prints it per seed; toy.py says what fails for the others).
     Training takes about 15 s.
     """
     return _shared_toy(tmp_path_factory, "refusing-model")

@@ -71,11 +71,16 @@ HARMLESS_WEIGHT = 3  # helping is the default: refusal is what harmful requests 
 STEPS = 300
 # With choices, 400 steps learn the A/B answer (held-out p(expected letter) 0.995 with TRAIN_SEED).
 CHOICE_STEPS = 400
-HELD_OUT_FRAMES = 3
-# A model this small does not always route its refusal through one direction, as chat LLMs do: some
-# seeds spread the decision over several (ablating the best difference of means then changes harmless
-# replies too). The default seed is one whose model forms it in one direction; scripts can try others.
-TRAIN_SEED = 4  # per action, frames it is never trained with
+HELD_OUT_FRAMES = 3  # per action, frames it is never trained with
+# One training seed, not any: a model this small does not always route its refusal through one direction
+# that passes extraction's filters, as chat LLMs do. `python3 benchmarks/toy_seeds.py` (seeds 0-9) measured
+# every seed refusing all 72 held-out harmful and none of the 72 harmless requests, but 4 of 10 (4, 5, 6, 7)
+# meeting everything the behaviour tests ask of the extracted direction. On 0, 2, 8 and 9 every candidate
+# that removes refusal moves the harmless first-token distribution by more than KL 0.1 (lowest 0.10, 0.13,
+# 0.75, 0.17), and the chosen one leaves every harmful request refused (0) or changes every harmless reply (8);
+# on 1 and 3 no candidate within KL 0.1 induces refusal when added. Training is not tuned for robustness
+# because every number measured on the toy (README, benchmarks) would move with it; the seed is fixed here.
+TRAIN_SEED = 4
 SPECIALS = ("<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
