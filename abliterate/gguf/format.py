@@ -175,26 +175,24 @@ def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
 
 def can_dequantize(type_name: str) -> bool:
     """Whether the gguf library can read this type's values (some new or exotic types it cannot)."""
-    gguf = _gguf()
-    if type_name not in gguf.GGMLQuantizationType.__members__:
-        return False
-    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    try:
-        dequantize(np.zeros(size, np.uint8), type_name, (block_layout(type_name)[0],))
-    except (NotImplementedError, KeyError, ValueError):
-        return False
-    return True
+    return _library_handles(type_name, lambda block, size: dequantize(np.zeros(size, np.uint8), type_name,
+                                                                      (block_layout(type_name)[0],)))
 
 
 def can_quantize(type_name: str) -> bool:
     """Whether the gguf library can write this type (it dequantises more types than it quantises)."""
+    return _library_handles(type_name, lambda block, _size: quantize(np.zeros((1, block), np.float32), type_name))
+
+
+def _library_handles(type_name: str, attempt) -> bool:
+    """Whether `attempt(block elements, block bytes)` on one zero block of the type runs in the gguf library."""
     gguf = _gguf()
     if type_name not in gguf.GGMLQuantizationType.__members__:
         return False
-    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     try:
-        quantize(np.zeros((1, block), np.float32), type_name)
-    except (NotImplementedError, KeyError):
+        attempt(block, size)
+    except (NotImplementedError, KeyError, ValueError):
         return False
     return True
 

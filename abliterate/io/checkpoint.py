@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
+from abliterate.io.json_files import read_json_object
 from abliterate.io.safetensors_format import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -87,16 +88,8 @@ class Checkpoint:
 
 
 def _read_config(root: Path) -> dict:
-    path = root / "config.json"
-    if not path.is_file():
-        raise AbliterateError(f"{root} has no config.json; pass a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AbliterateError(f"{path} is not valid JSON ({e}); re-download it") from None
-    if not isinstance(config, dict):
-        raise AbliterateError(f"{path} is not a JSON object; re-download it")
-    return config
+    return read_json_object(root / "config.json", f"{root} has no config.json; pass a Hugging Face model folder",
+                            "re-download it")
 
 
 def _find_shards(root: Path) -> tuple[bytes | None, tuple[str, ...]]:

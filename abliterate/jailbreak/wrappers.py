@@ -10,13 +10,13 @@ per object (``{"class": ..., "template": ...}``) or one class per object (``{"cl
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
+from abliterate.io.json_files import json_records
 
 SLOT = "{prompt}"
 BUILTIN = "builtin:jailbreaks"
@@ -31,24 +31,6 @@ class Wrapper:
         return self.template.replace(SLOT, prompt)
 
 
-def _objects(where: str, text: str) -> Iterator[tuple[str, object]]:
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AbliterateError(f"{where}:{e.lineno}: not valid JSON ({e.msg}); write a JSON array of objects or "
-                                  "one JSON object per line") from None
-        yield from ((f"{where} item {i}", item) for i, item in enumerate(items, 1))
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{where}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AbliterateError(f"{where}:{n}: not valid JSON ({e.msg}); write one JSON object per line, "
-                                      'e.g. {"class": "role_play", "template": "... {prompt} ..."}') from None
-
-
 def _check(where: str, cls: object, template: object) -> Wrapper:
     if not isinstance(cls, str) or not cls.strip():
         raise AbliterateError(f"{where}: the wrapper has no class; give each wrapper a non-empty \"class\"")
@@ -60,7 +42,7 @@ def _check(where: str, cls: object, template: object) -> Wrapper:
 
 def parse_wrappers(where: str, text: str) -> list[Wrapper]:
     wrappers: list[Wrapper] = []
-    for at, item in _objects(where, text):
+    for at, item in json_records(where, text, example='{"class": "role_play", "template": "... {prompt} ..."}'):
         if not isinstance(item, dict) or "class" not in item or not ("template" in item or "templates" in item):
             raise AbliterateError(f"{at}: expected an object with \"class\" and \"template\" (or \"templates\", a "
                                   "list)")

@@ -7,7 +7,6 @@ modules_to_save and pickle-only adapters are refused with the reason.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ import numpy as np
 from abliterate.edit.projection import STORAGE, compute_dtype, widen
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import PICKLE_SUFFIXES
+from abliterate.io.json_files import read_json_object
 from abliterate.io.safetensors_format import ShardHeader, pread_into, read_header
 from abliterate.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -69,14 +69,7 @@ class AdapterFile:
 
 def read_lora_config(adapter_dir: Path) -> LoraSettings:
     path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AbliterateError(f"{adapter_dir} has no {ADAPTER_CONFIG}; pass a peft adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AbliterateError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AbliterateError(f"{path} is not a JSON object")
+    config = read_json_object(path, f"{adapter_dir} has no {ADAPTER_CONFIG}; pass a peft adapter folder")
     if config.get("peft_type") != "LORA":
         raise AbliterateError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters merge "
                               "into weights this way (use peft's merge_and_unload for other methods)")

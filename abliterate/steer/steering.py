@@ -24,7 +24,6 @@ addition into the bias of layer L's MLP output projection (see abliterate.bake).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from abliterate.arch.table import Arch
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.io.json_files import json_records
 from abliterate.measure.activations import batches, mean_residuals
 from abliterate.measure.hooks import add_after, decoder_layers
 from abliterate.measure.loading import LoadedModel
@@ -70,25 +70,6 @@ def _letter(value: object, where: str, field: str) -> str:
     return letter
 
 
-def _records(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    """(where, item) for each object of a JSONL file, or of a JSON array (as the CAA datasets ship)."""
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AbliterateError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); write a JSON array of objects or "
-                                  "one JSON object per line") from None
-        yield from ((f"{path} item {i}", item) for i, item in enumerate(items, 1))
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AbliterateError(f"{path}:{n}: not valid JSON ({e.msg}); write one JSON object per line") from None
-
-
 def load_pairs(path: str | Path) -> list[Pair]:
     """Read and validate a pairs file (JSONL or a JSON array); every problem is one line naming the
     file, line or item, and the fix."""
@@ -103,7 +84,7 @@ def load_pairs(path: str | Path) -> list[Pair]:
         raise AbliterateError(f"pairs file {path} is not UTF-8 text; write one JSON object per line") from None
     pairs: list[Pair] = []
     kinds: set[str] = set()
-    for where, item in _records(path, text):
+    for where, item in json_records(str(path), text):
         if not isinstance(item, dict):
             raise AbliterateError(f"{where}: expected a JSON object, got {type(item).__name__}")
         if "question" in item or "answer_matching_behavior" in item:
