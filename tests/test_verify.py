@@ -148,6 +148,20 @@ def test_an_edit_that_lists_no_tensor_fails(edited, tmp_path):
     assert code == 1 and "0 edited (none)" in output and "nothing was removed" in output, output
 
 
+def test_a_manifest_without_its_edits_is_one_clear_error_not_a_different_check(edited, tmp_path):
+    original, out, _ = edited
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in out.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    manifest = json.loads((out / "abliterate.json").read_text())
+    del manifest["edits"]
+    (copy / "abliterate.json").write_text(json.dumps(manifest))
+    code, output = run_cli("verify", str(original), str(copy))
+    lines = output.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is not an abliterate edit manifest" in lines[0], output
+
+
 def test_verify_reads_each_byte_once_within_the_memory_budget(tmp_path, monkeypatch):
     """Embeddings [8000, 64] and MLP matrices [64, 1024] of 2 MB each against a 256 KB budget: every
     file byte of a tensor is read once, and the Python/numpy heap stays within budget + 1 MB."""

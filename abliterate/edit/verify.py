@@ -18,13 +18,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliterate.edit.manifest import read_manifest
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.edit.projection import EPS
 from abliterate.edit.shard_writer import chunk_budget
 from abliterate.edit.verify_preserve import check_preserved_tensor
 from abliterate.edit.verify_span import check_span_edited
 from abliterate.edit.verify_tensor import check_edited_tensor
-from abliterate.edit.weights import DEFAULT_MAX_MEMORY, MANIFEST_NAME
+from abliterate.edit.weights import DEFAULT_MAX_MEMORY
 from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import TensorInfo, pread_into
@@ -76,13 +77,11 @@ def expected_edit(
     original: Checkpoint, edited: Path, options: EditOptions | None
 ) -> tuple[dict[str, TargetSpec], tuple[str, str] | None]:
     """The edit to check against (targets, untie): the edited folder's manifest, or a plan from options."""
-    manifest = _manifest(edited)
+    manifest = read_manifest(edited)
     if options is None and manifest:
-        preserve = bool(manifest.get("norm_preserve", False))
-        targets = {name: TargetSpec(e["scale"], e["layer"], e["hidden_axis"], preserve)
-                   for name, e in manifest["edits"].items()}
-        untie = manifest.get("untie")
-        return targets, (untie["output"], untie["copied_from"]) if untie else None
+        targets = {name: TargetSpec(e.scale, e.layer, e.hidden_axis, manifest.norm_preserve)
+                   for name, e in manifest.edits.items()}
+        return targets, manifest.untie
     plan = plan_edit(original, options or EditOptions())
     return {e.name: TargetSpec(e.scale, e.layer, e.hidden_axis, plan.norm_preserve)
             for e in plan.edits.values()}, plan.untie
@@ -94,7 +93,8 @@ def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: 
     the float32 summation order, are the same and matching tensors are usually byte-identical."""
     original, edited = Checkpoint.open(original_dir), Checkpoint.open(edited_dir)
     if max_memory is None:
-        max_memory = _manifest(Path(edited_dir)).get("max_memory", DEFAULT_MAX_MEMORY)
+        manifest = read_manifest(Path(edited_dir))
+        max_memory = manifest.max_memory if manifest and manifest.max_memory else DEFAULT_MAX_MEMORY
     targets, untie = expected_edit(original, Path(edited_dir), options)
     untied = untie[0] if untie else None
     report = VerifyReport()
@@ -169,11 +169,6 @@ def _check_layout(original: Checkpoint, edited: Checkpoint, untied: str | None, 
         target = edited.root / rel
         if not target.is_file() or target.read_bytes() != (original.root / rel).read_bytes():
             problems.append(f"{rel} was not copied unchanged")
-
-
-def _manifest(edited: Path) -> dict:
-    path = edited / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _without_tie(config: dict, untied: str | None) -> dict:

@@ -8,7 +8,6 @@ manifest (abliterate.json) precise enough for `abliterate verify` to re-check th
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from abliterate import __version__
+from abliterate.edit.manifest import EditManifest, ManifestEdit
 from abliterate.edit.plan import EditPlan
 from abliterate.edit.projection import NonFiniteError, iter_edited_chunks
 from abliterate.edit.shard_writer import Target, copy_other_files, output_size, write_config, write_index, write_shards
@@ -27,7 +26,6 @@ from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
 from abliterate.options.command import recorded_command
 
-MANIFEST_NAME = "abliterate.json"
 DIRECTION_NAME = "refusal_direction.safetensors"
 DEFAULT_MAX_MEMORY = 256 << 20
 
@@ -112,20 +110,14 @@ def project_tensor(target: Target, direction: Direction, preserve: bool = False)
 def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: Path, extra: dict, *,
                    edits: dict | None = None, notes: list[str] | None = None) -> None:
     """What was done, precisely enough for `abliterate verify` to re-check it (an adapter passes the
-    edits it carries and its own notes)."""
-    manifest = {
-        "tool": "abliterate",
-        "version": __version__,
-        "command": recorded_command(),
-        "source": str(ckpt.root),
-        "norm_preserve": plan.norm_preserve,
-        "direction": {"file": DIRECTION_NAME, "metadata": direction.metadata,
-                      "per_layer": direction.per_layer, "rank": direction.rank},
-        "untie": {"output": plan.untie[0], "copied_from": plan.untie[1]} if plan.untie else None,
-        "config_updates": plan.config_updates,
-        "edits": {e.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
-                           "component": e.component} for e in (edits or plan.edits).values()},
-        "notes": list(plan.notes) if notes is None else notes,
-        **extra,
-    }
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    edits it carries and its own notes); `extra`'s max_memory is the edit's chunk budget."""
+    extra = dict(extra)
+    EditManifest(
+        source=str(ckpt.root), command=recorded_command(), norm_preserve=plan.norm_preserve,
+        direction={"file": DIRECTION_NAME, "metadata": direction.metadata, "per_layer": direction.per_layer,
+                   "rank": direction.rank},
+        untie=plan.untie, config_updates=plan.config_updates,
+        edits={e.name: ManifestEdit(e.scale, e.layer, e.hidden_axis, e.component)
+               for e in (edits or plan.edits).values()},
+        notes=tuple(plan.notes if notes is None else notes), max_memory=extra.pop("max_memory", None), extra=extra,
+    ).write(tmp)

@@ -13,21 +13,21 @@ replication, entries that name no tensor of the checkpoint, and shapes that do n
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from abliterate.arch.table import arch_for_config
+from abliterate.edit.manifest import read_manifest
 from abliterate.edit.plan import TIE_KEY, EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
 from abliterate.edit.projection import BLOCK_ELEMENTS, STORAGE, narrow_into, plan_chunks, read_stored, widen
 from abliterate.edit.shard_writer import Target as StreamTarget
 from abliterate.edit.shard_writer import copy_other_files, output_size, write_config, write_index, write_shards
-from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, MANIFEST_NAME
+from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import atomic_folder
@@ -151,16 +151,15 @@ def _add_delta(w: np.ndarray, rows: tuple[int, int], pieces: list) -> None:
 
 def _pass_on_manifest(ckpt: Checkpoint, adapter_dir: Path, tmp: Path) -> list[str]:
     """An abliterate adapter's manifest (and direction) go with the merged model, so `verify` checks it."""
-    manifest_path = adapter_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
+    manifest = read_manifest(adapter_dir)
+    if manifest is None:
         return []
-    manifest = json.loads(manifest_path.read_text())
     notes = ["abliterate adapter: its manifest was passed on; `abliterate verify` checks the merged model"]
-    if Path(manifest.get("source", "")).absolute() != ckpt.root.absolute():
-        notes.append(f"the adapter was made from {manifest.get('source')}, not {ckpt.root}: `verify` will report "
+    if Path(manifest.source).absolute() != ckpt.root.absolute():
+        notes.append(f"the adapter was made from {manifest.source}, not {ckpt.root}: `verify` will report "
                      "the difference")
-    manifest.update(source=str(ckpt.root), merged_adapter=str(adapter_dir.absolute()))
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    replace(manifest, source=str(ckpt.root),
+            extra={**manifest.extra, "merged_adapter": str(adapter_dir.absolute())}).write(tmp)
     if (adapter_dir / DIRECTION_NAME).is_file():
         shutil.copyfile(adapter_dir / DIRECTION_NAME, tmp / DIRECTION_NAME)
     return notes
