@@ -31,28 +31,19 @@ def _as_option_error(parse, value, hint: str | None):
 
 
 def model_options(*, thinking: bool = True, batch_size: int | None = None):
-    """The options of every command that loads a model to run it: device, dtype, template, thinking mode,
-    remote code, --arch (and a batch size, where the command has a default for it)."""
-    options = [click.option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto."),
-               click.option("--dtype", default="auto", show_default=True,
-                            help="auto (the checkpoint's), bfloat16, float16, float32."),
-               click.option("--template", default=None,
-                            help="Chat template (Jinja file or text) for models without one.")]
-    if thinking:
-        options.append(click.option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: "
-                                    "enable_thinking=False is passed to templates that support it, so the first "
-                                    "reply token is the answer)."))
-    options.append(click.option("--trust-remote-code", is_flag=True,
-                                help="Allow the model's own Python code from the Hub."))
-    if batch_size is not None:
-        options.append(click.option("--batch-size", default=batch_size, show_default=True,
-                                    help="Prompts per forward pass; lower it if memory runs out."))
+    """The options of every command that loads a model to run it (options.families.ModelOptions: device, dtype,
+    template, thinking mode, remote code), --arch, and a batch size where the command has a default for it."""
+    from abliterate.options.declared import click_options
+    from abliterate.options.families import ModelOptions
+
+    declared = click_options(ModelOptions, exclude=() if thinking else ("thinking",))
 
     def decorate(fn):
         fn = arch_option(fn)
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
+        if batch_size is not None:
+            fn = click.option("--batch-size", default=batch_size, show_default=True,
+                              help="Prompts per forward pass; lower it if memory runs out.")(fn)
+        return declared(fn)
 
     return decorate
 

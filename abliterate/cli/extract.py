@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from abliterate.cli.common import model_options
+from abliterate.cli.common import arch_option
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
-from abliterate.options.families import ExtractOptions
+from abliterate.options.families import ExtractOptions, ModelOptions
 
 
 @click.command()
 @click_options(ExtractOptions)
-@model_options()
+@arch_option
 def extract(**params) -> None:
     """Find MODEL's refusal direction and save it with all candidates and their scores.
 
@@ -35,8 +34,7 @@ def extract(**params) -> None:
     from abliterate.measure.extract import save_extraction
 
     o = from_params(ExtractOptions, params)
-    m = ModelParams(params["device"], params["dtype"], params["template"], params["thinking"],
-                    params["trust_remote_code"])
+    m = o.model_options
     check_output_file(o.out)
     if (o.model is None) == (o.reselect is None):
         raise AbliterateError("give MODEL to extract, or --reselect FILE to choose again among saved candidates "
@@ -56,18 +54,7 @@ def extract(**params) -> None:
     report(result, o.out)
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    """The model options (cli.common.model_options) as extract received them."""
-
-    device: str
-    dtype: str
-    template: str | None
-    thinking: bool
-    trust_remote_code: bool
-
-
-def _extract(o: ExtractOptions, m: ModelParams, command: str):
+def _extract(o: ExtractOptions, m: ModelOptions, command: str):
     from abliterate.measure.extract import PromptSets, extract, pending_path, split_prompts
     from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
@@ -119,7 +106,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _harmfulness(o: ExtractOptions, m: ModelParams, command: str) -> None:
+def _harmfulness(o: ExtractOptions, m: ModelOptions, command: str) -> None:
     """--kind harmfulness: the per-layer difference at the instruction's last token, and its table."""
     from abliterate.errors import AbliterateError
     from abliterate.measure.extract import split_prompts

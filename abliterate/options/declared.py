@@ -85,12 +85,15 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def click_options(cls: type) -> Callable:
-    """A decorator adding every declared option (and the argument, if any) of `cls` to a click command."""
+def click_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
+    """A decorator adding every declared option (and the argument, if any) of `cls`, but those named in
+    `exclude`, to a click command."""
     import click
 
     params = []
     for f, spec in declared(cls):
+        if f.name in exclude:
+            continue
         if spec.argument:
             params.append(click.argument(f.name, **{"required": True, **spec.click}))
             continue
@@ -165,6 +168,11 @@ def command_args(options: Any) -> list[str]:
             for v in value if spec.click.get("multiple") else [value]:
                 flags += [spec.flags[0], as_word(v)]
     return args + flags
+
+
+def option_values(options: Any) -> dict[str, Any]:
+    """Field name -> value of every declared option of a family instance, its groups' included."""
+    return {f.name: getattr(_owner(options, f), f.name) for f, _ in declared(type(options))}
 
 
 def _owner(options: Any, target: dataclasses.Field) -> Any:

@@ -1,5 +1,6 @@
 """Command families' options, declared once (abliterate.options.declared): the lm-evaluation-harness task
-options `evaluate` and the whole job share, `extract`'s and `apply`'s. The whole job's are
+options `evaluate` and the whole job share, the model options of every model-running command, `extract`'s and
+`apply`'s. The whole job's are
 jobs/run_options.RunOptions (its record rules name the job's output files)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.options.declared import option
+from abliterate.options.declared import group, option
 from abliterate.options.recipe import KL_OBJECTIVES, REFUSAL_OBJECTIVES, SelectionSettings
 from abliterate.options.values import checked_layers, parse_components, parse_size
 
@@ -29,6 +30,22 @@ class TaskOptions:
                                        help="Render task prompts with the model's chat template, few-shot examples "
                                        "as turns (the harness's --apply_chat_template; default off, as there); "
                                        "--template, when given, is the template used.")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options of every command that loads a model to run it (cli.common.model_options adds them to a command
+    whose family does not hold them as a group)."""
+
+    device: str = option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
+    dtype: str = option("--dtype", default="auto", show_default=True,
+                        help="auto (the checkpoint's), bfloat16, float16, float32.")
+    template: str | None = option("--template", help="Chat template (Jinja file or text) for models without one.")
+    thinking: bool = option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: "
+                            "enable_thinking=False is passed to templates that support it, so the first reply token "
+                            "is the answer).")
+    trust_remote_code: bool = option("--trust-remote-code", is_flag=True,
+                                     help="Allow the model's own Python code from the Hub.")
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,7 @@ class ExtractOptions:
                              "K - 1 leading principal directions of the per-prompt harmful-minus-harmless differences "
                              "at its layer and position (one more pass over the training prompts). `apply` removes "
                              "their span; `search` tries the first k = 1..K of them.")
+    model_options: ModelOptions = group(ModelOptions)
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 
     def selection(self) -> SelectionSettings:
