@@ -41,3 +41,11 @@ def test_readme_states_the_tolerances_the_exactness_tests_assert():
            f"the tests assert {short(BAKE)})" in readme
     assert f"Phi-3 and Granite models (within {short(BAKE)} in float32;" in readme
     assert f"at `--scale 2`; the tests assert {short(BAKE)})" in readme
+
+
+def test_readme_states_the_residual_verify_and_the_apply_tests_allow():
+    from abliterate.edit.verify import FLOAT32_RESIDUAL_TOLERANCE
+
+    assert f"At scale 1 at most {short(FLOAT32_RESIDUAL_TOLERANCE)} |W| may remain along r in float32" in flat_readme()
+    source = (ROOT / "tests" / "test_apply.py").read_text()
+    assert f"along.norm() <= {short(FLOAT32_RESIDUAL_TOLERANCE)} * a.double().norm()" in source
