@@ -29,11 +29,11 @@ from abliterate.options.declared import (
     option_values,
     recipe_default,
 )
-from abliterate.options.families import ApplyOptions, ExtractOptions, ModelOptions, TaskOptions
+from abliterate.options.families import ApplyOptions, EvaluateOptions, ExtractOptions, ModelOptions, TaskOptions
 from abliterate.options.recipe import ExtractSettings, SelectionSettings
 
-FAMILIES = [(RunOptions, run), (ExtractOptions, extract), (ApplyOptions, apply), (TaskOptions, evaluate),
-            (ModelOptions, evaluate)]
+FAMILIES = [(RunOptions, run), (ExtractOptions, extract), (ApplyOptions, apply), (EvaluateOptions, evaluate),
+            (TaskOptions, evaluate), (ModelOptions, evaluate)]
 
 # values a generic rule cannot guess: a valid choice, a layer range, a direction under the name the job records
 SPECIAL = {"kind": "harmfulness", "layers": "2:5", "components": ("attn",), "targets": ("a\\.weight", "b.*"),

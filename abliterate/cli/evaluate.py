@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import model_options
-from abliterate.options.declared import click_options
-from abliterate.options.families import TaskOptions
-
-task_options = click_options(TaskOptions)  # --tasks and its settings, shared by `evaluate` and the whole job
+from abliterate.cli.common import arch_option
+from abliterate.options.declared import click_options, from_params
+from abliterate.options.families import EvaluateOptions
 
 
 def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, device: str) -> None:
@@ -24,37 +22,9 @@ def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, 
 
 
 @click.command()
-@click.argument("model", required=False)
-@click.option("--baseline", default=None, help="The original model (folder or Hub id): KL and its own rates and NLL.")
-@click.option("--adapter", "adapter_dir", default=None, type=click.Path(path_type=Path),
-              help="A peft adapter folder to load on MODEL (e.g. from `apply --adapter`).")
-@click.option("--out", default=None, type=click.Path(path_type=Path), help="Write the full report as JSON here.")
-@click.option("--harmful", default="builtin:harmful", show_default=True,
-              help="Harmful prompts (builtin sets: their held-out test split), a file or hf:OWNER/NAME.")
-@click.option("--harmless", default="builtin:harmless", show_default=True, help="Harmless prompts for the KL.")
-@click.option("--overrefusal", default="builtin:overrefusal", show_default=True,
-              help="Safe prompts that look dangerous.")
-@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
-@click.option("--limit", default=32, show_default=True, help="Prompts per set, spread evenly over it; 0: all.")
-@click.option("--max-new-tokens", default=128, show_default=True,
-              help="Greedy tokens per reply; keep at least 128 for numbers you publish (refusals can come late).")
-@click.option("--kl-tokens", default=16, show_default=True, help="Tokens of the baseline's continuation in the KL.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--judge", default=None, help="A chat model asked, per reply, whether it refuses (yes/no), "
-              "reported next to the marker counts, with the replies where the two disagree.")
-@click.option("--judge-check", is_flag=True, help="Instead of evaluating MODEL: print the markers' and --judge's "
-              "accuracy on labelled replies (the built-in set, or --judge-set).")
-@click.option("--judge-set", default=None, type=click.Path(path_type=Path),
-              help="With --judge-check: a JSONL file of {prompt, reply, refusal: true/false, kind} to score on.")
-@task_options
-@model_options()
-@click.option("--quiet", "-q", is_flag=True)
-def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, out: Path | None, harmful: str,
-             harmless: str, overrefusal: str, field: str | None, limit: int, max_new_tokens: int, kl_tokens: int,
-             batch_size: int, judge: str | None, judge_check: bool, judge_set: Path | None, tasks: str | None,
-             tasks_limit: int | None, tasks_fewshot: int | None, tasks_chat_template: bool, device: str, dtype: str,
-             template: str | None, thinking: bool,
-             trust_remote_code: bool, quiet: bool) -> None:
+@click_options(EvaluateOptions)
+@arch_option
+def evaluate(**params) -> None:
     """Refusal and over-refusal rates, KL to the original and general-text NLL of MODEL.
 
     Greedy replies to held-out harmful prompts and to safe prompts that look dangerous are matched
@@ -72,34 +42,40 @@ def evaluate(model: str | None, baseline: str | None, adapter_dir: Path | None, 
     from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
-    settings = EvalSettings(limit=limit or None, max_new_tokens=max_new_tokens, kl_tokens=kl_tokens,
-                            batch_size=batch_size, harmful=harmful, judge=judge, harmless=harmless,
-                            overrefusal=overrefusal, field=field, template=load_template(template), thinking=thinking)
-    if judge_set and not judge_check:
+    o = from_params(EvaluateOptions, params)
+    m = o.model_options
+    settings = EvalSettings(limit=o.limit or None, max_new_tokens=o.max_new_tokens, kl_tokens=o.kl_tokens,
+                            batch_size=o.batch_size, harmful=o.harmful, judge=o.judge, harmless=o.harmless,
+                            overrefusal=o.overrefusal, field=o.field, template=load_template(m.template),
+                            thinking=m.thinking)
+    if o.judge_set and not o.judge_check:
         raise AbliterateError("--judge-set is the labelled set of --judge-check; add --judge-check")
-    if judge_check:
-        return run_judge_check(judge, judge_set, batch_size, device)
-    if model is None:
-        raise AbliterateError("missing MODEL: give the model folder or Hub id to evaluate (or --judge-check)")
-    if limit < 0:
-        raise AbliterateError("--limit must be 0 (every prompt) or more")
-    task_settings = evaluate_tasks.task_settings(TaskOptions(tasks, tasks_limit, tasks_fewshot, tasks_chat_template),
-                                                 batch_size, thinking, settings.template)
-    if adapter_dir is not None:  # before loading anything; and never let peft fall back to a pickled .bin
-        weights_path(adapter_dir)
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    lm = with_adapter(lm, adapter_dir, model) if adapter_dir is not None else lm
-    base = load_model(baseline, dtype=dtype, device=device, trust_remote_code=trust_remote_code) if baseline else None
-    report = run_evaluate(lm, base, settings, quiet=quiet, tasks=task_settings)
+    if o.judge_check:
+        return run_judge_check(o.judge, o.judge_set, o.batch_size, m.device)
+    if o.model is None or o.limit < 0:
+        raise AbliterateError("missing MODEL: give the model folder or Hub id to evaluate (or --judge-check)"
+                              if o.model is None else "--limit must be 0 (every prompt) or more")
+    task_settings = evaluate_tasks.task_settings(o.tasks, o.batch_size, m.thinking, settings.template)
+    if o.adapter is not None:  # before loading anything; and never let peft fall back to a pickled .bin
+        weights_path(o.adapter)
+    load = lambda name: load_model(name, dtype=m.dtype, device=m.device,  # noqa: E731
+                                   trust_remote_code=m.trust_remote_code)
+    lm = with_adapter(load(o.model), o.adapter, o.model) if o.adapter is not None else load(o.model)
+    report = run_evaluate(lm, load(o.baseline) if o.baseline else None, settings, quiet=o.quiet, tasks=task_settings)
+    _report(report, o)
+
+
+def _report(report, o: EvaluateOptions) -> None:
+    """The tables, the judge's disagreements, a note on unfinished reasoning, the JSON report."""
     click.echo(report.table())
-    if judge:
+    if o.judge:
         click.echo(f"\njudge and markers disagree on {len(report.disagreements())} replies:\n\n"
                    f"{report.disagreement_table()}" if report.disagreements() else "\njudge and markers agree")
     if report.counts["reasoning_unfinished"]:
         click.echo(f"note: {report.counts['reasoning_unfinished']} replies were still reasoning when --max-new-tokens "
                    "ran out (counted as not refused); raise --max-new-tokens", err=True)
-    if out is not None:
-        click.echo(f"wrote {report.save_json(out)}")
+    if o.out is not None:
+        click.echo(f"wrote {report.save_json(o.out)}")
 
 
 def with_adapter(lm, adapter_dir: Path, model: str):

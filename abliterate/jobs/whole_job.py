@@ -22,7 +22,6 @@ from abliterate.jobs.run_options import (
     default_out,
     kept_path,
     public_model,
-    public_path,
     regenerate_command,
 )
 from abliterate.options.command import command_line
@@ -176,6 +175,7 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, task
     from abliterate.evaluate.evaluation import EvalSettings, evaluate
     from abliterate.measure.loading import LoadedModel, load_model
     from abliterate.measure.templates import load_template
+    from abliterate.options.families import EvaluateOptions, ModelOptions
 
     e = recipe.evaluate
     settings = EvalSettings(limit=e.limit or None, max_new_tokens=e.max_new_tokens, kl_tokens=e.kl_tokens,
@@ -192,15 +192,15 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, task
                          f"{options.model} + adapter")
     else:
         lm = load(staged)
-    # an adapter is evaluated on its base model, as `evaluate --adapter` does (OUTPUT alone is no model)
-    measured = [public_model(options.model), "--adapter", "OUTPUT"] if options.adapter else ["OUTPUT"]
-    args: list[object] = ["evaluate", *measured, "--baseline", public_model(options.model), "--limit", e.limit,
-                          "--max-new-tokens", e.max_new_tokens, "--kl-tokens", e.kl_tokens]
-    args += ["--harmful", public_path(options.eval_harmful) or ""] if options.eval_harmful != "builtin:harmful" else []
-    if options.eval_harmless != "builtin:harmless":
-        args += ["--harmless", public_path(options.eval_harmless) or ""]
-    args += ["--template", public_path(options.template) or ""] if options.template else []
-    args += command_args(options.tasks)
+    # the command a card's reader runs to measure this: an adapter on its base model, as `evaluate --adapter` does
+    # (OUTPUT alone is no model); the recipe's settings; local files by their names only
+    measured = EvaluateOptions(
+        model=public_model(options.model) if options.adapter else "OUTPUT",
+        adapter=Path("OUTPUT") if options.adapter else None, baseline=public_model(options.model),
+        harmful=options.eval_harmful, harmless=options.eval_harmless, limit=e.limit,
+        max_new_tokens=e.max_new_tokens, kl_tokens=e.kl_tokens, tasks=options.tasks,
+        model_options=ModelOptions(template=options.template))
+    args = ["evaluate", *command_args(measured)]
     tasks = replace(tasks, batch_size=e.batch_size) if tasks else None
     report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
     say(report.table())

@@ -40,7 +40,8 @@ class ModelOptions:
     device: str = option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
     dtype: str = option("--dtype", default="auto", show_default=True,
                         help="auto (the checkpoint's), bfloat16, float16, float32.")
-    template: str | None = option("--template", help="Chat template (Jinja file or text) for models without one.")
+    template: str | None = option("--template", record="path",
+                                  help="Chat template (Jinja file or text) for models without one.")
     thinking: bool = option("--thinking", is_flag=True, help="Keep the template's thinking mode on (default: "
                             "enable_thinking=False is passed to templates that support it, so the first reply token "
                             "is the answer).")
@@ -178,3 +179,42 @@ class ApplyOptions:
     requant: str = option("--requant", default="Q8_0", show_default=True, help="GGUF input only: the type to write "
                           "edited tensors whose quantisation the gguf library cannot write (K-quants, IQ types); "
                           "Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """`abliterate evaluate`'s options; the whole job writes the command that measured its card's numbers from
+    them. Those backed by the recipe's evaluate section take its defaults."""
+
+    model: str | None = option(help="", required=False)  # the argument: absent with --judge-check
+    adapter: Path | None = option("--adapter", type=click.Path(path_type=Path),
+                                  help="A peft adapter folder to load on MODEL (e.g. from `apply --adapter`).")
+    baseline: str | None = option("--baseline",
+                                  help="The original model (folder or Hub id): KL and its own rates and NLL.")
+    out: Path | None = option("--out", type=click.Path(path_type=Path), record="never",
+                              help="Write the full report as JSON here.")
+    harmful: str = option("--harmful", default="builtin:harmful", show_default=True, record="path",
+                          help="Harmful prompts (builtin sets: their held-out test split), a file or hf:OWNER/NAME.")
+    harmless: str = option("--harmless", default="builtin:harmless", show_default=True, record="path",
+                           help="Harmless prompts for the KL.")
+    overrefusal: str = option("--overrefusal", default="builtin:overrefusal", show_default=True, record="path",
+                              help="Safe prompts that look dangerous.")
+    field: str | None = option("--field", help="Column/field holding the prompt in structured files or datasets.")
+    limit: int = option("--limit", recipe="evaluate.limit", show_default=True,
+                        help="Prompts per set, spread evenly over it; 0: all.")
+    max_new_tokens: int = option("--max-new-tokens", recipe="evaluate.max_new_tokens", show_default=True,
+                                 help="Greedy tokens per reply; keep at least 128 for numbers you publish (refusals "
+                                 "can come late).")
+    kl_tokens: int = option("--kl-tokens", recipe="evaluate.kl_tokens", show_default=True,
+                            help="Tokens of the baseline's continuation in the KL.")
+    batch_size: int = option("--batch-size", recipe="evaluate.batch_size", show_default=True,
+                             help="Prompts per forward pass; lower it if memory runs out.")
+    judge: str | None = option("--judge", help="A chat model asked, per reply, whether it refuses (yes/no), reported "
+                               "next to the marker counts, with the replies where the two disagree.")
+    judge_check: bool = option("--judge-check", is_flag=True, help="Instead of evaluating MODEL: print the markers' "
+                               "and --judge's accuracy on labelled replies (the built-in set, or --judge-set).")
+    judge_set: Path | None = option("--judge-set", type=click.Path(path_type=Path), help="With --judge-check: a JSONL "
+                                    "file of {prompt, reply, refusal: true/false, kind} to score on.")
+    tasks: TaskOptions = group(TaskOptions)
+    model_options: ModelOptions = group(ModelOptions)
+    quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
