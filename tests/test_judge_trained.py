@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from abliterate.demo.toy import CHAT_TEMPLATE, HELPS, REFUSALS, toy_prompts
+from abliterate.demo.toy import HELPS, REFUSALS, toy_prompts, word_tokenizer
 from abliterate.evaluate.judge import JUDGE_QUESTION
 from tests.test_apply import run_cli
 
@@ -29,17 +29,7 @@ def _question(request: str, reply: str) -> str:
 
 
 def _tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for t in texts for w in t.split()} | {"yes", "no"})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>", *words])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>",
-                                  additional_special_tokens=["<|user|>", "<|assistant|>"], padding_side="left")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return word_tokenizer(sorted({w for t in texts for w in t.split()} | {"yes", "no"}))
 
 
 def train_judge(out: Path) -> Path:

@@ -132,15 +132,21 @@ def _vocabulary(jailbreaks: bool = False) -> list[str]:
     for text in (*HARMFUL_ACTIONS, *HARMLESS_ACTIONS, *FRAMES, *REFUSALS, *HELPS, DECLINE_OPTION, COMPLY_OPTION,
                  choice_question(""), "A B", *wrappers):
         words.update(text.replace("{}", " ").split())
-    return [*SPECIALS, *sorted(words)]
+    return sorted(words)
 
 
 def build_tokenizer(jailbreaks: bool = False):
     """A word-level fast tokenizer with the toy chat template, built without any download."""
+    return word_tokenizer(_vocabulary(jailbreaks))
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over SPECIALS + `words` (whitespace-split, unknown words -> <unk>) with the
+    toy chat template: what the toy and other tiny test models (e.g. a trained judge) speak."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(_vocabulary(jailbreaks))}
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *words])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>",
