@@ -32,11 +32,12 @@ def test_the_lowest_ablation_score_passing_every_filter_wins():
 
 
 def test_when_no_candidate_induces_refusal_the_best_within_the_kl_limit_is_chosen_and_the_reason_given():
-    scores = [score(1, -3.0, -1.1, 0.5), score(2, -2.0, -1.5, 0.02), score(3, -1.0, -1.12, 0.05)]
+    scores = [score(1, -3.0, 2.75, 0.5), score(2, -2.0, -1.5, 0.02), score(3, -1.0, -1.12, 0.05)]
     choice = choose(scores, SETTINGS, num_layers=10)
     assert choice.best.layer == 2
-    assert choice.relaxed.startswith("induction filter relaxed")
-    assert "-1.10" in choice.relaxed and "2 within KL 0.1" in choice.relaxed
+    assert choice.relaxed.startswith("induction filter relaxed: adding no candidate within KL 0.1 raised")
+    # the highest addition score among the candidates it speaks of, not layer 1's (which exceeds the KL limit)
+    assert "(highest -1.12)" in choice.relaxed and "among those 2" in choice.relaxed
     assert "\n" not in choice.relaxed
 
 

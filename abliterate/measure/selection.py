@@ -126,11 +126,11 @@ def choose(scores: list[CandidateScore], settings: SelectionSettings, num_layers
         return Choice(best(passed), judged, None)
     within_kl = [s for s in usable if kl(s) <= settings.kl_threshold]
     if within_kl:
-        strongest = max(s.refusal_added for s in usable)
+        strongest = max(s.refusal_added for s in within_kl)
         return Choice(best(within_kl), judged, (
-            f"induction filter relaxed: adding no candidate raised the harmless prompts' refusal log-odds above "
-            f"{settings.induce_threshold} (highest {strongest:.2f}); chose the {ranked} among the "
-            f"{len(within_kl)} within KL {settings.kl_threshold}"))
+            f"induction filter relaxed: adding no candidate within KL {settings.kl_threshold} raised the harmless "
+            f"prompts' refusal log-odds above {settings.induce_threshold} (highest {strongest:.2f}); chose the "
+            f"{ranked} among those {len(within_kl)}"))
     inducing = [s for s in usable if induces(s)]
     pool, what = (inducing, "KL limit relaxed") if inducing else (usable, "KL limit and induction filter relaxed")
     lowest = min(kl(s) for s in pool)
