@@ -227,3 +227,16 @@ def test_merging_the_rank_k_adapter_writes_what_apply_writes_byte_for_byte(rank_
                                       str(tmp_path / "merged"), "-q"])
     assert result.exit_code == 0, result.output
     assert same_files(edited, tmp_path / "merged") == []
+
+
+def test_readers_of_one_direction_per_stream_refuse_a_rank_k_file(tmp_path):
+    from abliterate.gguf.control_vector import read_vectors
+    from abliterate.measure.probe import load_probe_direction
+    from abliterate.steer.steering import load_vectors
+
+    path = tmp_path / "k.safetensors"
+    save_direction(path, rows(8, k=4), {"rank": 4})  # [4, d]: would pass for [layers + 1, d] with 3 layers
+    for read in (lambda: load_probe_direction(path, hidden_size=8, num_layers=3), lambda: read_vectors(path),
+                 lambda: load_vectors(path, hidden_size=8, num_layers=3)):
+        with pytest.raises(AbliterateError, match="holds 4 directions"):
+            read()

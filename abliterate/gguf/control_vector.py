@@ -39,6 +39,7 @@ def read_vectors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
     """The stored vectors ([layers + 1, d] or one [d]) and metadata, unnormalised as `steer chat` uses them."""
     from safetensors import safe_open
 
+    from abliterate.io.direction_file import refuse_several
     from abliterate.io.safetensors_format import read_header
 
     if not path.is_file():
@@ -48,6 +49,7 @@ def read_vectors(path: Path) -> tuple[np.ndarray, dict[str, str]]:
     if VECTORS_KEY not in [t.name for t in header.tensors]:
         raise AbliterateError(f"{path} has no tensor {VECTORS_KEY!r}; pass a file from `abliterate steer vectors` or "
                               "`abliterate extract`")
+    refuse_several(path, header.metadata, "a control vector")
     with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(VECTORS_KEY)
     if vectors.ndim not in (1, 2) or vectors.dtype.kind != "f" or not np.isfinite(vectors).all():

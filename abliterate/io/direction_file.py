@@ -162,6 +162,16 @@ def load_direction(path: str | Path, *, hidden_size: int | None = None,
     return Direction(orthonormalise(vectors, str(path)), metadata, path, rank)
 
 
+def refuse_several(path: str | Path, metadata: dict[str, str] | None, what: str) -> None:
+    """For readers that take one direction per residual stream (probe, steering, control vectors): a rank-k
+    file's [k, d] must not pass for [layers + 1, d]."""
+    rank = (metadata or {}).get(RANK_KEY)
+    if rank not in (None, "1"):
+        raise AbliterateError(f"{path} holds {rank} directions (metadata rank = {rank}); {what} takes one direction "
+                              "per residual stream: pass a rank-1 direction file (e.g. from `abliterate extract` "
+                              "without --directions)")
+
+
 def _rank(path: Path, shape: tuple[int, ...], metadata: dict[str, str]) -> int:
     """k from the `rank` marker (1 without it), checked against the tensor's shape."""
     if shape and shape[-1] == 0:

@@ -43,6 +43,7 @@ def load_probe_direction(path: str | Path, *, hidden_size: int, num_layers: int,
     """
     from safetensors import safe_open
 
+    from abliterate.io.direction_file import refuse_several
     from abliterate.io.safetensors_format import read_header
 
     path = Path(path)
@@ -59,6 +60,7 @@ def load_probe_direction(path: str | Path, *, hidden_size: int, num_layers: int,
     with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(key)
         model = (f.metadata() or {}).get("model")
+        refuse_several(path, f.metadata(), "probe")
     source = f" (made from {model})" if model else ""
     if vectors.dtype.kind != "f" or not np.isfinite(vectors).all():
         raise AbliterateError(f"{path}: the direction contains NaN/inf or is not floating point; rebuild it")

@@ -187,6 +187,7 @@ def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int, cls: st
     a single [d] vector is used at every layer. cls: one class of a `jailbreak vectors` file (``vector.CLS``)."""
     from safetensors import safe_open
 
+    from abliterate.io.direction_file import refuse_several
     from abliterate.io.safetensors_format import read_header
 
     path = Path(path)
@@ -203,6 +204,7 @@ def load_vectors(path: str | Path, *, hidden_size: int, num_layers: int, cls: st
     with safe_open(str(path), framework="np") as f:
         vectors = f.get_tensor(key)
         made_from = (f.metadata() or {}).get("model")
+        refuse_several(path, f.metadata(), "steering")
     if vectors.shape == (hidden_size,):  # one direction (e.g. from `abliterate extract`): the same at every layer
         vectors = np.tile(vectors, (num_layers + 1, 1))
     if vectors.ndim != 2 or vectors.shape != (num_layers + 1, hidden_size):
