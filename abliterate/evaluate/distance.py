@@ -68,7 +68,7 @@ def _teacher_forced(lm: LoadedModel, rows: list[list[int]], keep: int) -> torch.
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
+    with torch.inference_mode(), lm.running():
         logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                           logits_to_keep=keep).logits
     return torch.log_softmax(logits.float(), dim=-1).cpu()
@@ -86,7 +86,7 @@ def mean_nll(lm: LoadedModel, settings: EvalSettings, quiet: bool = False, desc:
     window = max(2, min(settings.nll_window, context))
     windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)] or [ids]
     total, count = 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), lm.running():
         for start in tqdm(range(0, len(windows), settings.batch_size), desc=desc, disable=quiet, leave=False):
             chunk = torch.tensor(windows[start:start + settings.batch_size], device=lm.device)
             logits = lm.model(input_ids=chunk, use_cache=False).logits[:, :-1].float()

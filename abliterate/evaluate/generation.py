@@ -25,7 +25,7 @@ def generate(lm: LoadedModel, instructions: Sequence[str], settings: EvalSetting
     config.pad_token_id = tok.pad_token_id
     stops = _stop_ids(lm, config)
     out: list[tuple[str, list[int]]] = [("", [])] * len(prompts)
-    with torch.inference_mode():
+    with torch.inference_mode(), lm.running():
         for batch in tqdm(list(batches(lm, prompts, settings.batch_size)), desc=desc, disable=quiet, leave=False):
             ids = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                     generation_config=config)

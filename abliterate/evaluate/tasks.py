@@ -251,7 +251,7 @@ def run_tasks(lm: LoadedModel, settings: TaskSettings, quiet: bool = False, keep
     if settings.chat_template and not (settings.template or getattr(lm.tokenizer, "chat_template", None)):
         raise AbliterateError("--tasks-chat-template: the tokenizer has no chat template; pass --template FILE "
                               "(a Jinja chat template)")
-    with _harness_logs(), _template_in(lm.tokenizer, settings.template):
+    with _harness_logs(), _template_in(lm.tokenizer, settings.template), lm.running():
         wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=settings.batch_size,
                        chat_template_args=template_args)
         try:

@@ -7,11 +7,10 @@ from pathlib import Path
 from abliterate.jobs.run_options import RunOptions, kept_path
 
 
-def prompts_and_model(options: RunOptions, recipe, source: Path):
-    """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts and its one loaded model,
-    as the recipe and the command line set them: shared by plain extraction and `--search`."""
+def job_prompts(options: RunOptions, recipe) -> tuple[list[str], list[str], list[str], list[str]]:
+    """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts, as the recipe and the
+    command line set them: shared by plain extraction and `--search`."""
     from abliterate.measure.extract import split_prompts
-    from abliterate.measure.loading import load_model
 
     s = recipe.extract
     harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
@@ -19,9 +18,15 @@ def prompts_and_model(options: RunOptions, recipe, source: Path):
                                                kind="harmful")
     harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
                                                  kind="harmless")
-    lm = load_model(source, dtype=options.dtype or s.dtype, device=options.device,
-                    trust_remote_code=options.trust_remote_code)
-    return (harmful_train, harmless_train, harmful_val, harmless_val), lm
+    return harmful_train, harmless_train, harmful_val, harmless_val
+
+
+def load_job_model(options: RunOptions, recipe, source: Path):
+    """The job's one loaded model: extraction, search and evaluation all run on it."""
+    from abliterate.measure.loading import load_model
+
+    return load_model(source, dtype=options.dtype or recipe.extract.dtype, device=options.device,
+                      trust_remote_code=options.trust_remote_code)
 
 
 def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:

@@ -25,23 +25,21 @@ class SearchOutcome:
     card: SearchSummary  # what the card shows: trials, front rows, the chosen trial, the limits
 
 
-def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> SearchOutcome:
-    """Extract (unless options.direction), search options.search trials, pick, save the choice in `work`."""
-    from abliterate.jobs.extraction import prompts_and_model
+def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], work: Path, say) -> SearchOutcome:
+    """Extract (unless options.direction), search options.search trials, pick, save the choice in `work`.
+    lm: the job's loaded model; prompts: harmful/harmless train, harmful/harmless validation."""
     from abliterate.measure.templates import load_template
     from abliterate.search.objectives import borderline_prompts
     from abliterate.search.study import SearchSettings, load_candidates, pick, save_choice, search, table
 
     s = recipe.extract
-    prompts, lm = prompts_and_model(options, recipe, source)
     harmful_val, harmless_val = prompts[2:]
     candidates = options.direction or (Path(recipe.apply.direction) if recipe.apply.direction else None)
     if candidates is None:
         from abliterate.jobs.extraction import extract_with
 
         candidates = work / "direction.safetensors"
-        extract_with(lm, options, recipe, prompts, candidates,
-                     say)
+        extract_with(lm, options, recipe, prompts, candidates, say)
     cands = load_candidates(candidates, lm)
     template = load_template(options.template)
     settings = SearchSettings(trials=options.search, time_budget=options.time_budget, batch_size=s.batch_size,
@@ -56,7 +54,6 @@ def search_step(options, recipe: Recipe, source: Path, work: Path, say) -> Searc
     recipe_file, direction = save_choice(choice, cands, lm, work / "search.yaml", prompts=result.prompts,
                                          study=Path("search.study.db"), study_name="abliterate-search",
                                          borderline=result.borderline, model_name=options.model)
-    del lm
     searched = overlay(recipe, {"apply": read_yaml(recipe_file)["apply"]}, str(recipe_file))
     searched = replace(searched, apply=replace(searched.apply, direction=str(direction)))
     front = tuple(FrontRow(t.number, f"{t.refusals}/{result.prompts}",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from abliterate.errors import AbliterateError
-from abliterate.jobs.extraction import extract_with, prompts_and_model
+from abliterate.jobs.extraction import extract_with, job_prompts, load_job_model
 from abliterate.jobs.run_options import (
     RunOptions,
     default_out,
@@ -88,18 +88,27 @@ def run(options: RunOptions) -> RunResult:
     work = out.with_name(out.name + ".abliterate-partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    loaded: list = []  # the job's one model, loaded at its first use and shared by every stage
+
+    def model():
+        if not loaded:
+            loaded.append(load_job_model(options, recipe, source))
+        return loaded[0]
+
     try:
         searched = None
         if options.search:
             from abliterate.jobs.job_search import search_step
 
-            searched = search_step(options, recipe, source, work, say)
+            prompts = job_prompts(options, recipe)  # bad prompt files fail before the model loads
+            searched = search_step(options, recipe, model(), prompts, work, say)
             recipe = searched.recipe
         direction_path = (searched.direction if searched else options.direction) or (
             Path(recipe.apply.direction) if recipe.apply.direction else None)
         if direction_path is None:
             direction_path = work / "direction.safetensors"
-            _extract(options, recipe, source, direction_path, say)
+            prompts = job_prompts(options, recipe)
+            extract_with(model(), options, recipe, prompts, direction_path, say)
         direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
         if recipe.apply.biprojected:
             from abliterate.io.direction_file import biproject
@@ -113,7 +122,7 @@ def run(options: RunOptions) -> RunResult:
             from abliterate.jobs.job_search import write_recipe_copy
 
             write_recipe_copy(searched, staged, DIRECTION_NAME)
-        evaluation = _evaluate(options, recipe, source, staged, say, tasks) if options.evaluate else None
+        evaluation = _evaluate(options, recipe, model(), direction, staged, say, tasks) if options.evaluate else None
         card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
         base_model = public_model(options.model if source != Path(options.model)
                                   else str(ckpt.config.get("_name_or_path") or options.model))
@@ -142,12 +151,6 @@ def run(options: RunOptions) -> RunResult:
     return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None)
 
 
-def _extract(options: RunOptions, recipe, source: Path, path: Path, say) -> None:
-    prompts, lm = prompts_and_model(options, recipe, source)
-    extract_with(lm, options, recipe, prompts, path, say)
-    del lm
-
-
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSummary:
     """Write the edited weights or the adapter to `staged`; return what the card says was done."""
     from abliterate.edit.plan import edit_options, plan_edit
@@ -171,9 +174,12 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSum
                        plan.untie[0] if plan.untie and not options.adapter else None, notes)
 
 
-def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, tasks):
+def _evaluate(options: RunOptions, recipe, lm, direction, staged: Path, say, tasks):
+    """Evaluate the output against the original on the job's loaded model: the edit runs as hooks on it (the
+    same model serves as the baseline), unless hooks cannot compute it; then the output is loaded."""
+    from abliterate.edit.plan import edit_options
     from abliterate.evaluate.evaluation import EvalSettings, evaluate
-    from abliterate.measure.loading import LoadedModel, load_model
+    from abliterate.evaluate.in_memory import edited_view, why_not_in_memory
     from abliterate.measure.templates import load_template
     from abliterate.options.families import EvaluateOptions, ModelOptions
 
@@ -181,17 +187,11 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, task
     settings = EvalSettings(limit=e.limit or None, max_new_tokens=e.max_new_tokens, kl_tokens=e.kl_tokens,
                             batch_size=e.batch_size, harmful=options.eval_harmful, harmless=options.eval_harmless,
                             template=load_template(options.template))
-    load = lambda path: load_model(path, dtype=options.dtype or "auto", device=options.device,  # noqa: E731
-                                   trust_remote_code=options.trust_remote_code)
-    baseline = load(source)
-    if options.adapter:
-        from peft import PeftModel
-
-        base = load(source)
-        lm = LoadedModel(PeftModel.from_pretrained(base.model, str(staged)).eval(), base.tokenizer, base.arch,
-                         f"{options.model} + adapter")
-    else:
-        lm = load(staged)
+    edit = edit_options(recipe.apply)
+    edited = edited_view(lm, direction, edit, f"{options.model} + adapter" if options.adapter else str(staged))
+    if edited is None:
+        say(f"note: the output is loaded for evaluation ({why_not_in_memory(lm, edit)})")
+        edited = _load_output(options, Path(lm.name), staged)
     # the command a card's reader runs to measure this: an adapter on its base model, as `evaluate --adapter` does
     # (OUTPUT alone is no model); the recipe's settings; local files by their names only
     measured = EvaluateOptions(
@@ -202,6 +202,21 @@ def _evaluate(options: RunOptions, recipe, source: Path, staged: Path, say, task
         model_options=ModelOptions(template=options.template))
     args = ["evaluate", *command_args(measured)]
     tasks = replace(tasks, batch_size=e.batch_size) if tasks else None
-    report = evaluate(lm, baseline, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
+    report = evaluate(edited, lm, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
     say(report.table())
     return report
+
+
+def _load_output(options: RunOptions, source: Path, staged: Path):
+    """The written output as a model: the edited folder, or the base model with the adapter."""
+    from abliterate.measure.loading import LoadedModel, load_model
+
+    load = lambda path: load_model(path, dtype=options.dtype or "auto", device=options.device,  # noqa: E731
+                                   trust_remote_code=options.trust_remote_code)
+    if not options.adapter:
+        return load(staged)
+    from peft import PeftModel
+
+    base = load(source)
+    return LoadedModel(PeftModel.from_pretrained(base.model, str(staged)).eval(), base.tokenizer, base.arch,
+                       f"{options.model} + adapter")

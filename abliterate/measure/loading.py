@@ -6,6 +6,8 @@ folder or Hub id that is not a causal language model is one clear error.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,13 @@ class LoadedModel:
     tokenizer: object
     arch: Arch
     name: str
+    # hooks installed around every forward of this view (an edit computed in memory on a shared model): one
+    # loaded model then serves as both the baseline and the edited model an evaluation compares
+    hooks: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """Enter around every forward or generate call: this view's hooks, if any."""
+        return self.hooks() if self.hooks is not None else contextlib.nullcontext()
 
     @property
     def num_layers(self) -> int:
