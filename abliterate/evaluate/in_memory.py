@@ -30,10 +30,12 @@ def edited_view(lm: LoadedModel, direction: Direction, options: EditOptions, nam
 
     if why_not_in_memory(lm, options) is not None:
         return None
-    vectors = torch.from_numpy(direction.vectors.copy())
-    run = ablate_preserving if options.norm_preserve else ablate
-    return replace(lm, name=name, hooks=lambda: run(lm.model, lm.arch, vectors, strength=options.strength,
-                                                     num_layers=lm.num_layers))
+    if options.norm_preserve:  # rank 1 only (apply refuses --norm-preserve for rank k)
+        vectors = torch.from_numpy(direction.vectors.copy())
+        return replace(lm, name=name, hooks=lambda: ablate_preserving(
+            lm.model, lm.arch, vectors, strength=options.strength, num_layers=lm.num_layers))
+    return replace(lm, name=name, hooks=lambda: ablate(lm.model, lm.arch, direction, strength=options.strength,
+                                                        num_layers=lm.num_layers))
 
 
 def why_not_in_memory(lm: LoadedModel, options: EditOptions) -> str | None:
