@@ -104,3 +104,13 @@ def test_an_edit_hooks_cannot_compute_is_evaluated_on_the_written_checkpoint(ref
                   direction=extracted_job[0].out / "refusal_direction.safetensors")
     assert counted.calls == [str(refusing_model), str(tmp_path / "targets.abliterate-partial" / "output")]
     assert result.refusal_rate == 0.0
+
+
+def test_whole_job_records_each_stages_wall_time_and_peak_memory_in_its_result_and_card(extracted_job):
+    result, _ = extracted_job
+    assert [r.name for r in result.stages] == ["load", "extract", "edit", "evaluate"]
+    assert all(r.seconds > 0 and r.peak_rss > 50 << 20 for r in result.stages)  # torch alone holds more
+    card = (result.out / "README.md").read_text()
+    rows = card.split("## Resources\n", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+    assert rows[0] == "| stage | wall time | peak RSS |" and [r.split("|")[1].strip() for r in rows[2:]] == [
+        "load", "extract", "edit", "evaluate"]

@@ -24,6 +24,7 @@ from abliterate.jobs.run_options import (
     public_model,
     regenerate_command,
 )
+from abliterate.jobs.stages import StageRecord, Stages
 from abliterate.options.command import command_line
 from abliterate.options.declared import command_args
 
@@ -40,6 +41,7 @@ class RunResult:
     url: str | None
     direction_layer: str | None
     refusal_rate: float | None
+    stages: tuple[StageRecord, ...] = ()  # wall time and peak memory of each stage
 
 
 def run(options: RunOptions) -> RunResult:
@@ -77,10 +79,12 @@ def run(options: RunOptions) -> RunResult:
         repo_id = target_repo(options.repo_id, options.model)
         check_target(repo_id, force=options.force)
 
+    stages = Stages()
     source = Path(options.model) if hub.is_local(options.model) else None
     if source is None:
         say(f"fetching {options.model} (safetensors, config, tokenizer) ...")
-        source = hub.fetch(options.model, revision=options.revision, trust_remote_code=options.trust_remote_code)
+        with stages.stage("fetch"):
+            source = hub.fetch(options.model, revision=options.revision, trust_remote_code=options.trust_remote_code)
     ckpt = Checkpoint.open(source)
     recipe = load_recipe(ckpt.config.get("model_type"), options.recipe)
     say(f"recipe: {recipe.name}")
@@ -92,7 +96,9 @@ def run(options: RunOptions) -> RunResult:
 
     def model():
         if not loaded:
-            loaded.append(load_job_model(options, recipe, source))
+            say(f"loading {options.model} ({options.dtype or recipe.extract.dtype} dtype) ...")
+            with stages.stage("load"):
+                loaded.append(load_job_model(options, recipe, source))
         return loaded[0]
 
     try:
@@ -101,28 +107,37 @@ def run(options: RunOptions) -> RunResult:
             from abliterate.jobs.job_search import search_step
 
             prompts = job_prompts(options, recipe)  # bad prompt files fail before the model loads
-            searched = search_step(options, recipe, model(), prompts, work, say)
+            lm = model()
+            with stages.stage("search"):  # extraction included, unless --direction
+                searched = search_step(options, recipe, lm, prompts, work, say)
             recipe = searched.recipe
         direction_path = (searched.direction if searched else options.direction) or (
             Path(recipe.apply.direction) if recipe.apply.direction else None)
         if direction_path is None:
             direction_path = work / "direction.safetensors"
             prompts = job_prompts(options, recipe)
-            extract_with(model(), options, recipe, prompts, direction_path, say)
+            lm = model()
+            with stages.stage("extract"):
+                extract_with(lm, options, recipe, prompts, direction_path, say)
         direction = load_direction(direction_path, hidden_size=ckpt.hidden_size, num_layers=ckpt.num_layers)
         if recipe.apply.biprojected:
             from abliterate.io.direction_file import biproject
 
             direction = biproject(direction)
         staged = work / "output"
-        edit = _edit(options, recipe, ckpt, direction, staged)
+        with stages.stage("adapter" if options.adapter else "edit"):
+            edit = _edit(options, recipe, ckpt, direction, staged)
         for note in edit.notes:
             say(f"note: {note}")
         if searched:
             from abliterate.jobs.job_search import write_recipe_copy
 
             write_recipe_copy(searched, staged, DIRECTION_NAME)
-        evaluation = _evaluate(options, recipe, model(), direction, staged, say, tasks) if options.evaluate else None
+        evaluation = None
+        if options.evaluate:
+            lm = model()
+            with stages.stage("evaluate"):
+                evaluation = _evaluate(options, recipe, lm, direction, staged, say, tasks)
         card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
         base_model = public_model(options.model if source != Path(options.model)
                                   else str(ckpt.config.get("_name_or_path") or options.model))
@@ -131,7 +146,8 @@ def run(options: RunOptions) -> RunResult:
             direction=DirectionSummary.of(direction.metadata, base_model),
             edit=edit, evaluation=EvalSummary.of(evaluation) if evaluation else None,
             regenerate=regenerate_command(options, base_model),
-            recipe_name=recipe.name, direction_file=DIRECTION_NAME, search=searched.card if searched else None))
+            recipe_name=recipe.name, direction_file=DIRECTION_NAME, search=searched.card if searched else None,
+            stages=stages.card_rows()))
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
@@ -147,8 +163,11 @@ def run(options: RunOptions) -> RunResult:
         from abliterate.publish.push import push
 
         say(f"pushing {out} to {repo_id} ...")
-        url = push(out, repo_id, private=options.private, force=options.force)
-    return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None)
+        with stages.stage("push"):
+            url = push(out, repo_id, private=options.private, force=options.force)
+    say(stages.table())
+    return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None,
+                     tuple(stages.records))
 
 
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSummary:

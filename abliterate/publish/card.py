@@ -91,6 +91,16 @@ class SearchSummary:
 
 
 @dataclass(frozen=True)
+class StageRow:
+    """One stage of the job that made the output, as the card shows it (values already formatted)."""
+
+    stage: str
+    wall_time: str
+    peak_rss: str
+    peak_gpu: str | None = None  # None: no CUDA device
+
+
+@dataclass(frozen=True)
 class CardInfo:
     base_model: str
     adapter: bool
@@ -103,6 +113,7 @@ class CardInfo:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     direction_file: str = "refusal_direction.safetensors"
     search: SearchSummary | None = None
+    stages: tuple[StageRow, ...] = ()  # wall time and peak memory of each stage of the job
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
@@ -198,12 +209,24 @@ def render_card(info: CardInfo) -> str:
         lines += ["\n## Evaluation\n", "| metric | value |", "|---|---|"]
         lines += [f"| {metric} | {value} |" for metric, value in info.evaluation.rows]
         lines.append(f"\nMeasured with:\n\n```bash\n{info.evaluation.command}\n```")
+    lines += stages_section(info.stages)
     lines += ["\n## Reproduce\n", f"```bash\n{info.regenerate}\n```"]
     if info.files:
         lines += ["\n## Files (sha256)\n", "Check a download with `abliterate verify FOLDER`.\n", "```"]
         lines += [f"{h}  {p}" for p, h in info.files.items()]
         lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def stages_section(stages: tuple[StageRow, ...]) -> list[str]:
+    """What each stage of the job that made this output took: wall time, peak memory."""
+    if not stages:
+        return []
+    gpu = any(s.peak_gpu is not None for s in stages)
+    head = "| stage | wall time | peak RSS |" + (" peak GPU memory |" if gpu else "")
+    return ["\n## Resources\n", head, "|---|---|---|" + ("---|" if gpu else ""),
+            *(f"| {s.stage} | {s.wall_time} | {s.peak_rss} |" + (f" {s.peak_gpu or '-'} |" if gpu else "")
+              for s in stages)]
 
 
 def search_section(s: SearchSummary, base_model: str) -> list[str]:
