@@ -39,7 +39,7 @@ def model_options(*, thinking: bool = True, batch_size: int | None = None):
     declared = click_options(ModelOptions, exclude=() if thinking else ("thinking",))
 
     def decorate(fn):
-        fn = arch_option(fn)
+        fn = placement_options(arch_option(fn))
         if batch_size is not None:
             fn = click.option("--batch-size", default=batch_size, show_default=True,
                               help="Prompts per forward pass; lower it if memory runs out.")(fn)
@@ -52,6 +52,35 @@ def given_on_command_line() -> set[str]:
     """The parameters of the running command that were set on the command line (not defaults)."""
     ctx = click.get_current_context()
     return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
+def placement_options(fn):
+    """--device-map, --max-memory, --offload-folder: a model bigger than the device (or RAM) placed by accelerate
+    across GPUs, CPU RAM and a folder on disk; every model the command loads is placed so."""
+    import functools
+
+    @functools.wraps(fn)
+    def run_placed(*args, device_map: str | None = None, max_memory: str | None = None,
+                   offload_folder: str | None = None, **kwargs):
+        from abliterate.measure.placement import from_options, placed
+
+        with placed(from_options(device_map, max_memory, offload_folder)):
+            return fn(*args, **kwargs)
+
+    options = [
+        click.option("--device-map", default=None, type=click.Choice(["auto", "balanced", "sequential"]),
+                     help="Place the model across the GPUs, CPU RAM and --offload-folder with accelerate (pip install "
+                     "'abliterate[big]'), for models bigger than one device; --device is then unused, except that "
+                     "--device cpu keeps it off the GPUs."),
+        click.option("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                     help="With --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB (default: what is free)."),
+        click.option("--offload-folder", default=None, type=click.Path(file_okay=False),
+                     help="With --device-map: a folder for the weights beyond every --max-memory budget (read back "
+                     "from disk layer by layer at each forward: slow, but any size runs)."),
+    ]
+    for option in reversed(options):
+        run_placed = option(run_placed)
+    return run_placed
 
 
 def arch_option(fn):

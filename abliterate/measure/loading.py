@@ -15,6 +15,7 @@ import torch
 
 from abliterate.arch.table import Arch, arch_for_config
 from abliterate.errors import AbliterateError, first_line
+from abliterate.measure import placement
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -44,6 +45,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the input embedding's execution device when accelerate dispatched the model (its
+        parameters may then be on the meta device, offloaded), else the parameters' device."""
+        embed = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        execution = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)
         return next(self.model.parameters()).device
 
 
@@ -96,21 +103,38 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
                               "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
     target = resolve_device(device)
+    dispatch = placement.current().from_pretrained_kwargs()  # --device-map: accelerate places it (--device unused)
+    if dispatch and target == "cpu" and not placement.current().max_memory:
+        dispatch["max_memory"] = {"cpu": _available_ram()}
     try:  # straight onto the device (no staging copy in RAM); mmap-backed tensors when the dtype is kept
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=compute_dtype(config, dtype, target), use_safetensors=True,
-            trust_remote_code=trust_remote_code, device_map=None if target == "cpu" else target,
+            trust_remote_code=trust_remote_code, **(dispatch or {"device_map": None if target == "cpu" else target}),
         )
     except OSError as e:
         raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None
+    except ValueError as e:
+        if dispatch and "offload" in str(e):
+            raise AbliterateError(f"{name} does not fit within --max-memory: pass --offload-folder DIR for the rest "
+                                  f"({first_line(e)})") from None
+        raise
     check_arch_modules(model, arch, name)
-    model.to(target).eval().requires_grad_(False)
+    if not dispatch:
+        model.to(target)
+    model.eval().requires_grad_(False)
     contiguous_head(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding is masked out: any token will do, eos by convention
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
             tokenizer.convert_ids_to_tokens(0)
     return LoadedModel(model, tokenizer, arch, name)
+
+
+def _available_ram() -> int:
+    """Bytes of RAM a CPU-only dispatch may fill (accelerate's own default counts the GPUs too)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)
 
 
 def contiguous_head(model: torch.nn.Module) -> None:

@@ -36,6 +36,9 @@ def preserve_factors(vectors: torch.Tensor, r: torch.Tensor, s: float) -> torch.
 
 def _writers(model: torch.nn.Module, arch: Arch) -> Iterator[tuple[str, str, int | None, int, torch.Tensor]]:
     """(module path, component, layer, hidden axis, parameter) for every writer parameter of the model."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise AbliterateError("norm-preserving hooks read the writers' weights, which --device-map offloaded; run "
+                              "without offloading, or edit with `apply --norm-preserve`")
     fused = next((n for n, p in model.named_parameters() if p.ndim > 2 and "experts" in n), None)
     if fused is not None:
         raise AbliterateError(
@@ -57,12 +60,17 @@ def _writers(model: torch.nn.Module, arch: Arch) -> Iterator[tuple[str, str, int
 
 
 def supports_preserving(model: torch.nn.Module, arch: Arch) -> bool:
-    """Whether these hooks can run on this model (no fused expert writers)."""
+    """Whether these hooks can run on this model (no fused expert writers, no offloaded weights)."""
+    return why_not_preserving(model, arch) is None
+
+
+def why_not_preserving(model: torch.nn.Module, arch: Arch) -> str | None:
+    """Why these hooks cannot run on this model (None: they can)."""
     try:
         list(_writers(model, arch))
-    except AbliterateError:
-        return False
-    return True
+    except AbliterateError as e:
+        return str(e)
+    return None
 
 
 @contextlib.contextmanager

@@ -271,11 +271,12 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
     notes = [] if cands.harmless_mean is not None else [
         "the direction file has no harmless_mean, so the projected variant was not searched (re-extract to add it)"]
     if settings.norm_preserve:
-        from abliterate.measure.preserving_hooks import supports_preserving
+        from abliterate.measure.preserving_hooks import why_not_preserving
 
-        if not supports_preserving(lm.model, lm.arch):
+        why = why_not_preserving(lm.model, lm.arch)
+        if why is not None:
             settings = replace(settings, norm_preserve=False)
-            notes.append("norm-preserving edits were not searched: this family's experts are fused parameters")
+            notes.append(f"norm-preserving edits were not searched: {why.split(';')[0]}")
     scorer = Scorer(lm, harmful, harmless, settings, borderline)
     study = open_study(study_path, study_name, _fingerprint(lm, cands, scorer, settings), settings.seed,
                        settings.startup_trials)
