@@ -1,72 +1,89 @@
-"""Extraction and candidate-scoring throughput against a plain batched transformers forward, in one run.
+"""`extract` with the defaults: its total time against the difference-of-means pass alone, candidate-scoring
+throughput against the plain batched forward, and (on the toy) the chosen direction's held-out refusal rate
+against the exhaustive selection's (--finalists 0). All in one run, on one loaded model.
 
-Builds a small random Llama (no downloads) with a chat template, formats the built-in harmful and
-harmless prompts, and times over the same prompts and batch size:
-  * plain: `model(**batch)` on left-padded batches in the prompts' order (what a user would write);
-  * abliterate: `activations.mean_residuals` (hooks keep the post-instruction positions of every
-    layer's residual stream as running float64 sums).
-Then candidate scoring, per prompt, on the model as `load_model` prepares it (weights not requiring
-grad, LM head fed contiguous inputs): the first-token forward a user would write
-(`model(**batch, logits_to_keep=1)` on a freshly loaded model), against `scores.Scorer.ablated`
-(a candidate removed by hooks from every residual writer), and the same without the contiguous head
-(what scoring cost before; in bf16 it is the 2.5-5x the issue measured).
-Prints prompts/s and the ratios (>= 0.9 is the target), and the activation memory held.
+    python benchmarks/bench_extract.py toy          # the toy chat model that really refuses (abliterate.demo.toy)
+    python benchmarks/bench_extract.py qwen2-0.5b   # random weights in Qwen2-0.5B's shape, bf16, saved locally
 
-    python benchmarks/bench_extract.py [--hidden 512] [--layers 8] [--vocab 32000] [--dtype bfloat16]
-                                       [--batch-size 16] [--repeat 3]
+The model is saved as a folder and loaded with `load_model`, as the CLI does (the checkpoint's dtype where
+the CPU computes it natively). Prompts are split as `extract` splits them (toy: its train sets as files; the
+random model: the built-in sets). Times:
+  * extract: `measure.extract.extract` with the default settings (successive-halving selection), the
+    difference-of-means pass timed inside it (its two `mean_residuals` calls): target total <= 10x the pass;
+  * scoring: `Scorer.ablated` (a candidate removed by hooks from every residual writer, first reply token)
+    against the first-token forward a user would write (`model(**batch, logits_to_keep=1)`), on the same
+    prompts and batch size: target >= 0.9x;
+  * toy only: the same extraction with `finalists=0` (every candidate scored fully), and both chosen
+    directions' refusal rates on the toy's held-out harmful prompts (greedy replies, markers).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abliterate.arch.table import arch_for_config
-from abliterate.measure.activations import mean_residuals
-from abliterate.measure.loading import LoadedModel, contiguous_head
-from abliterate.measure.scores import Scorer, refusal_token_ids
+from abliterate.measure import extract as extract_module
+from abliterate.measure.extract import PromptSets, extract, split_prompts
+from abliterate.measure.loading import LoadedModel, load_model
+from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids
+from abliterate.measure.selection import SelectionSettings
 from abliterate.measure.templates import render
 from abliterate.prompts import builtin
 
 TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
             "{% if add_generation_prompt %} <|assistant|>{% endif %}")
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                 max_position_embeddings=32768, rope_theta=1000000.0)
 
 
 def build(hidden: int, layers: int, vocab_size: int | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    texts = builtin("harmful") + builtin("harmless")
-    vocab = {"<pad>": 0, "<unk>": 1, "<|user|>": 2, "<|end|>": 3, "<|assistant|>": 4, "<eos>": 5}
-    for t in texts:
-        for w in t.split():
-            vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-                                  padding_side="left")
-    tok.chat_template = TEMPLATE
-    config = LlamaConfig(vocab_size=max(vocab_size or 0, len(vocab)), hidden_size=hidden, intermediate_size=hidden * 3,
+    """A small random Llama with a word-level tokenizer covering the built-in prompts (bench_memory's tokenizer)."""
+    tok = word_tokenizer()
+    config = LlamaConfig(vocab_size=max(vocab_size or 0, len(tok)), hidden_size=hidden, intermediate_size=hidden * 3,
                          num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return LoadedModel(model, tok, arch_for_config(config.to_dict()), "random-llama")
 
 
-def plain_forward(lm: LoadedModel, prompts: list[str], batch_size: int) -> None:
-    with torch.inference_mode():
-        for i in range(0, len(prompts), batch_size):
-            enc = lm.tokenizer(prompts[i : i + batch_size], add_special_tokens=False, padding=True,
-                               return_tensors="pt")
-            lm.model(**enc)
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<unk>": 1, "<|user|>": 2, "<|end|>": 3, "<|assistant|>": 4, "<eos>": 5}
+    for text in builtin("harmful", split="all") + builtin("harmless", split="all"):
+        for w in text.split():
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+                                  padding_side="left")
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def random_qwen(folder: Path) -> None:
+    """Qwen2-0.5B's shape with random weights, saved in bf16 with the word-level tokenizer."""
+    config = Qwen2Config(**QWEN2_05B, dtype="bfloat16")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
 
 
 def first_token_forward(lm: LoadedModel, prompts: list[str], batch_size: int) -> None:
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            enc = lm.tokenizer(prompts[i : i + batch_size], add_special_tokens=False, padding=True,
-                               return_tensors="pt")
+            enc = lm.tokenizer(prompts[i: i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
             lm.model(**enc, logits_to_keep=1)
 
 
@@ -79,38 +96,91 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
+def timed_extract(lm: LoadedModel, prompts: PromptSets, settings: SelectionSettings):
+    """extract() with the defaults; (result, total seconds, seconds of the difference-of-means pass)."""
+    spent = [0.0]
+    real = extract_module.mean_residuals
+
+    def means(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    extract_module.mean_residuals = means
+    try:
+        start = time.perf_counter()
+        result = extract(lm, prompts, settings=settings, template_kwargs={"enable_thinking": False}, quiet=True)
+        return result, time.perf_counter() - start, spent[0]
+    finally:
+        extract_module.mean_residuals = real
+
+
+def held_out_refusal(lm: LoadedModel, direction: torch.Tensor, prompts: list[str]) -> float:
+    from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+    from abliterate.measure.hooks import ablate
+
+    view = replace(lm, hooks=lambda: ablate(lm.model, lm.arch, direction))
+    return refusal_stats(view, prompts, "harmful", EvalSettings(max_new_tokens=24), quiet=True).rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (the LM head's rows)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("model", choices=["toy", "qwen2-0.5b"])
+    parser.add_argument("--repeat", type=int, default=3, help="best of N for the throughput timings")
     args = parser.parse_args()
-    lm = build(args.hidden, args.layers, args.vocab, getattr(torch, args.dtype))
-    prompts = [render(lm.tokenizer, p) for p in builtin("harmful") + builtin("harmless")]
-    n = len(prompts)
-    plain = best_of(lambda: plain_forward(lm, prompts, args.batch_size), args.repeat)
-    first = best_of(lambda: first_token_forward(lm, prompts, args.batch_size), args.repeat)
-    lm.model.requires_grad_(False)  # as load_model leaves it
-    ours = best_of(lambda: mean_residuals(lm, prompts, 4, batch_size=args.batch_size, quiet=True), args.repeat)
-    ids = refusal_token_ids(lm.tokenizer, ["I"])
-    scorer = Scorer(lm, prompts, prompts[:2], ids, args.batch_size)
-    vector, every = torch.randn(args.hidden), list(range(n))
-    unhooked = best_of(lambda: scorer.ablated(vector, every), 1)
-    contiguous_head(lm.model)
-    scoring = best_of(lambda: scorer.ablated(vector, every), args.repeat)
-    held = (args.layers + 1) * 4 * args.hidden * 8  # float64 sums: the only activations kept across batches
-    print(f"{n} prompts, batch size {args.batch_size}, hidden {args.hidden}, {args.layers} layers, vocab "
-          f"{args.vocab}, {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"plain transformers forward:      {n / plain:.1f} prompts/s")
-    print(f"abliterate extraction:           {n / ours:.1f} prompts/s  ratio = {plain / ours:.2f} (target >= 0.9)")
-    print(f"plain first-token forward:       {n / first:.1f} prompts/s")
-    print(f"abliterate candidate scoring:    {n / scoring:.1f} prompts/s  ratio = {first / scoring:.2f} "
-          "(target >= 0.9)")
-    print(f"  without the contiguous LM head: {n / unhooked:.1f} prompts/s  ratio = {first / unhooked:.2f}")
-    print(f"activations kept across batches: {held / 1024:.0f} KiB (one batch's hidden states are freed per layer)")
+    settings = SelectionSettings()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        if args.model == "toy":
+            from abliterate.demo.toy import toy_prompts, train_toy_model
+
+            train_toy_model(folder)
+            toy = toy_prompts()
+            for name in ("harmful_train", "harmless_train"):
+                (Path(tmp) / f"{name}.txt").write_text("\n".join(getattr(toy, name)))
+            sources = (str(Path(tmp) / "harmful_train.txt"), str(Path(tmp) / "harmless_train.txt"))
+        else:
+            random_qwen(folder)
+            sources = ("builtin:harmful", "builtin:harmless")
+        harmful_train, harmful_val = split_prompts(sources[0], n_train=128, n_val=32, field=None, kind="harmful")
+        harmless_train, harmless_val = split_prompts(sources[1], n_train=128, n_val=32, field=None, kind="harmless")
+        prompts = PromptSets(harmful_train, harmless_train, harmful_val, harmless_val)
+        lm = load_model(folder, device="cpu")
+        dtype = next(lm.model.parameters()).dtype
+        print(f"{args.model}: {sum(p.numel() for p in lm.model.parameters()) / 1e6:.0f}M parameters, {dtype}, "
+              f"{lm.num_layers} layers, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+
+        result, total, means = timed_extract(lm, prompts, settings)
+        scored = sum(s.refusal_added is not None for s in result.scores)
+        print(f"extract (defaults): {total:.1f} s, of which the difference-of-means pass over "
+              f"{len(harmful_train) + len(harmless_train)} prompts {means:.1f} s: total / pass = {total / means:.1f}x "
+              f"(target <= 10x); {len(result.scores)} candidates, {scored} fully scored; chose layer "
+              f"{result.best.layer} position {result.best.position}")
+
+        rendered = [render(lm.tokenizer, p, enable_thinking=False) for p in harmful_train + harmless_train]
+        bs = settings.batch_size
+        scorer = Scorer(lm, rendered, rendered[:2], refusal_token_ids(lm.tokenizer, REFUSAL_PREFIXES), bs)
+        every = list(range(len(rendered)))
+        plain = best_of(lambda: first_token_forward(lm, rendered, bs), args.repeat)
+        scoring = best_of(lambda: scorer.ablated(result.direction, every), args.repeat)
+        n = len(rendered)
+        print(f"first-token forward: plain {n / plain:.1f} prompts/s, candidate scoring {n / scoring:.1f} prompts/s: "
+              f"scoring / plain = {plain / scoring:.2f} (target >= 0.9); batch size {bs}")
+
+        if args.model == "toy":
+            exhaustive, ex_total, _ = timed_extract(lm, prompts, replace(settings, finalists=0))
+            held_out = toy_prompts().harmful_test
+            from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+
+            unedited = refusal_stats(lm, held_out, "harmful", EvalSettings(max_new_tokens=24), quiet=True).rate
+            ours = held_out_refusal(lm, result.direction, held_out)
+            theirs = held_out_refusal(lm, exhaustive.direction, held_out)
+            print(f"exhaustive selection (--finalists 0): {ex_total:.1f} s, chose layer {exhaustive.best.layer} "
+                  f"position {exhaustive.best.position}")
+            print(f"held-out refusal rate ({len(held_out)} harmful prompts, direction removed): default selection "
+                  f"{ours:.1%}, exhaustive {theirs:.1%} (target: default <= exhaustive); unedited {unedited:.1%}")
 
 
 if __name__ == "__main__":

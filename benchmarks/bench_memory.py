@@ -1,31 +1,57 @@
-"""Peak RSS of `abliterate extract` against the checkpoint's size on disk.
+"""Peak RSS of `abliterate extract`, `evaluate` and `search` against the checkpoint's size on disk.
 
 Builds a random Qwen2-shaped chat model (no downloads) of at least 1 GB, saves it in bf16 with a
-word-level tokenizer and a chat template, then runs the command in a fresh process and reads its
-peak RSS (ru_maxrss of the child). The fixed baseline is a process that imports torch and
-transformers and loads nothing. The target: peak - baseline <= 1.3 x the checkpoint.
+word-level tokenizer and a chat template, then runs each command in a fresh process that reports its
+own peak RSS (VmHWM, or ru_maxrss off Linux) when the command ends. The fixed baseline is such a
+process that imports torch, transformers and the CLI and runs nothing. The target:
+peak - baseline <= 1.3 x the checkpoint. Each command runs with small prompt counts: memory, not
+time, is measured here (the weights dominate; activations of a few prompts are small).
 
-    python benchmarks/bench_memory.py [--layers 10] [--hidden 1536] [--keep DIR]
+    python benchmarks/bench_memory.py [--layers 10] [--hidden 1536] [--keep DIR] [--dtype auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_extract import build
+
+# run in the child: the CLI in-process, then its own peak RSS on stderr (whatever the exit code)
+CHILD = """
+import resource, sys
+def peak():
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == 'darwin' else rss * 1024
+import torch, transformers
+from abliterate.cli.main import cli
+code = 0
+if len(sys.argv) > 1:
+    try:
+        cli(sys.argv[1:], prog_name='abliterate')
+    except SystemExit as e:
+        code = e.code or 0
+print(f'PEAK_RSS {peak()}', file=sys.stderr)
+sys.exit(code)
+"""
 
 
 def make_checkpoint(folder: Path, layers: int, hidden: int) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from benchmarks.bench_extract import build
+
     tokenizer = build(64, 1).tokenizer
     config = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=hidden * 35 // 6,
                          num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2,
@@ -39,35 +65,47 @@ def make_checkpoint(folder: Path, layers: int, hidden: int) -> int:
 
 
 def peak_rss(args: list[str]) -> int:
-    """Peak resident memory (bytes) of one child process running `args`."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if after <= before:  # ru_maxrss of children is the largest so far: run the largest first
-        raise SystemExit("run the commands in order of increasing memory")
-    return after * 1024
+    """Peak resident memory (bytes) of a fresh process running `abliterate ARGS` (no ARGS: the baseline)."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("PEAK_RSS ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"abliterate {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return int(line.split()[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--dtype", default="auto", help="the commands' --dtype (auto: the checkpoint's bf16 "
+                        "where the CPU computes it natively)")
     parser.add_argument("--keep", type=Path, default=None, help="build the checkpoint here and keep it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "model"
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if (folder / "config.json").is_file() \
             else make_checkpoint(folder, args.layers, args.hidden)
-        py = [sys.executable, "-m", "abliterate"]
-        base = peak_rss([sys.executable, "-c", "import torch, transformers, abliterate.cli.main"])
-        small = ["--dtype", "auto", "--device", "cpu", "-q"]
-        extract = peak_rss([*py, "extract", str(folder), "--out", str(Path(tmp) / "d.safetensors"), "--n-train", "16",
-                            "--n-val", "8", "--positions", "1", "--finalists", "2", *small])
-        print(f"checkpoint: {size / 2**30:.2f} GiB bf16 on disk; torch + transformers baseline {base / 2**30:.2f} GiB")
-        print(f"extract:  peak RSS {extract / 2**30:.2f} GiB, (peak - baseline) / checkpoint = "
-              f"{(extract - base) / size:.2f} (target <= 1.3)")
+        direction = Path(tmp) / "d.safetensors"
+        common = ["--device", "cpu", "--dtype", args.dtype]
+        base = peak_rss([])
+        runs = {
+            "extract": ["extract", str(folder), "--out", str(direction), "--n-train", "16", "--n-val", "8",
+                        "--positions", "1", "--finalists", "2", *common, "-q"],
+            "evaluate": ["evaluate", str(folder), "--limit", "4", "--max-new-tokens", "8", "--kl-tokens", "4",
+                         *common],
+            "evaluate --baseline": ["evaluate", str(folder), "--baseline", str(folder), "--limit", "4",
+                                    "--max-new-tokens", "8", "--kl-tokens", "4", *common],
+            "search": ["search", str(folder), "--direction", str(direction), "--out", str(Path(tmp) / "s.yaml"),
+                       "--trials", "2", "--n-val", "4", "--max-new-tokens", "8", "--overrefusal", "none",
+                       *common, "-q"],
+        }
+        print(f"checkpoint: {size / 2**30:.2f} GiB bf16 on disk; torch + transformers + CLI baseline "
+              f"{base / 2**30:.2f} GiB; load average {os.getloadavg()[0]:.1f}")
+        for name, cmd in runs.items():
+            peak = peak_rss(cmd)
+            print(f"{name:<20} peak RSS {peak / 2**30:.2f} GiB, (peak - baseline) / checkpoint = "
+                  f"{(peak - base) / size:.2f} (target <= 1.3)", flush=True)
 
 
 if __name__ == "__main__":

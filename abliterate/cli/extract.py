@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option
+from abliterate.cli.common import arch_option, placement_options
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import ExtractOptions, ModelOptions
@@ -14,6 +14,7 @@ from abliterate.options.families import ExtractOptions, ModelOptions
 
 @click.command()
 @click_options(ExtractOptions)
+@placement_options
 @arch_option
 def extract(**params) -> None:
     """Find MODEL's refusal direction and save it with all candidates and their scores.

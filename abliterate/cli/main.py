@@ -39,10 +39,18 @@ class Main(click.Group):
         except OSError as e:
             click.echo(f"error: {e.strerror or e} ({e.filename or 'I/O'}); no output was written", err=True)
             sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory; place the model across devices with --device-map auto (and "
+                       "--max-memory), or lower --batch-size", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; no output was written", err=True)
             sys.exit(130)
         except Exception as e:
+            if type(e).__name__ == "OutOfMemoryError":  # torch.cuda's, past every loop that halves its batches
+                click.echo("error: out of GPU memory; lower --batch-size, or place the model across devices with "
+                           "--device-map auto --max-memory 0=SIZE,cpu=SIZE", err=True)
+                sys.exit(2)
             from abliterate.io.hub import network_problem
 
             message = network_problem(e)

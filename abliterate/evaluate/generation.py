@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from abliterate.evaluate.records import EvalSettings
-from abliterate.measure.activations import batches
+from abliterate.measure.batching import Batch, batches, run_fitting
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import render
 
@@ -25,14 +25,17 @@ def generate(lm: LoadedModel, instructions: Sequence[str], settings: EvalSetting
     config.pad_token_id = tok.pad_token_id
     stops = _stop_ids(lm, config)
     out: list[tuple[str, list[int]]] = [("", [])] * len(prompts)
-    with torch.inference_mode(), lm.running():
-        for batch in tqdm(list(batches(lm, prompts, settings.batch_size)), desc=desc, disable=quiet, leave=False):
-            ids = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    generation_config=config)
-            for row, i in zip(ids[:, batch.input_ids.shape[1]:].tolist(), batch.indices, strict=True):
-                end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-                text = tok.decode([t for t in row[:end] if t not in stops], skip_special_tokens=False)
-                out[i] = (text, row[:end])
+    def step(batch: Batch) -> None:
+        ids = lm.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                generation_config=config)
+        for row, i in zip(ids[:, batch.input_ids.shape[1]:].tolist(), batch.indices, strict=True):
+            end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+            text = tok.decode([t for t in row[:end] if t not in stops], skip_special_tokens=False)
+            out[i] = (text, row[:end])
+
+    with torch.inference_mode(), lm.running(), \
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=quiet, leave=False) as bar:
+        run_fitting(lm, list(batches(lm, prompts, settings.batch_size)), step, progress=bar.update)
     return out
 
 

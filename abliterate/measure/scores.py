@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
-from abliterate.measure.activations import Batch, batches
+from abliterate.measure.batching import Batch, batches, run_fitting
 from abliterate.measure.hooks import ablate, add
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.selection import CandidateScore, SelectionSettings, verdict
@@ -55,10 +55,13 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
 
 def _logprobs(lm: LoadedModel, batch_list: Sequence[Batch], n: int) -> torch.Tensor:
     out = torch.empty(n, lm.model.config.get_text_config().vocab_size)
+
+    def step(batch: Batch) -> None:
+        logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        out[batch.indices] = torch.log_softmax(logits.float(), dim=-1).cpu()[:, : out.shape[1]]
+
     with torch.inference_mode():
-        for batch in batch_list:
-            logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1, :]
-            out[batch.indices] = torch.log_softmax(logits.float(), dim=-1).cpu()[:, : out.shape[1]]
+        run_fitting(lm, list(batch_list), step)  # out of memory: halved, never a traceback
     return out
 
 

@@ -12,7 +12,7 @@ import click
 
 from abliterate.options.declared import group, option
 from abliterate.options.recipe import KL_OBJECTIVES, REFUSAL_OBJECTIVES, SelectionSettings
-from abliterate.options.values import checked_layers, parse_components, parse_size
+from abliterate.options.values import checked_layers, parse_batch_size, parse_components, parse_size
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,10 @@ class ExtractOptions:
                           help="Prompts per set for the difference of means.")
     n_val: int = option("--n-val", recipe="extract.n_val", show_default=True,
                         help="Prompts per set for scoring candidates.")
-    batch_size: int = option("--batch-size", recipe="extract.batch_size", show_default=True,
-                             help="Prompts per forward pass.")
+    batch_size: int = option("--batch-size", recipe="extract.batch_size", show_default=True, parse=parse_batch_size,
+                             type=str, help="Prompts per forward pass, or auto: on CUDA the largest that fits (found "
+                             "once by halving on out-of-memory, cached per model); out of memory at any size halves "
+                             "it, with a note.")
     positions: int | None = option("--positions", recipe="extract.positions", type=int,
                                    help="Use only the last N post-instruction positions (default: all of them).")
     screen_prompts: int = option("--screen-prompts", recipe="extract.screen_prompts", show_default=True,

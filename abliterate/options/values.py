@@ -50,3 +50,17 @@ def parse_components(value: str | tuple[str, ...]) -> tuple[str, ...]:
         raise AbliterateError(f"{','.join(parts) if isinstance(value, tuple) else value!r}: choose from "
                               f"{','.join(COMPONENTS)}")
     return parts
+
+
+def parse_batch_size(value: str | int) -> int:
+    """--batch-size: a positive number of prompts, or 'auto' (read as 0, which also reads back as auto: the
+    largest that fits on CUDA, found by halving on out-of-memory and cached per model; a fixed default on CPU)."""
+    if str(value).strip().lower() in ("auto", "0"):
+        return 0
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = -1
+    if size < 1:
+        raise AbliterateError(f"--batch-size {value!r}: give a positive number of prompts or auto")
+    return size

@@ -1,0 +1,78 @@
+"""Out of GPU memory in a batched loop halves the batch (one note) instead of a traceback, computes what the
+smaller batches compute, and the size that fitted is cached per model; --batch-size auto reads as 0.
+OOM is simulated on CPU: a pre-hook raises torch.cuda.OutOfMemoryError for batches above a size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from abliterate.errors import AbliterateError
+from abliterate.evaluate.evaluation import EvalSettings
+from abliterate.evaluate.generation import generate
+from abliterate.measure import batching
+from abliterate.measure.activations import mean_residuals
+from abliterate.measure.loading import load_model
+from abliterate.measure.scores import first_token_logprobs
+from abliterate.measure.templates import render
+from abliterate.options.values import parse_batch_size
+
+
+@pytest.fixture
+def small_gpu(refusing_model, monkeypatch, tmp_path):
+    """The toy model whose forward runs out of memory above 3 prompts; the batch-size cache under tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    lm = load_model(refusing_model, device="cpu")
+    seen: list[int] = []
+
+    def limit(_module, args, kwargs):
+        rows = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        seen.append(rows)
+        if rows > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    lm.model.get_decoder().register_forward_pre_hook(limit, with_kwargs=True)
+    return lm, seen
+
+
+def test_out_of_memory_halves_the_batch_and_computes_what_smaller_batches_do(small_gpu, refusing_model, capfd):
+    from abliterate.demo.toy import toy_prompts
+
+    lm, seen = small_gpu
+    reference = load_model(refusing_model, device="cpu")
+    texts = [render(lm.tokenizer, t) for t in toy_prompts().harmful_train[:13]]
+    torch.testing.assert_close(mean_residuals(lm, texts, 2, batch_size=8, quiet=True),
+                               mean_residuals(reference, texts, 2, batch_size=2, quiet=True), rtol=1e-5, atol=1e-6)
+    assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # tries at 8 and 4 fail; then never above what fits
+    torch.testing.assert_close(first_token_logprobs(lm, texts, 16), first_token_logprobs(reference, texts, 2),
+                               rtol=1e-5, atol=1e-5)
+    settings = EvalSettings(max_new_tokens=8)
+    prompts = toy_prompts().harmful_test[:7]
+    assert generate(lm, prompts, settings, 8, quiet=True) == generate(reference, prompts, settings, 8, quiet=True)
+    err = capfd.readouterr().err
+    assert "note: out of GPU memory at batch size 8; continuing at 4" in err and "Traceback" not in err
+    cache = json.loads(batching.cache_file().read_text())
+    assert list(cache.values()) == [3]  # the last halving: generation's batch of 7 failed, 3 fit
+
+
+def test_one_prompt_that_does_not_fit_is_one_clear_error(refusing_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    lm = load_model(refusing_model, device="cpu")
+
+    def never(*_args, **_kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    lm.model.get_decoder().register_forward_pre_hook(never, with_kwargs=True)
+    with pytest.raises(AbliterateError, match="--device-map auto"):
+        mean_residuals(lm, ["a b c", "d e"], 1, batch_size=4, quiet=True)
+
+
+def test_batch_size_reads_auto_and_positive_numbers(refusing_model):
+    assert parse_batch_size("auto") == parse_batch_size("0") == 0 and parse_batch_size("12") == 12
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(AbliterateError):
+            parse_batch_size(bad)
+    lm = load_model(refusing_model, device="cpu")
+    assert batching.resolve(lm, 0) == batching.CPU_DEFAULT and batching.resolve(lm, 5) == 5
