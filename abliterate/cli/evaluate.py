@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option
+from abliterate.cli.common import arch_option, placement_options
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import EvaluateOptions
 
@@ -23,6 +23,7 @@ def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, 
 
 @click.command()
 @click_options(EvaluateOptions)
+@placement_options
 @arch_option
 def evaluate(**params) -> None:
     """Refusal and over-refusal rates, KL to the original and general-text NLL of MODEL.
