@@ -7,7 +7,7 @@ process that imports torch, transformers and the CLI and runs nothing. The targe
 peak - baseline <= 1.3 x the checkpoint. Each command runs with small prompt counts: memory, not
 time, is measured here (the weights dominate; activations of a few prompts are small).
 
-    python benchmarks/bench_memory.py [--layers 10] [--hidden 1536] [--keep DIR] [--dtype auto]
+    python benchmarks/bench_memory.py [--layers 10] [--hidden 1536] [--keep DIR] [--dtype auto] [--only evaluate]
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="the commands' --dtype (auto: the checkpoint's bf16 "
                         "where the CPU computes it natively)")
     parser.add_argument("--keep", type=Path, default=None, help="build the checkpoint here and keep it")
+    parser.add_argument("--only", default=None, help="comma-separated commands to run (default: all)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "model"
@@ -102,7 +103,10 @@ def main() -> None:
         }
         print(f"checkpoint: {size / 2**30:.2f} GiB bf16 on disk; torch + transformers + CLI baseline "
               f"{base / 2**30:.2f} GiB; load average {os.getloadavg()[0]:.1f}")
-        for name, cmd in runs.items():
+        chosen = [c.strip() for c in args.only.split(",")] if args.only else list(runs)
+        if any(c.startswith("search") for c in chosen) and not direction.is_file():
+            chosen = ["extract", *[c for c in chosen if c != "extract"]]  # search needs extract's direction
+        for name, cmd in ((c, runs[c]) for c in chosen):
             peak = peak_rss(cmd)
             print(f"{name:<20} peak RSS {peak / 2**30:.2f} GiB, (peak - baseline) / checkpoint = "
                   f"{(peak - base) / size:.2f} (target <= 1.3)", flush=True)

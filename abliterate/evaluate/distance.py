@@ -16,6 +16,8 @@ from abliterate.measure.scores import kl_divergence
 from abliterate.measure.templates import render
 from abliterate.prompts import general_text
 
+NLL_STEP = 64  # positions per forward when scoring general text (bounds the logits held)
+
 
 @dataclass
 class KL:
@@ -89,11 +91,25 @@ def mean_nll(lm: LoadedModel, settings: EvalSettings, quiet: bool = False, desc:
     with torch.inference_mode(), lm.running():
         for start in tqdm(range(0, len(windows), settings.batch_size), desc=desc, disable=quiet, leave=False):
             chunk = torch.tensor(windows[start:start + settings.batch_size], device=lm.device)
-            logits = lm.model(input_ids=chunk, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                                    reduction="sum")
-            total += nll.item()
+            total += _window_nll(lm, chunk)
             count += chunk[:, 1:].numel()
     if count == 0:
         raise AbliterateError("the general text is shorter than two tokens for this tokenizer")
     return total / count, count
+
+
+def _window_nll(lm: LoadedModel, chunk: torch.Tensor, step: int = NLL_STEP) -> float:
+    """Summed NLL of each token of the windows given the ones before it, `step` positions per forward with the
+    KV cache: the logits of a whole window ([batch, window, vocab] in float32, gigabytes for a 150k vocabulary)
+    are never held at once; the model runs whole (its own final norm, logit scaling or soft-capping)."""
+    total, cache = 0.0, {}
+    for s in range(0, chunk.shape[1] - 1, step):
+        out = lm.model(input_ids=chunk[:, s:s + step], use_cache=True, **cache)
+        key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.2x names it `cache`
+        cache = {key: out[key]}
+        targets = chunk[:, s + 1:s + step + 1]
+        logits = out.logits[:, :targets.shape[1]].float()
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                   reduction="sum").item()
+        del out, logits
+    return total
