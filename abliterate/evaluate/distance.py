@@ -16,7 +16,7 @@ from abliterate.measure.scores import kl_divergence
 from abliterate.measure.templates import render
 from abliterate.prompts import general_text
 
-NLL_STEP = 64  # positions per forward when scoring general text (bounds the logits held)
+NLL_LOGITS_BUDGET = 32 << 20  # bytes of float32 logits one forward may produce when scoring general text
 
 
 @dataclass
@@ -98,10 +98,13 @@ def mean_nll(lm: LoadedModel, settings: EvalSettings, quiet: bool = False, desc:
     return total / count, count
 
 
-def _window_nll(lm: LoadedModel, chunk: torch.Tensor, step: int = NLL_STEP) -> float:
+def _window_nll(lm: LoadedModel, chunk: torch.Tensor, step: int | None = None) -> float:
     """Summed NLL of each token of the windows given the ones before it, `step` positions per forward with the
-    KV cache: the logits of a whole window ([batch, window, vocab] in float32, gigabytes for a 150k vocabulary)
-    are never held at once; the model runs whole (its own final norm, logit scaling or soft-capping)."""
+    KV cache (default: as many as keep the float32 logits within NLL_LOGITS_BUDGET): the logits of a whole
+    window ([batch, window, vocab], gigabytes for a 150k vocabulary) are never held at once; the model runs
+    whole (its own final norm, logit scaling or soft-capping)."""
+    vocab = lm.model.config.get_text_config().vocab_size
+    step = step or max(1, min(256, NLL_LOGITS_BUDGET // (4 * vocab * chunk.shape[0])))
     total, cache = 0.0, {}
     for s in range(0, chunk.shape[1] - 1, step):
         out = lm.model(input_ids=chunk[:, s:s + step], use_cache=True, **cache)
