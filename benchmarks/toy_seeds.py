@@ -21,26 +21,14 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
+from toy_numbers import refused, replies  # the same greedy replies and refusal count as the README's toy numbers
 
 from abliterate.cli.main import cli
-from abliterate.demo.toy import REFUSALS, toy_prompts, train_toy_model
+from abliterate.demo.toy import toy_prompts, train_toy_model
 from abliterate.io.direction_file import load_direction
 from abliterate.measure.hooks import ablate, add
 from abliterate.measure.loading import load_model
 from abliterate.measure.probe import load_probe_direction, project, separation
-
-
-def replies(model: torch.nn.Module, tokenizer, messages: list[str]) -> list[str]:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
-                                           add_generation_prompt=True) for m in messages]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-    return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
-
-
-def refused(texts: list[str]) -> float:
-    return sum(any(t.startswith(r) for r in REFUSALS) for t in texts) / len(texts)
 
 
 def unchanged(after: list[str], before: list[str]) -> float:
