@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from abliterate.demo import toy
+from bench_search import toy_extraction
+
 from abliterate.edit.plan import EditOptions
 from abliterate.io.direction_file import load_direction
-from abliterate.measure.extract import PromptSets, extract, save_extraction
-from abliterate.measure.loading import load_model
 from abliterate.search.study import Scorer, SearchSettings, load_candidates, search
 
 
@@ -57,21 +55,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-rank-k-") as tmp:
         root = Path(tmp)
-        model = args.model
-        if model is None:
-            t = time.perf_counter()
-            model = toy.train_toy_model(root / "toy")
-            print(f"trained the toy model in {time.perf_counter() - t:.1f} s")
-        lm = load_model(model, dtype="float32", device="cpu")
-        p = toy.toy_prompts()
         n = args.n_val
-        harmful, harmless = p.harmful_train[-n:], p.harmless_train[-n:]
-        t = time.perf_counter()
-        extraction = extract(lm, PromptSets(p.harmful_train[:-n], p.harmless_train[:-n], harmful, harmless),
-                             quiet=True, directions=args.directions)
-        print(f"extracted {args.directions} directions in {time.perf_counter() - t:.1f} s (layer "
+        lm, extraction, seconds, harmful, harmless = toy_extraction(args.model, root, n, directions=args.directions)
+        print(f"extracted {args.directions} directions in {seconds:.1f} s (layer "
               f"{extraction.best.layer}, position {extraction.best.position})")
-        save_extraction(extraction, root / "dir.safetensors")
         direction = load_direction(root / "dir.safetensors")
         scorer = Scorer(lm, harmful, harmless, SearchSettings())
         full = {}

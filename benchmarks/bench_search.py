@@ -37,6 +37,25 @@ def first_reaching(trials, refusals: int, kl: float) -> int | None:
     return None
 
 
+def toy_extraction(model: Path | None, root: Path, n_val: int, **extract_options):
+    """The toy (trained into `root` unless `model` is given) loaded in float32, and its extraction from the toy's
+    train prompts, the last `n_val` of each set validating; saved as root/dir.safetensors.
+    Returns (model, extraction, its seconds, harmful validation prompts, harmless validation prompts)."""
+    if model is None:
+        t = time.perf_counter()
+        model = toy.train_toy_model(root / "toy")
+        print(f"trained the toy model in {time.perf_counter() - t:.1f} s")
+    lm = load_model(model, dtype="float32", device="cpu")
+    p = toy.toy_prompts()
+    harmful, harmless = p.harmful_train[-n_val:], p.harmless_train[-n_val:]
+    t = time.perf_counter()
+    extraction = extract(lm, PromptSets(p.harmful_train[:-n_val], p.harmless_train[:-n_val], harmful, harmless),
+                         quiet=True, **extract_options)
+    seconds = time.perf_counter() - t
+    save_extraction(extraction, root / "dir.safetensors")
+    return lm, extraction, seconds, harmful, harmless
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a trained toy model folder (default: train one)")
@@ -52,18 +71,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         root = Path(tmp)
-        model = args.model
-        if model is None:
-            t = time.perf_counter()
-            model = toy.train_toy_model(root / "toy")
-            print(f"trained the toy model in {time.perf_counter() - t:.1f} s")
-        lm = load_model(model, dtype="float32", device="cpu")
-        p = toy.toy_prompts()
         n = args.n_val
-        harmful, harmless = p.harmful_train[-n:], p.harmless_train[-n:]
-        extraction = extract(lm, PromptSets(p.harmful_train[:-n], p.harmless_train[:-n], harmful, harmless),
-                             quiet=True)
-        save_extraction(extraction, root / "dir.safetensors")
+        lm, _, _, harmful, harmless = toy_extraction(args.model, root, n)
         cands = load_candidates(root / "dir.safetensors", lm)
         start = selected_point(cands)
         scorer = Scorer(lm, harmful, harmless, SearchSettings())
