@@ -25,12 +25,10 @@ the budget, as `apply` reads it).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from abliterate.edit.projection import EPS, TINY, Chunk, Scratch, plan_chunks
-from abliterate.edit.verify_tensor import BLOCK_ELEMENTS, TensorCheck, _f64, _read, unit_roundoff
+from abliterate.edit.projection import EPS, TINY
+from abliterate.edit.verify_tensor import TensorCheck, stream_check, unit_roundoff
 from abliterate.io.safetensors_format import TensorInfo
 
 F64_U = 2.0**-53
@@ -64,6 +62,8 @@ class _Sums:
 
 
 class _PreserveChecker:
+    sums = _Sums  # the running sums `finish` turns into the per-group estimates
+
     def __init__(self, info: TensorInfo, r: np.ndarray, scale: float) -> None:
         dtype = info.dtype
         self.r = np.asarray(np.asarray(r, dtype=np.float64 if dtype == "F64" else np.float32), dtype=np.float64)
@@ -139,65 +139,7 @@ class _PreserveChecker:
         setattr(self.result, field, max(getattr(self.result, field), float(ratios.max())))
 
 
-def _blocks(rows: int, cols: int) -> range:
-    return range(0, rows, max(1, BLOCK_ELEMENTS // max(cols, 1)))
-
-
 def check_preserved_tensor(src_fd: int, info: TensorInfo, dst_fd: int, edited: TensorInfo, r: np.ndarray,
                            scale: float, hidden_axis: int, budget: int) -> TensorCheck:
     """Check `edited` (the norm-preserving edit of `info` along r) against the bound above, chunk by chunk."""
-    check = _PreserveChecker(info, r, scale)
-    dtype, d = info.dtype, check.d
-    scratch = Scratch()
-    chunks = plan_chunks(info, hidden_axis, d, budget)
-    for i, chunk in enumerate(chunks):
-        if chunk.rows is not None:  # a row block of a matrix bigger than the budget
-            _row_block(chunks, i, src_fd, info, dst_fd, edited, check, scratch)
-            continue
-        xs, ys = _read(src_fd, info, chunk, scratch, 0), _read(dst_fd, edited, chunk, scratch, 1)
-        if hidden_axis == -1:  # groups are rows of [n, d]
-            steps = _blocks(xs.shape[0], d)
-            for b in steps:
-                x, y = _f64(xs[b : b + steps.step], dtype).T, _f64(ys[b : b + steps.step], dtype).T
-                g = _Sums(x.shape[1])
-                g.add(check.r, x, y)
-                check.check_elements(check.r, x, y, check.finish(g))
-            continue
-        for xm, ym in zip(xs, ys, strict=True):  # whole [d, in] matrices: groups are columns
-            steps = _blocks(d, xm.shape[1])
-            g = _Sums(xm.shape[1])
-            for b in steps:
-                g.add(check.r[b : b + steps.step], _f64(xm[b : b + steps.step], dtype),
-                      _f64(ym[b : b + steps.step], dtype))
-            est = check.finish(g)
-            for b in steps:
-                check.check_elements(check.r[b : b + steps.step], _f64(xm[b : b + steps.step], dtype),
-                                     _f64(ym[b : b + steps.step], dtype), est)
-    check.result.along, check.result.norm = math.sqrt(check.result.along), math.sqrt(check.result.norm)
-    return check.result
-
-
-def _row_block(chunks: list[Chunk], i: int, src_fd: int, info: TensorInfo, dst_fd: int, edited: TensorInfo,
-               check: _PreserveChecker, scratch: Scratch) -> None:
-    """Row blocks of one big matrix: at its first block, sum the column statistics over all of its blocks
-    (pass 1); then check each block's elements as it comes (pass 2)."""
-    chunk = chunks[i]
-    assert chunk.rows is not None
-    if chunk.rows.start == 0:
-        g = _Sums(info.shape[-1])
-        for block in chunks[i:]:
-            xs, ys = _read(src_fd, info, block, scratch, 0)[0], _read(dst_fd, edited, block, scratch, 1)[0]
-            rb = check.r[block.rows]
-            steps = _blocks(xs.shape[0], xs.shape[1])
-            for b in steps:
-                g.add(rb[b : b + steps.step], _f64(xs[b : b + steps.step], info.dtype),
-                      _f64(ys[b : b + steps.step], info.dtype))
-            if block.last:
-                break
-        check.pending = check.finish(g)
-    xs, ys = _read(src_fd, info, chunk, scratch, 0)[0], _read(dst_fd, edited, chunk, scratch, 1)[0]
-    rb = check.r[chunk.rows]
-    steps = _blocks(xs.shape[0], xs.shape[1])
-    for b in steps:
-        check.check_elements(rb[b : b + steps.step], _f64(xs[b : b + steps.step], info.dtype),
-                             _f64(ys[b : b + steps.step], info.dtype), check.pending)
+    return stream_check(_PreserveChecker(info, r, scale), src_fd, info, dst_fd, edited, hidden_axis, budget)

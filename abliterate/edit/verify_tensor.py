@@ -75,6 +75,8 @@ class _Groups:
 
 
 class _Checker:
+    sums = _Groups  # the running sums `finish` turns into the per-group estimates
+
     def __init__(self, info: TensorInfo, r: np.ndarray, scale: float) -> None:
         dtype = info.dtype
         self.r = np.asarray(np.asarray(r, dtype=np.float64 if dtype == "F64" else np.float32), dtype=np.float64)
@@ -87,7 +89,7 @@ class _Checker:
         self.result = TensorCheck()
         self.pending = (np.zeros(0), np.zeros(0))  # (T*, D) of the big matrix whose row blocks are being checked
 
-    def finish_groups(self, g: _Groups) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, g: _Groups) -> tuple[np.ndarray, np.ndarray]:
         """(T*, D) per group, with the coefficient check and the residual sums recorded."""
         t = g.p / self.rr
         delta = (self.rho * g.q + 3 * self.u * np.abs(t) * self.rr + self.tiny * self.abs_r_sum) / self.rr
@@ -96,7 +98,8 @@ class _Checker:
         self.result.along += float(np.square(g.ry).sum())
         return t, delta
 
-    def check_elements(self, r: np.ndarray, x: np.ndarray, y: np.ndarray, t: np.ndarray, delta: np.ndarray) -> None:
+    def check_elements(self, r: np.ndarray, x: np.ndarray, y: np.ndarray, est: tuple[np.ndarray, ...]) -> None:
+        t, delta = est
         rt = np.multiply.outer(r, t)
         dev = np.abs(y - (x - rt))
         allowed = self.rho * np.abs(y) + 3 * self.u * np.abs(rt) + np.multiply.outer(np.abs(r), delta) + self.tiny
@@ -130,7 +133,14 @@ def _row_blocks(rows: int, cols: int) -> range:
 def check_edited_tensor(src_fd: int, info: TensorInfo, dst_fd: int, edited: TensorInfo, r: np.ndarray,
                         scale: float, hidden_axis: int, budget: int) -> TensorCheck:
     """Check `edited` against the bound above, reading both files chunk by chunk within `budget` bytes."""
-    check = _Checker(info, r, scale)
+    return stream_check(_Checker(info, r, scale), src_fd, info, dst_fd, edited, hidden_axis, budget)
+
+
+def stream_check(check, src_fd: int, info: TensorInfo, dst_fd: int, edited: TensorInfo, hidden_axis: int,
+                 budget: int) -> TensorCheck:
+    """Run a checker over a tensor and its edit, chunk by chunk within `budget` bytes, in two passes per group
+    of written vectors: its running sums (`check.sums`) over the hidden axis, turned into estimates by
+    `check.finish`, then `check.check_elements` against them. Shared by the plain and norm-preserving checks."""
     dtype, d = info.dtype, check.r.size
     scratch = Scratch()
     chunks = plan_chunks(info, hidden_axis, d, budget)
@@ -143,32 +153,32 @@ def check_edited_tensor(src_fd: int, info: TensorInfo, dst_fd: int, edited: Tens
             steps = _row_blocks(xs.shape[0], d)
             for b in steps:
                 x, y = _f64(xs[b : b + steps.step], dtype).T, _f64(ys[b : b + steps.step], dtype).T
-                g = _Groups(x.shape[1])
+                g = check.sums(x.shape[1])
                 g.add(check.r, x, y)
-                check.check_elements(check.r, x, y, *check.finish_groups(g))
+                check.check_elements(check.r, x, y, check.finish(g))
             continue
         for xm, ym in zip(xs, ys, strict=True):  # whole [d, in] matrices: groups are columns
             blocks = _row_blocks(d, xm.shape[1])
-            g = _Groups(xm.shape[1])
+            g = check.sums(xm.shape[1])
             for b in blocks:
                 g.add(check.r[b : b + blocks.step], _f64(xm[b : b + blocks.step], dtype),
                       _f64(ym[b : b + blocks.step], dtype))
-            t, delta = check.finish_groups(g)
+            est = check.finish(g)
             for b in blocks:
                 check.check_elements(check.r[b : b + blocks.step], _f64(xm[b : b + blocks.step], dtype),
-                                     _f64(ym[b : b + blocks.step], dtype), t, delta)
+                                     _f64(ym[b : b + blocks.step], dtype), est)
     check.result.along, check.result.norm = math.sqrt(check.result.along), math.sqrt(check.result.norm)
     return check.result
 
 
 def _check_row_block(chunks: list[Chunk], i: int, src_fd: int, info: TensorInfo, dst_fd: int, edited: TensorInfo,
-                     check: _Checker, scratch: Scratch) -> None:
+                     check, scratch: Scratch) -> None:
     """Row blocks of one big matrix: at its first block, sum the column statistics over all of its blocks
     (pass 1); then check each block's elements as it comes (pass 2)."""
     chunk = chunks[i]
     assert chunk.rows is not None
     if chunk.rows.start == 0:
-        g = _Groups(info.shape[-1])
+        g = check.sums(info.shape[-1])
         for block in chunks[i:]:
             xs, ys = _read(src_fd, info, block, scratch, 0)[0], _read(dst_fd, edited, block, scratch, 1)[0]
             rb = check.r[block.rows]
@@ -178,11 +188,10 @@ def _check_row_block(chunks: list[Chunk], i: int, src_fd: int, info: TensorInfo,
                       _f64(ys[b : b + steps.step], info.dtype))
             if block.last:
                 break
-        check.pending = check.finish_groups(g)
-    t, delta = check.pending
+        check.pending = check.finish(g)
     xs, ys = _read(src_fd, info, chunk, scratch, 0)[0], _read(dst_fd, edited, chunk, scratch, 1)[0]
     rb = check.r[chunk.rows]
     steps = _row_blocks(xs.shape[0], xs.shape[1])
     for b in steps:
         check.check_elements(rb[b : b + steps.step], _f64(xs[b : b + steps.step], info.dtype),
-                             _f64(ys[b : b + steps.step], info.dtype), t, delta)
+                             _f64(ys[b : b + steps.step], info.dtype), check.pending)
