@@ -7,6 +7,17 @@ from pathlib import Path
 from abliterate.jobs.run_options import RunOptions, kept_path
 
 
+def with_command_line(options: RunOptions, recipe):
+    """The recipe with the extract settings given on the whole job's command line laid over it (a field left
+    None keeps the recipe's): what the job extracts with, and what it records."""
+    from dataclasses import replace
+
+    from abliterate.options.declared import recipe_overrides
+
+    given = {k: v for k, v in recipe_overrides(options, "extract").items() if v is not None}
+    return replace(recipe, extract=replace(recipe.extract, **given))
+
+
 def job_prompts(options: RunOptions, recipe) -> tuple[list[str], list[str], list[str], list[str]]:
     """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts, as the recipe and the
     command line set them: shared by plain extraction and `--search`."""
@@ -43,10 +54,12 @@ def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...]
                                quiet=options.quiet) if by_generation(settings) else None
     result = extract(lm, PromptSets(*prompts), positions=s.positions, template=template, settings=settings,
                      template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
-                     metadata={"model": options.model}, measure_finalists=measure)
+                     metadata={"model": options.model}, measure_finalists=measure, directions=s.directions)
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:
         say(f"note: {result.relaxed}")
+    more = "" if result.more is None else f"; with {len(result.more)} principal directions beside it (rank " \
+        f"{len(result.more) + 1})"
     say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
-        f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated)")
+        f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated){more}")

@@ -23,11 +23,14 @@ class SearchOutcome:
     recipe_file: Path  # the recipe `search` wrote (apply.direction names the file beside it)
     direction: Path
     card: SearchSummary  # what the card shows: trials, front rows, the chosen trial, the limits
+    offered: int = 1  # K: the directions the search could remove (k = 1..K; the chosen k is the direction's rank)
 
 
-def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], work: Path, say) -> SearchOutcome:
-    """Extract (unless options.direction), search options.search trials, pick, save the choice in `work`.
-    lm: the job's loaded model; prompts: harmful/harmless train, harmful/harmless validation."""
+def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], work: Path, study: Path,
+                say) -> SearchOutcome:
+    """Extract (unless options.direction), search options.search trials in `study` (resumed when it holds
+    some), pick, save the choice in `work`. lm: the job's loaded model; prompts: harmful/harmless train,
+    harmful/harmless validation."""
     from abliterate.measure.templates import load_template
     from abliterate.search.objectives import borderline_prompts
     from abliterate.search.study import SearchSettings, load_candidates, pick, save_choice, search, table
@@ -45,14 +48,15 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     settings = SearchSettings(trials=options.search, time_budget=options.time_budget, batch_size=s.batch_size,
                               template=template)
     borderline = borderline_prompts("builtin:overrefusal", s.n_val, eval_limit=recipe.evaluate.limit or 10**9)
-    result = search(lm, cands, harmful_val, harmless_val, settings, work / "search.study.db", quiet=options.quiet,
-                    borderline=borderline)
+    if study.is_file():
+        say(f"resuming the search in {study}")
+    result = search(lm, cands, harmful_val, harmless_val, settings, study, quiet=options.quiet, borderline=borderline)
     for note in result.notes:
         say(f"note: {note}")
     choice = pick(result.front, result.prompts, max_kl=options.max_kl, max_refusals=options.max_refusals)
     say(table(result.front, result.prompts, choice, result.borderline))
     recipe_file, direction = save_choice(choice, cands, lm, work / "search.yaml", prompts=result.prompts,
-                                         study=Path("search.study.db"), study_name="abliterate-search",
+                                         study=study, study_name="abliterate-search",
                                          borderline=result.borderline, model_name=options.model)
     searched = overlay(recipe, {"apply": read_yaml(recipe_file)["apply"]}, str(recipe_file))
     searched = replace(searched, apply=replace(searched.apply, direction=str(direction)))
@@ -61,7 +65,7 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
                            round(t.kl, 5), t.point.describe()) for t in result.front)
     card = SearchSummary(len(result.trials), round(result.seconds, 1), choice.number, front, options.max_kl,
                          options.max_refusals, RECIPE_NAME)
-    return SearchOutcome(searched, recipe_file, direction, card)
+    return SearchOutcome(searched, recipe_file, direction, card, cands.max_directions)
 
 
 def write_recipe_copy(outcome: SearchOutcome, folder: Path, direction_name: str) -> None:
@@ -71,6 +75,8 @@ def write_recipe_copy(outcome: SearchOutcome, folder: Path, direction_name: str)
 
     data = yaml.safe_load(outcome.recipe_file.read_text())
     data["apply"]["direction"] = direction_name
+    if outcome.offered > 1:  # the extraction the choice came from: its rank-K file offered k = 1..K
+        data["extract"] = {"directions": outcome.offered}
     header = (f"# the edit `abliterate MODEL --search` chose; rebuild it with:\n"
               f"#   abliterate apply MODEL --recipe {RECIPE_NAME} --out DIR\n")
     (folder / RECIPE_NAME).write_text(header + yaml.safe_dump(data, sort_keys=False))

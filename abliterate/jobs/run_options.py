@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from abliterate.options.command import command_line
-from abliterate.options.declared import command_args, group, option, public_path
-from abliterate.options.families import TaskOptions
+from abliterate.options.declared import command_args, group, like, option, public_path
+from abliterate.options.families import ExtractOptions, TaskOptions
 
-__all__ = ["RunOptions", "default_out", "kept_path", "public_model", "public_path", "regenerate_command"]
+__all__ = ["RunOptions", "default_out", "kept_path", "public_model", "public_path", "regenerate_command", "study_path"]
 
 
 def _uploaded_direction(_path: Path) -> str:
@@ -34,7 +34,8 @@ class RunOptions:
     push_to: str | None = option("--push", is_flag=False, flag_value="", metavar="[REPO_ID]", record="never",
                                  help="Push the result to the Hub (default repo: YOUR_USER/NAME-abliterated).")
     adapter: bool = option("--adapter", is_flag=True,
-                           help="Write an exactly equivalent rank-1 LoRA adapter instead of weights.")
+                           help="Write an exactly equivalent LoRA adapter instead of weights (rank 1, rank k "
+                           "for k directions).")
     revision: str | None = option("--revision", help="Hub revision (branch, tag or commit) of MODEL.")
     direction: Path | None = option("--direction", type=click.Path(path_type=Path), record=_uploaded_direction,
                                     help="Use this direction file instead of extracting one.")
@@ -49,6 +50,7 @@ class RunOptions:
                                help="Compute dtype for extraction/evaluation (default: the recipe's).")
     template: str | None = option("--template", record="path",
                                   help="Chat template (Jinja file or text) for models without one.")
+    directions: int | None = like(ExtractOptions, "directions", default=None, show_default=False)  # None: recipe's
     search: int | None = option("--search", type=int, metavar="N",
                                 help="Search N trials of direction and per-layer strengths on the loaded model (as "
                                 "`abliterate search`; needs optuna) and apply the chosen point; the card shows the "
@@ -94,10 +96,16 @@ def default_out(model: str, adapter: bool) -> Path:
     return Path(f"{name}-abliterated{'-adapter' if adapter else ''}")
 
 
-def kept_path(options: RunOptions, what: str) -> Path:
+def kept_path(options: RunOptions, what: str, suffix: str = ".safetensors") -> Path:
     """A file kept beside the output folder when the job fails after computing it."""
     out = options.out or default_out(options.model, options.adapter)
-    return out.with_name(f"{out.name}.{what}.safetensors")
+    return out.with_name(f"{out.name}.{what}{suffix}")
+
+
+def study_path(options: RunOptions) -> Path:
+    """The `--search` study (SQLite), beside the output folder from its first trial, so that a failure or a kill
+    leaves every finished trial there; a rerun with the kept extraction (--direction) resumes it."""
+    return kept_path(options, "search", ".study.db")
 
 
 def regenerate_command(options: RunOptions, model: str | None = None) -> str:

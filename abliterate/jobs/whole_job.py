@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import click
 
 from abliterate.errors import AbliterateError
-from abliterate.jobs.extraction import extract_with, job_prompts, load_job_model
+from abliterate.jobs.extraction import extract_with, job_prompts, load_job_model, with_command_line
 from abliterate.jobs.run_options import (
     RunOptions,
     default_out,
     kept_path,
     public_model,
     regenerate_command,
+    study_path,
 )
 from abliterate.jobs.stages import StageRecord, Stages
 from abliterate.options.command import command_line
@@ -58,6 +59,9 @@ def run(options: RunOptions) -> RunResult:
     if options.search is not None and (options.stream or options.search < 1):
         raise AbliterateError("--search needs at least 1 trial and the whole model (not --stream): the trials run "
                               "on the loaded model")
+    if options.directions is not None and (options.direction or options.stream):
+        raise AbliterateError("--directions sets how many directions extraction proposes; with --direction (or "
+                              "--stream) nothing is extracted: drop one of them")
     if options.tasks.tasks and (not options.evaluate or options.stream):
         raise AbliterateError("--tasks runs in the evaluation; drop --no-eval / --stream to use it")
     from abliterate.evaluate.tasks import task_settings
@@ -86,9 +90,14 @@ def run(options: RunOptions) -> RunResult:
         with stages.stage("fetch"):
             source = hub.fetch(options.model, revision=options.revision, trust_remote_code=options.trust_remote_code)
     ckpt = Checkpoint.open(source)
-    recipe = load_recipe(ckpt.config.get("model_type"), options.recipe)
+    recipe = with_command_line(options, load_recipe(ckpt.config.get("model_type"), options.recipe))
     say(f"recipe: {recipe.name}")
 
+    study = study_path(options)
+    if options.search and study.is_file() and not (options.direction or recipe.apply.direction):
+        raise AbliterateError(f"{study} holds the search of an earlier run of this job: rerun with --direction "
+                              f"{kept_path(options, 'direction')} (the extraction it searched) to resume it, or "
+                              "delete it to search anew")
     work = out.with_name(out.name + ".abliterate-partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -109,7 +118,7 @@ def run(options: RunOptions) -> RunResult:
             prompts = job_prompts(options, recipe)  # bad prompt files fail before the model loads
             lm = model()
             with stages.stage("search"):  # extraction included, unless --direction
-                searched = search_step(options, recipe, lm, prompts, work, say)
+                searched = search_step(options, recipe, lm, prompts, work, study, say)
             recipe = searched.recipe
         direction_path = (searched.direction if searched else options.direction) or (
             Path(recipe.apply.direction) if recipe.apply.direction else None)
@@ -151,10 +160,13 @@ def run(options: RunOptions) -> RunResult:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
-    except BaseException:
-        if (work / "direction.safetensors").is_file():  # never lose an extraction to a later failure
-            (work / "direction.safetensors").replace(kept_path(options, "direction"))
-            say(f"the extracted direction is kept in {kept_path(options, 'direction')} (rerun with --direction)")
+        study.unlink(missing_ok=True)  # the front is in the card, the choice in the recipe beside the weights
+    except BaseException as e:
+        kept = _keep(options, work, study if options.search else None)
+        if kept and isinstance(e, AbliterateError):
+            raise AbliterateError(f"{e}; {kept}") from None
+        if kept:
+            click.echo(kept, err=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -168,6 +180,25 @@ def run(options: RunOptions) -> RunResult:
     say(stages.table())
     return RunResult(out, url, direction.metadata.get("layer"), evaluation.refusal_rate if evaluation else None,
                      tuple(stages.records))
+
+
+def _keep(options: RunOptions, work: Path, study: Path | None) -> str:
+    """After a failure: the extraction moved beside the output (never lost to a later failure), and one line
+    saying where it and the search's study (already there) are and what rerun goes on from them; "" when this
+    run computed nothing a rerun could reuse."""
+    extracted = (work / "direction.safetensors").is_file()
+    direction = kept_path(options, "direction") if extracted else options.direction
+    if extracted:
+        (work / "direction.safetensors").replace(direction)
+    searched = study is not None and study.is_file()
+    if direction is None or not (extracted or searched):
+        return ""
+    if not searched:
+        return (f"the extraction (every candidate and its scores) is kept in {direction}: rerun with --direction "
+                f"{direction} to skip it")
+    what = f"the extraction is kept in {direction} and the search's" if extracted else "the search's"
+    return (f"{what} finished trials and their front in {study}: rerun with --direction {direction} to resume the "
+            "search from them")
 
 
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSummary:

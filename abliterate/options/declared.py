@@ -63,6 +63,17 @@ def option(*flags: str, help: str, default: Any = _FROM_RECIPE, recipe: str | No
     return field(default=default, metadata={SPEC: spec})
 
 
+def like(cls: type, name: str, **changes: Any) -> Any:
+    """A field declared as option `name` of family `cls` is (flag, help, type, recipe key, record rule), for a
+    command sharing it: one declaration, not a copy. `changes` replace the default (e.g. None where the command
+    falls back to its recipe itself), the help or any click keyword."""
+    f = next(f for f in fields(cls) if f.name == name)
+    spec = f.metadata[SPEC]
+    default = changes.pop("default", _default(f))
+    spec = dataclasses.replace(spec, help=changes.pop("help", spec.help), click={**spec.click, **changes})
+    return field(default=default, metadata={SPEC: spec})
+
+
 def group(cls: type, *, record: bool = True) -> Any:
     """A field holding another declared dataclass, its options part of the command's (record=False: none of
     them is written back into a recorded command)."""

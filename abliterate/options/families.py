@@ -109,11 +109,13 @@ class ExtractOptions:
                                  help="Reply tokens with --refusal-objective count.")
     kl_tokens: int = option("--kl-tokens", recipe="extract.kl_tokens", show_default=True,
                             help="Reply tokens with --kl-objective continuation.")
-    directions: int = option("--directions", type=click.IntRange(1, 64), default=1, show_default=True,
-                             help="Write K directions ([K, d], metadata rank = K): the chosen one first, then the "
+    directions: int = option("--directions", recipe="extract.directions", type=click.IntRange(1, 64),
+                             show_default=True,
+                             help="Extract K directions ([K, d], metadata rank = K): the chosen one first, then the "
                              "K - 1 leading principal directions of the per-prompt harmful-minus-harmless differences "
-                             "at its layer and position (one more pass over the training prompts). `apply` removes "
-                             "their span; `search` tries the first k = 1..K of them.")
+                             "at its layer and position (one more pass over the training prompts). An edit removes "
+                             "their span; a search (`search`, the whole job's --search) tries the first k = 1..K of "
+                             "them and keeps the k it chose.")
     model_options: ModelOptions = group(ModelOptions)
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 

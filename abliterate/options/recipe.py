@@ -50,6 +50,7 @@ class ExtractSettings(SelectionSettings):
     dtype: str = "auto"
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
+    directions: int = 1  # K: the chosen direction and K - 1 principal directions beside it (a rank-K file)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ def _convert(section: str, key: str, value: Any, default: Any, source: str) -> A
         return _layer_scales(value, where)
     if value is None:
         return None
+    if key == "directions" and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64):
+        raise AbliterateError(f"{where} should be a whole number from 1 to 64, got {value!r}")
     expected = type(default) if default is not None else (int if key == "positions" else str)
     if expected is float and isinstance(value, int):
         value = float(value)

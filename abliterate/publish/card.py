@@ -32,10 +32,13 @@ class DirectionSummary:
     layer: str | None = None
     position: str | None = None
     selection: str | None = None  # which selection filter was relaxed, if one was
+    rank: int = 1  # k: the span of k directions removed (metadata `rank`)
 
     @classmethod
     def of(cls, metadata: Mapping[str, str], model: str) -> DirectionSummary:
-        return cls(model, metadata.get("layer"), metadata.get("position"), metadata.get("selection"))
+        rank = metadata.get("rank", "1")
+        return cls(model, metadata.get("layer"), metadata.get("position"), metadata.get("selection"),
+                   int(rank) if rank.isdigit() else 1)
 
 
 @dataclass(frozen=True)
@@ -179,8 +182,8 @@ def metadata(info: CardInfo) -> dict[str, object]:
 
 def render_card(info: CardInfo) -> str:
     header = yaml.safe_dump(metadata(info), sort_keys=False, allow_unicode=True)
-    kind = "a rank-1 LoRA adapter for" if info.adapter else "a copy of"
     d, e = info.direction, info.edit
+    kind = f"a rank-{d.rank} LoRA adapter for" if info.adapter else "a copy of"
     lines = [
         f"---\n{header}---\n",
         f"# {info.base_model.rsplit('/', 1)[-1]}, abliterated\n",
@@ -191,8 +194,11 @@ def render_card(info: CardInfo) -> str:
         "## What was done\n",
         "| | |\n|---|---|",
         f"| direction | difference of means at layer {d.layer or '?'}, post-instruction position "
-        f"{d.position or '?'}, from `{d.model}` |",
-        f"| edit | W' = W - {e.scale} r (r^T W) on {e.edited} tensors "
+        f"{d.position or '?'}, from `{d.model}`" + (
+            f"; with the {d.rank - 1} leading principal directions of the per-prompt differences there, "
+            f"{d.rank} directions (rank {d.rank}) |" if d.rank > 1 else " |"),
+        f"| edit | W' = W - {e.scale} {'Q (Q^T W), Q their orthonormal basis,' if d.rank > 1 else 'r (r^T W)'} "
+        f"on {e.edited} tensors "
         f"({', '.join(e.components)}; layers {e.layers or 'all'}) |",
         f"| recipe | `{info.recipe_name}` |",
     ]
