@@ -16,6 +16,8 @@ from abliterate.cli.edit import apply
 from abliterate.cli.evaluate import evaluate
 from abliterate.cli.extract import extract
 from abliterate.cli.run import run
+from abliterate.cli.search import search
+from abliterate.cli.steer import steer_bake, steer_chat, steer_export_gguf, steer_sweep, steer_vectors
 from abliterate.edit.weights import DIRECTION_NAME
 from abliterate.jobs.run_options import RunOptions, regenerate_command
 from abliterate.options.command import given_command
@@ -31,13 +33,26 @@ from abliterate.options.declared import (
 )
 from abliterate.options.families import ApplyOptions, EvaluateOptions, ExtractOptions, ModelOptions, TaskOptions
 from abliterate.options.recipe import ExtractSettings, SelectionSettings
+from abliterate.options.search_family import SearchOptions
+from abliterate.options.steer_family import (
+    SteerBakeOptions,
+    SteerChatOptions,
+    SteerExportOptions,
+    SteerSweepOptions,
+    SteerVectorsOptions,
+)
 
 FAMILIES = [(RunOptions, run), (ExtractOptions, extract), (ApplyOptions, apply), (EvaluateOptions, evaluate),
-            (TaskOptions, evaluate), (ModelOptions, evaluate)]
+            (TaskOptions, evaluate), (ModelOptions, evaluate), (SearchOptions, search),
+            (SteerVectorsOptions, steer_vectors), (SteerChatOptions, steer_chat), (SteerSweepOptions, steer_sweep),
+            (SteerBakeOptions, steer_bake), (SteerExportOptions, steer_export_gguf)]
+READ_NO_RECIPE = {TaskOptions, ModelOptions, SearchOptions, SteerVectorsOptions, SteerChatOptions, SteerSweepOptions,
+                  SteerBakeOptions, SteerExportOptions}
 
 # values a generic rule cannot guess: a valid choice, a layer range, a direction under the name the job records
 SPECIAL = {"kind": "harmfulness", "layers": "2:5", "components": ("attn",), "targets": ("a\\.weight", "b.*"),
-           "max_memory": 3 << 20, "requant": "Q4_0", "refusal_objective": "count", "kl_objective": "continuation"}
+           "max_memory": 3 << 20, "requant": "Q4_0", "refusal_objective": "count", "kl_objective": "continuation",
+           "coeffs": (-0.5, 1.5), "prompts": ("hi", "and bye")}
 
 
 def changed(f: dataclasses.Field, cls: type) -> object:
@@ -87,7 +102,7 @@ def test_every_declared_option_is_in_the_commands_help(cls, command):
 @pytest.mark.parametrize(("cls", "command"), FAMILIES, ids=lambda x: getattr(x, "__name__", None))
 def test_declared_recipe_keys_exist_and_options_take_the_recipes_defaults(cls, command):
     backed = [(f, spec) for f, spec in declared(cls) if spec.recipe]
-    assert backed or cls in (TaskOptions, ModelOptions)
+    assert backed or cls in READ_NO_RECIPE
     for f, spec in backed:
         schema_default = recipe_default(spec.recipe)  # raises on a key the schema lacks
         assert f.default in (schema_default, None), (f.name, f.default, schema_default)
@@ -116,6 +131,21 @@ def test_the_jobs_rebuild_command_is_the_declared_options_written_back():
         options, out=None, push_to=None, evaluate=True, eval_harmful="builtin:harmful",
         eval_harmless="builtin:harmless", private=False, force=False, device="auto", overwrite=False, stream=False,
         quiet=False)
+
+
+def test_search_options_default_to_the_studys_settings():
+    from abliterate.search.study import SearchSettings
+
+    assert SearchSettings(**SearchOptions(model="m").settings()) == SearchSettings()
+    given = instance(SearchOptions)
+    assert SearchSettings(**given.settings()).start_from_selected is False
+
+
+def test_steering_commands_have_no_thinking_switch_and_a_bad_coefficient_list_is_one_clear_error():
+    assert "--thinking" not in CliRunner().invoke(steer_chat, ["--help"]).output
+    assert SteerChatOptions(model="m").model_options.thinking is False
+    result = CliRunner().invoke(steer_sweep, ["m", "--vectors", "v", "--pairs", "p", "--coeffs", "1,x"])
+    assert result.exit_code == 2 and "'1,x': write comma-separated numbers" in result.output
 
 
 def test_extract_options_select_with_the_recipe_schemas_selection_settings():
@@ -153,3 +183,11 @@ def test_an_option_value_that_does_not_read_is_one_clear_error():
     assert result.exit_code == 2 and "selects no layer" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(apply, ["ckpt", "--out", "o", "--max-memory", "lots"])
     assert result.exit_code == 2 and "'lots' is not a size" in result.output
+
+
+@pytest.mark.parametrize(("command", "args", "missing"), [
+    (apply, ["ckpt"], "--out"), (extract, ["model"], "--out"), (search, ["model", "--out", "r.yaml"], "--direction"),
+    (steer_bake, ["ckpt", "--vectors", "v", "--layer", "1", "--coeff", "1"], "--out")])
+def test_a_required_option_left_out_is_named_not_a_traceback(command, args, missing):
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 2 and f"Missing option '{missing}'" in result.output, result.output

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from abliterate.options import values
+
+if TYPE_CHECKING:
+    from abliterate.measure.loading import LoadedModel
+    from abliterate.options.families import ModelOptions
 
 
 def parse_size(value: str) -> int:
@@ -46,6 +52,13 @@ def model_options(*, thinking: bool = True, batch_size: int | None = None):
         return declared(fn)
 
     return decorate
+
+
+def loaded_model(name: str, m: ModelOptions) -> LoadedModel:
+    """MODEL loaded as the command's model options say (device, dtype, remote code)."""
+    from abliterate.measure.loading import load_model
+
+    return load_model(name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
 
 
 def given_on_command_line() -> set[str]:

@@ -22,6 +22,7 @@ from abliterate.options.recipe import SECTIONS
 SPEC = "abliterate.option"
 GROUP = "abliterate.group"
 RECORDED = "abliterate.group.recorded"
+EXCLUDED = "abliterate.group.excluded"
 _FROM_RECIPE = object()  # option(default=...) not given: the recipe schema's default
 
 
@@ -74,10 +75,11 @@ def like(cls: type, name: str, **changes: Any) -> Any:
     return field(default=default, metadata={SPEC: spec})
 
 
-def group(cls: type, *, record: bool = True) -> Any:
+def group(cls: type, *, record: bool = True, exclude: tuple[str, ...] = ()) -> Any:
     """A field holding another declared dataclass, its options part of the command's (record=False: none of
-    them is written back into a recorded command)."""
-    return field(default_factory=cls, metadata={GROUP: cls, RECORDED: record})
+    them is written back into a recorded command; `exclude`: those fields are no option of this command and
+    keep their defaults)."""
+    return field(default_factory=cls, metadata={GROUP: cls, RECORDED: record, EXCLUDED: tuple(exclude)})
 
 
 def declared(cls: type) -> list[tuple[dataclasses.Field, Spec]]:
@@ -86,7 +88,7 @@ def declared(cls: type) -> list[tuple[dataclasses.Field, Spec]]:
     for f in fields(cls):
         if GROUP in f.metadata:
             out += [(g, spec if f.metadata[RECORDED] else dataclasses.replace(spec, record="never"))
-                    for g, spec in declared(f.metadata[GROUP])]
+                    for g, spec in declared(f.metadata[GROUP]) if g.name not in f.metadata[EXCLUDED]]
         elif SPEC in f.metadata:
             out.append((f, f.metadata[SPEC]))
     return out
@@ -110,10 +112,11 @@ def click_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
             continue
         default = _default(f)
         if isinstance(default, tuple) and not spec.click.get("multiple"):
-            default = ",".join(default)  # as it is typed; `parse` reads it back
+            default = as_word(default)  # as it is typed; `parse` reads it back
         callback = _callback(spec.parse) if spec.parse else None
-        params.append(click.option(*spec.flags, f.name, help=spec.help,
-                                   **{"default": default, "callback": callback, **spec.click}))
+        given = {} if default is None or default is dataclasses.MISSING else {"default": default}  # none: required
+        params.append(click.option(*spec.flags, f.name, help=spec.help,  # is checked, and absent reads as None
+                                   **{**given, "callback": callback, **spec.click}))
 
     def decorate(fn: Callable) -> Callable:
         for param in reversed(params):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,8 +35,8 @@ class TaskOptions:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """The options of every command that loads a model to run it (cli.common.model_options adds them to a command
-    whose family does not hold them as a group)."""
+    """The options of every command that loads a model to run it, held by its family as a group (commands that
+    never apply a chat template's thinking switch exclude `thinking`); --batch-size is batch_size_option's."""
 
     device: str = option("--device", default="auto", show_default=True, help="cpu, cuda, mps or auto.")
     dtype: str = option("--dtype", default="auto", show_default=True,
@@ -47,6 +48,13 @@ class ModelOptions:
                             "is the answer).")
     trust_remote_code: bool = option("--trust-remote-code", is_flag=True,
                                      help="Allow the model's own Python code from the Hub.")
+
+
+def batch_size_option(default: int) -> Any:
+    """--batch-size of a model-running command that holds its own default (extract's and evaluate's are their
+    recipe sections')."""
+    return option("--batch-size", default=default, show_default=True,
+                  help="Prompts per forward pass; lower it if memory runs out.")
 
 
 @dataclass(frozen=True)

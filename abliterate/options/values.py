@@ -64,3 +64,16 @@ def parse_batch_size(value: str | int) -> int:
     if size < 1:
         raise AbliterateError(f"--batch-size {value!r}: give a positive number of prompts or auto")
     return size
+
+
+def parse_coeffs(value: str | tuple[float, ...]) -> tuple[float, ...]:
+    """'-2,-1,0,1,2' -> the multipliers, at least one (steer sweep --coeffs)."""
+    if isinstance(value, tuple):
+        return value
+    try:
+        coeffs = tuple(float(c) for c in value.split(",") if c.strip())
+    except ValueError:
+        raise AbliterateError(f"{value!r}: write comma-separated numbers, e.g. -2,-1,0,1,2") from None
+    if not coeffs:
+        raise AbliterateError("give at least one coefficient, e.g. -2,-1,0,1,2")
+    return coeffs
