@@ -1,6 +1,6 @@
 """Norm-preserving edits: W' = (I - s r r^T) W D, each written vector keeping its norm, per family exactly as the
 formula says (weights and logits), checked by `verify`, scored by the search's hooks as `apply` writes it;
-the adapter refuses it; biprojection as an apply option."""
+biprojection as an apply option. The adapter: tests/test_preserve_adapter.py."""
 
 from __future__ import annotations
 
@@ -103,15 +103,6 @@ def test_verify_catches_a_plain_edit_claimed_as_norm_preserving(tmp_path):
     manifest.write_text(manifest.read_text().replace('"norm_preserve": false', '"norm_preserve": true'))
     code, out = run_cli("verify", str(original), str(tmp_path / "edited"))
     assert code == 1 and "norm-preserving projection" in out
-
-
-def test_adapter_refuses_a_norm_preserving_edit_in_one_line(tmp_path):
-    original = save_sharded(build_model(FAMILIES["llama"]), tmp_path / "original")
-    save_direction(tmp_path / "dir.safetensors", torch.randn(32), {})
-    code, out = run_cli("apply", str(original), "--direction", str(tmp_path / "dir.safetensors"), "--norm-preserve",
-                        "--adapter", "--out", str(tmp_path / "a"))
-    assert code != 0 and "cannot carry it exactly" in out and "Traceback" not in out
-    assert not (tmp_path / "a").exists()
 
 
 def test_biproject_removes_the_direction_made_orthogonal_to_the_harmless_mean(tmp_path):

@@ -25,6 +25,11 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
         - {memory: "{p}.mlp.experts.down_proj", disk: "{p}.mlp.experts.{e}.w2.weight", transposed: false}
     module_renames:                       # optional: module-name parts transformers renames on loading
       - {memory: ".mlp.", disk: ".block_sparse_moe."}
+    input_scalers:                        # optional: norm-preserving adapters (see writers.InputScaler)
+      - {writer: "model.layers.{layer}.mlp.down_proj", module: "model.layers.{layer}.mlp.up_proj", via: gate,
+         gate: "model.layers.{layer}.mlp.gate_proj"}
+      - {writer: "model.layers.{layer}.mlp.down_proj", module: "model.layers.{layer}.mlp.gate_up_proj", via: gate,
+         part: [1, 2]}
 
 In `tensor`, `{layer}` stands for the decoder layer index and `{n}` for any index (an expert's); the rest
 is literal. Kinds: `linear` (nn.Linear prefix: `.weight` [d, in] and `.bias` [d]), `conv1d` (GPT-2's
@@ -40,12 +45,13 @@ from typing import Any
 
 import yaml
 
-from abliterate.arch.writers import COMPONENTS, Arch, ExpertParam, Writer
+from abliterate.arch.writers import COMPONENTS, Arch, ExpertParam, InputScaler, Writer
 from abliterate.errors import AbliterateError
 
 KINDS = ("linear", "conv1d", "embedding", "tensor")
 _KEYS = {"name", "model_types", "decoder_layers", "output_embedding", "normalised_block_outputs",
-         "residual_multiplier", "notes", "writers", "hooks", "fused_experts", "module_renames"}
+         "residual_multiplier", "notes", "writers", "hooks", "fused_experts", "module_renames",
+         "input_scalers"}
 _REQUIRED = ("name", "model_types", "writers", "hooks")
 _WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis"}
 _PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "n": r"\d+"}
@@ -90,6 +96,7 @@ def parse_family(data: Any, source: str) -> Arch:
         notes=_string(data, "notes", source, ""),
         **_fused_experts(data.get("fused_experts"), tuple(model_types), source),
         module_renames=_renames(data.get("module_renames"), source),
+        input_scalers=_input_scalers(data.get("input_scalers"), source),
     )
 
 
@@ -216,3 +223,39 @@ def _renames(entries: Any, source: str) -> tuple[tuple[str, str], ...]:
     if not ok:
         raise AbliterateError(f"{source}: module_renames is a list of {{memory, disk}} name parts")
     return tuple((e["memory"], e["disk"]) for e in entries)
+
+
+_SCALER_KEYS = {"writer", "module", "via", "gate", "part", "activation", "unset"}
+
+
+def _input_scalers(entries: Any, source: str) -> tuple[InputScaler, ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, list):
+        raise AbliterateError(f"{source}: input_scalers is a list of {{writer, module, via}} entries")
+    return tuple(_input_scaler(e, f"{source}: input_scalers[{i}]") for i, e in enumerate(entries))
+
+
+def _input_scaler(entry: Any, where: str) -> InputScaler:
+    if not isinstance(entry, dict) or set(entry) - _SCALER_KEYS or not all(
+            _is_name(entry.get(k)) for k in ("writer", "module")):
+        raise AbliterateError(f"{where}: a mapping with `writer`, `module`, `via` and optionally "
+                              "`gate`, `part`, `activation`, `unset`")
+    via = entry.get("via")
+    if via not in ("gate", "activation", "values"):
+        raise AbliterateError(f"{where}: via {via!r} is not one of gate, activation, values")
+    names = [entry["writer"], entry["module"], *([entry["gate"]] if entry.get("gate") is not None else [])]
+    if any(re.sub(r"\{layer\}", "", n).count("{") for n in names) or len({"{layer}" in n for n in names}) != 1:
+        raise AbliterateError(f"{where}: writer, module and gate name the same {{layer}} (or none), no other "
+                              "placeholder")
+    part = entry.get("part", [0, 1])
+    if not (isinstance(part, list) and len(part) == 2 and all(isinstance(v, int) for v in part)
+            and 0 <= part[0] < part[1]):
+        raise AbliterateError(f"{where}: part is [i, n], the i-th (from 0) of n equal blocks of the module's rows")
+    unset = entry.get("unset", [])
+    if not isinstance(unset, list) or not all(_is_name(u) for u in unset):
+        raise AbliterateError(f"{where}: unset is a list of config keys")
+    if entry.get("gate") is not None and not _is_name(entry["gate"]):
+        raise AbliterateError(f"{where}: gate must be a module name")
+    return InputScaler(entry["writer"], entry["module"], via, entry.get("gate"), (part[0], part[1]),
+                       _string(entry, "activation", where, "hidden_act"), tuple(unset))

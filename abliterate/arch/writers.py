@@ -62,6 +62,46 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+# Activations f with f(a z) = a^p f(z) for every a > 0 (positively homogeneous of degree p), by transformers'
+# ACT2FN name: scaling a hidden unit's pre-activation by a^(1/p) scales what it passes on by a.
+POSITIVELY_HOMOGENEOUS = {"relu": 1, "leaky_relu": 1, "relu2": 2}
+
+
+@dataclass(frozen=True)
+class InputScaler:
+    """A module whose output rows carry a writer's input features, for the norm-preserving adapter: scaling the
+    writer's input feature j by D_j is scaling row j of `module` (and its bias) by D_j, exactly when `via` holds.
+
+    `writer` and `module` are on-disk module prefixes with "{layer}"; `part` = (i, n): only the i-th of n equal
+    blocks of the module's output rows (gate and up fused as gate_up_proj: (1, 2)). `via`:
+
+    * ``gate``: the rows multiply the gate's activation elementwise (down(act(gate x) * up x)): exact for any
+      activation; `gate` names the gate module, whose absence means the rule does not apply (an ungated MLP);
+    * ``activation``: the rows pass through the activation the config key `activation` names (fc2(act(fc1 x))):
+      exact only for a positively homogeneous one (POSITIVELY_HOMOGENEOUS), scaled by D^(1/p);
+    * ``values``: the rows are the attention values each head mixes into the writer's input: exact only when every
+      head has its own values (num_key_value_heads == num_attention_heads) and the config keys in `unset` (a
+      clamp of the values, ...) are null.
+    """
+
+    writer: str
+    module: str
+    via: str  # "gate", "activation", "values"
+    gate: str | None = None
+    part: tuple[int, int] = (0, 1)
+    activation: str = "hidden_act"
+    unset: tuple[str, ...] = ()
+
+    def resolve(self, writer_module: str) -> tuple[str, str | None] | None:
+        """(scaler module, gate module or None) of the layer of an on-disk writer module name; None: this rule is
+        for other writers."""
+        m = _template_regex(self.writer.replace("{layer}", "{e}")).fullmatch(writer_module)
+        if m is None:
+            return None
+        layer = m.group("e") if "{layer}" in self.writer else ""
+        return self.module.replace("{layer}", layer), None if self.gate is None else self.gate.replace("{layer}", layer)
+
+
 @dataclass(frozen=True)
 class Arch:
     """How one model family lays out its residual writers on disk and in memory."""
@@ -85,6 +125,8 @@ class Arch:
     fused_expert_types: tuple[str, ...] = ()
     # (in-memory, on-disk) substrings of module names transformers renames on loading (Mixtral's .mlp.)
     module_renames: tuple[tuple[str, str], ...] = ()
+    # For norm-preserving adapters: which module's output rows carry each writer's input features (first match)
+    input_scalers: tuple[InputScaler, ...] = ()
 
     def experts_for(self, model_type: str | None) -> tuple[ExpertParam, ...]:
         """The fused expert parameters of `model_type` (none for a dense model type of the family)."""

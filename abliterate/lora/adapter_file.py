@@ -77,8 +77,10 @@ def read_lora_config(adapter_dir: Path) -> LoraSettings:
     if config.get("init_lora_weights") == "mica":
         variants.append("init_lora_weights=mica")
     if variants:
+        dora = (" (abliterate's norm-preserving adapter is DoRA: `abliterate apply --norm-preserve` writes the same "
+                "edit as weights, which `verify` checks)" if "use_dora" in variants else "")
         raise AbliterateError(f"{path}: {', '.join(variants)} set: this LoRA variant is not W + scaling B A, which is "
-                              "all `abliterate merge` computes; merge it with peft (merge_and_unload)")
+                              f"all `abliterate merge` computes; merge it with peft (merge_and_unload){dora}")
     if config.get("modules_to_save"):
         raise AbliterateError(f"{path}: modules_to_save {config['modules_to_save']} replaces whole modules; "
                               "`abliterate merge` does not merge those: use peft's merge_and_unload")

@@ -71,6 +71,7 @@ from abliterate.lora.peft_format import (
     peft_keys,
     write_weights,
 )
+from abliterate.lora.preserve import Scaler, WriterStats, input_factors, plan_scalers, scaler_terms, writer_stats
 
 # names other modules and tests import from here (their homes are experts.py and peft_format.py)
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES", "AdapterOptions",
@@ -103,6 +104,8 @@ class _Export:
     factors: dict[str, Factors] = field(default_factory=dict)  # by target
     biases: dict[str, Bias] = field(default_factory=dict)  # by module
     edits: dict[str, TensorEdit] = field(default_factory=dict)  # what the adapter carries, for the manifest
+    magnitudes: dict[str, np.ndarray] = field(default_factory=dict)  # norm-preserving: DoRA magnitude by module
+    factors_d: dict[str, np.ndarray] = field(default_factory=dict)  # norm-preserving: D by writer weight
 
 
 def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: Path,
@@ -111,13 +114,9 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
     _check_output_embedding_kept(ckpt, plan)
-    if plan.norm_preserve:
-        raise AbliterateError(
-            "a norm-preserving edit rescales every input feature of each edited matrix (W' = (I - s r r^T) W D), "
-            "which is no low-rank update, so a LoRA adapter cannot carry it exactly: drop --adapter (write the "
-            "weights) or drop --norm-preserve")
     model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
+    scalers = plan_scalers(ckpt, plan, edits) if plan.norm_preserve else {}
     experts = _expert_counts(ckpt, model_type)
     targets = {e.name: _target_for(model_type, e, experts) for e in edits}
     _check_biases_have_their_layer(edits, targets)
@@ -135,15 +134,19 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
         # two tensors at a time (pread and numpy release the GIL); each is read once, in chunks of at most a
         # quarter of --max-memory (no edited copy is made), so two stay within half of it
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)))
-        results = pool.map(lambda e: _read(fds[e.shard], e, targets[e.name], direction, budget), ordered)
+        results = pool.map(lambda e: _read(fds[e.shard], e, targets[e.name], direction, budget,
+                                           plan.norm_preserve), ordered)
         for edit, result in zip(ordered, results, strict=True):
             _record(export, edit, targets[edit.name], direction, result)
             bar.update(edit.info.nbytes)
+        if scalers:
+            _add_scalers(export, ckpt, scalers, fds, budget, options.ignore_biases, direction.rank)
     _check_complete(export)
     notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
     with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
-        nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS)
-        config = adapter_config(ckpt, export.factors, export.biases, options.base_model, direction.rank)
+        nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS, export.magnitudes)
+        config = adapter_config(ckpt, export.factors, export.biases, options.base_model, direction.rank,
+                                dora=bool(export.magnitudes))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"adapter": {"ignore_biases": options.ignore_biases,
@@ -237,12 +240,16 @@ def _check_biases_have_their_layer(edits: list[TensorEdit], targets: dict[str, _
             )
 
 
-def _read(fd: int, edit: TensorEdit, target: _Target, direction: Direction, budget: int) -> np.ndarray | bytes:
-    """Read one target tensor once: s coeff, or for a bias its edited values as `apply` writes them."""
+def _read(fd: int, edit: TensorEdit, target: _Target, direction: Direction, budget: int,
+          preserve: bool = False) -> np.ndarray | bytes | WriterStats:
+    """Read one target tensor once: s coeff, or for a bias its edited values as `apply` writes them; for a
+    norm-preserving edit's writer also its column and edited row norms (`preserve.WriterStats`)."""
     try:
         if target.kind == "bias":
-            return _edited_bytes(fd, edit, direction, budget)
+            return _edited_bytes(fd, edit, direction, budget, preserve)
         r = np.asarray(direction.for_layer(edit.layer), dtype=compute_dtype(edit.info.dtype))
+        if preserve:
+            return writer_stats(fd, edit, r, budget)
         return stream_coefficients(fd, edit, r, budget) * np.asarray(edit.scale, dtype=r.dtype)
     except NonFiniteError:
         raise AbliterateError(
@@ -251,19 +258,24 @@ def _read(fd: int, edit: TensorEdit, target: _Target, direction: Direction, budg
 
 
 def _record(export: _Export, edit: TensorEdit, target: _Target, direction: Direction,
-            result: np.ndarray | bytes) -> None:
+            result: np.ndarray | bytes | WriterStats) -> None:
     if isinstance(result, bytes):
         export.biases[target.target] = (edit.info.dtype, edit.info.shape, result)
+    elif isinstance(result, WriterStats):
+        r = np.asarray(direction.for_layer(edit.layer), dtype=result.coeff.dtype)
+        _add_factors(export, edit, target, r, (result.coeff * np.asarray(edit.scale, result.coeff.dtype))[None])
+        export.magnitudes[target.target] = result.row_norms
+        export.factors_d[edit.name] = input_factors(result, edit.scale)
     else:
         r = np.asarray(direction.for_layer(edit.layer), dtype=result.dtype)
         _add_factors(export, edit, target, r, result)
     export.edits[edit.name] = edit
 
 
-def _edited_bytes(fd: int, edit: TensorEdit, direction: Direction, budget: int) -> bytes:
+def _edited_bytes(fd: int, edit: TensorEdit, direction: Direction, budget: int, preserve: bool = False) -> bytes:
     """A bias as `apply` writes it, in its stored dtype."""
     r = direction.for_layer(edit.layer)
-    chunks = iter_edited_chunks(fd, edit.info, r, edit.hidden_axis, edit.scale, budget)
+    chunks = iter_edited_chunks(fd, edit.info, r, edit.hidden_axis, edit.scale, budget, preserve=preserve)
     return b"".join(values.tobytes() for _, values, _ in chunks)
 
 
@@ -337,6 +349,21 @@ def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int,
             kind, target.target, np.zeros((experts * k, n_in), dtype), np.zeros((n_out, experts * k), dtype),
             np.zeros(experts, bool), target.order)
     return export.factors[target.target]
+
+
+def _add_scalers(export: _Export, ckpt: Checkpoint, scalers: dict[str, Scaler], fds: dict[str, int], budget: int,
+                 ignore_biases: bool, k: int) -> None:
+    """Each writer's D as the DoRA magnitude of the module producing its inputs (zero LoRA factors there), and
+    that module's bias scaled alike."""
+    for writer, scaler in scalers.items():
+        magnitude, bias = scaler_terms(ckpt, fds, scaler, export.factors_d[writer], budget)
+        info = ckpt.tensors[f"{scaler.module}.weight"][1]
+        dtype = compute_dtype(info.dtype)
+        export.factors[scaler.module] = Factors("linear", scaler.module, np.zeros((k, info.shape[1]), dtype),
+                                                np.zeros((info.shape[0], k), dtype), np.ones(1, bool))
+        export.magnitudes[scaler.module] = magnitude
+        if bias is not None and not ignore_biases:
+            export.biases[scaler.module] = bias
 
 
 def _check_complete(export: _Export) -> None:

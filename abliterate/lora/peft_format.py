@@ -19,6 +19,7 @@ from abliterate.io.safetensors_format import encode_header
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+DORA_MAGNITUDE = "lora_magnitude_vector"  # a DoRA module's magnitude, as peft saves it
 NUMPY_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 
 
@@ -58,11 +59,17 @@ def peft_keys(export_factors: dict[str, Factors]) -> Iterator[tuple[str, np.ndar
         yield f"{PEFT_PREFIX}{module}.lora_B.weight", f.b
 
 
-def write_weights(factors: dict[str, Factors], biases: dict[str, Bias], path: Path) -> int:
-    """adapter_model.safetensors: factors in float32 (float64 for float64 models), biases in their stored dtype."""
+def write_weights(factors: dict[str, Factors], biases: dict[str, Bias], path: Path,
+                  magnitudes: dict[str, np.ndarray] | None = None) -> int:
+    """adapter_model.safetensors: factors in float32 (float64 for float64 models), biases in their stored dtype,
+    DoRA magnitudes (norm-preserving adapters, by module) in the factors' dtype."""
     tensors: dict[str, Bias] = {}
     for key, values in peft_keys(factors):
         tensors[key] = (NUMPY_DTYPES[values.dtype], values.shape, np.ascontiguousarray(values).tobytes())
+    for module, norms in (magnitudes or {}).items():
+        values = norms.astype(factors[module].a.dtype)
+        key = f"{PEFT_PREFIX}{module}.{DORA_MAGNITUDE}"
+        tensors[key] = (NUMPY_DTYPES[values.dtype], values.shape, values.tobytes())
     for module, entry in biases.items():
         tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = entry
     names = sorted(tensors)
@@ -75,9 +82,9 @@ def write_weights(factors: dict[str, Factors], biases: dict[str, Bias], path: Pa
 
 
 def adapter_config(ckpt: Checkpoint, factors: dict[str, Factors], biases: dict[str, Bias],
-                   base_model: str | None, rank: int = 1) -> dict:
+                   base_model: str | None, rank: int = 1, dora: bool = False) -> dict:
     """A plain peft LoraConfig: r = lora_alpha = the number of directions (scaling 1), no dropout, the targets by
-    full in-memory name."""
+    full in-memory name; `dora` for a norm-preserving adapter (DoRA on every target)."""
     modules = sorted(f.target for f in factors.values() if f.kind != "param")
     params = sorted(f.target for f in factors.values() if f.kind == "param")
     return {
@@ -89,7 +96,7 @@ def adapter_config(ckpt: Checkpoint, factors: dict[str, Factors], biases: dict[s
         "lora_alpha": rank,
         "lora_dropout": 0.0,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
         "bias": "lora_only" if biases else "none",
         "fan_in_fan_out": any(f.kind == "conv1d" for f in factors.values()),

@@ -163,8 +163,8 @@ class ApplyOptions:
     norm_preserve: bool = option("--norm-preserve", recipe="apply.norm_preserve", is_flag=True,
                                  help="Rescale each vector an edited tensor writes into the residual stream (a column "
                                  "of a Linear weight, a row of an embedding, a bias) to its original norm after the "
-                                 "projection: W' = (I - s r r^T) W D. Not with --adapter (no low-rank update "
-                                 "expresses D).")
+                                 "projection: W' = (I - s r r^T) W D. With --adapter: a peft DoRA adapter, where the "
+                                 "family and config let one carry D exactly (else refused, naming --components).")
     biproject: bool = option("--biproject", recipe="apply.biprojected", is_flag=True, help="First make the "
                              "direction orthogonal to the harmless mean at its layer and position (needs the file "
                              "`abliterate extract` wrote); the edited folder keeps the result.")
