@@ -193,15 +193,6 @@ def test_verify_accepts_a_rank_k_edit_and_catches_a_rank_1_one(rank_k_edit, tmp_
     assert result.exit_code != 0
 
 
-def test_norm_preserving_rank_k_edit_is_refused_with_one_line(rank_k_edit, tmp_path):
-    _, original, edited, _ = rank_k_edit
-    direction = str(edited / "refusal_direction.safetensors")
-    result = CliRunner().invoke(cli, ["apply", str(original), "--direction", direction, "--norm-preserve",
-                                      "--out", str(tmp_path / "out"), "--quiet"])
-    assert result.exit_code != 0 and "--norm-preserve removes one direction" in result.output
-    assert not (tmp_path / "out").exists()
-
-
 def test_rank_k_adapter_is_a_rank_k_lora_computing_what_the_edited_checkpoint_computes(rank_k_edit):
     from peft import PeftModel
 

@@ -193,7 +193,8 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     |W'_i - F (W_i - r_i T)| <= rho_2 |W'_i| + 3u |F r_i T| + E_F |W_i - r_i T| + (F + E_F) |r_i| E_T + tiny
     (rho_2 = (2u + e) / (1 - 2u - e): two float32 roundings, e half a step of a 16-bit dtype; E_F, E_T the
     estimates' rounding bounds), T as above, and F within E_F plus one rounding of the range of
-    |w| / |w - s c' r| over every c' the summation bound allows. Every other tensor, the index, config
+    |w| / |w - s c' r| over every c' the summation bound allows. Several directions (rank k, norm-preserving
+    or not): the per-element bound in abliterate/edit/verify_span.py. Every other tensor, the index, config
     and other files must be identical. The report says how many tensors were edited, at which scale, and how many are
     identical. Exits 1 on any violation.
 

@@ -205,8 +205,11 @@ def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo
     report.count_edit(spec.scale)
     report.bounds_checked = True
     r = direction.for_layer(spec.layer)
-    checker = check_preserved_tensor if spec.preserve else check_edited_tensor if r.ndim == 1 else check_span_edited
-    check = checker(src_fd, info, dst_fd, e_info, r, spec.scale, spec.hidden_axis, budget)
+    if r.ndim == 2:  # several directions: their span, norm-preserving or not
+        check = check_span_edited(src_fd, info, dst_fd, e_info, r, spec.scale, spec.hidden_axis, budget, spec.preserve)
+    else:
+        checker = check_preserved_tensor if spec.preserve else check_edited_tensor
+        check = checker(src_fd, info, dst_fd, e_info, r, spec.scale, spec.hidden_axis, budget)
     report.element_ratio = max(report.element_ratio, check.element_ratio)
     report.coefficient_ratio = max(report.coefficient_ratio, check.coefficient_ratio)
     what = "norm-preserving projection" if spec.preserve else "projection"

@@ -53,7 +53,6 @@ def apply_edit(
     """Write the edited checkpoint to `out` atomically; the input folder is only ever read."""
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
-    check_rank_supported(direction, plan.norm_preserve)
     total = output_size(ckpt, plan)
     with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
@@ -66,13 +65,6 @@ def apply_edit(
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
     return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)))
-
-
-def check_rank_supported(direction: Direction, norm_preserve: bool) -> None:
-    """Several directions are removed as a span; the norm-preserving rescaling is checked for one direction only."""
-    if direction.rank > 1 and norm_preserve:
-        raise AbliterateError(f"--norm-preserve removes one direction, but {direction.path or 'the direction'} holds "
-                              f"{direction.rank}: drop --norm-preserve, or pass a rank-1 direction file")
 
 
 def keep_direction(direction: Direction, path: Path) -> None:

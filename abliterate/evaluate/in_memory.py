@@ -30,10 +30,9 @@ def edited_view(lm: LoadedModel, direction: Direction, options: EditOptions, nam
 
     if why_not_in_memory(lm, options) is not None:
         return None
-    if options.norm_preserve:  # rank 1 only (apply refuses --norm-preserve for rank k)
-        vectors = torch.from_numpy(direction.vectors.copy())
+    if options.norm_preserve:
         return replace(lm, name=name, hooks=lambda: ablate_preserving(
-            lm.model, lm.arch, vectors, strength=options.strength, num_layers=lm.num_layers))
+            lm.model, lm.arch, direction, strength=options.strength, num_layers=lm.num_layers))
     return replace(lm, name=name, hooks=lambda: ablate(lm.model, lm.arch, direction, strength=options.strength,
                                                         num_layers=lm.num_layers))
 

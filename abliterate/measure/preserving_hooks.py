@@ -20,16 +20,18 @@ import torch
 
 from abliterate.arch.table import Arch
 from abliterate.errors import AbliterateError
-from abliterate.measure.hooks import Strength, ablate
+from abliterate.io.direction_file import Direction
+from abliterate.measure.hooks import Strength, ablate, rows_for
 
 
 def preserve_factors(vectors: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
     """D per vector (rows of `vectors`): |w| / |w - s c r|, c = r.w, computed as `apply` does:
-    |w - s c r|^2 = |w|^2 - (2s - s^2) c^2 in float64; 1 where that is not positive."""
+    |w - s c r|^2 = |w|^2 - (2s - s^2) c^2 in float64; 1 where that is not positive. For orthonormal rows
+    r [k, d] (several directions) c^2 is |Q w|^2, the sum over the k coefficients."""
     w = vectors.to(torch.float64)
-    c = (vectors.to(torch.float32) @ r.to(torch.float32)).to(torch.float64)
+    c = (vectors.to(torch.float32) @ r.to(torch.float32).T).to(torch.float64)
     before = (w * w).sum(-1)
-    after = before - (2 * s - s * s) * c * c
+    after = before - (2 * s - s * s) * (c * c if c.ndim == before.ndim else (c * c).sum(-1))
     return torch.where(after > 0, torch.sqrt(before / after.clamp(min=torch.finfo(torch.float64).tiny)),
                        torch.ones_like(before))
 
@@ -74,10 +76,11 @@ def why_not_preserving(model: torch.nn.Module, arch: Arch) -> str | None:
 
 
 @contextlib.contextmanager
-def ablate_preserving(model: torch.nn.Module, arch: Arch, direction: torch.Tensor, strength: Strength | float = 1.0,
-                      num_layers: int | None = None) -> Iterator[None]:
-    """`hooks.ablate` with every written vector restored to its original norm (direction: [d] or [L + 1, d])."""
-    units = direction.to(torch.float32) / direction.to(torch.float32).norm(dim=-1, keepdim=True)
+def ablate_preserving(model: torch.nn.Module, arch: Arch, direction: torch.Tensor | Direction,
+                      strength: Strength | float = 1.0, num_layers: int | None = None) -> Iterator[None]:
+    """`hooks.ablate` with every written vector restored to its original norm (direction: [d] or [L + 1, d], or a
+    `Direction` of any rank, whose span is removed)."""
+    rows = rows_for(direction)
     scale_of = strength if callable(strength) else (lambda _c, _l: float(strength))
     handles = []
     try:
@@ -85,7 +88,7 @@ def ablate_preserving(model: torch.nn.Module, arch: Arch, direction: torch.Tenso
             s = scale_of(component, layer)
             if s == 0.0:
                 continue
-            r = (units if units.ndim == 1 else units[0 if layer is None else layer + 1]).to(param.device)
+            r = rows(layer).to(param.device)
             target = model.get_submodule(path)
             with torch.no_grad():
                 if param.ndim == 1:  # a bias: one vector of its own

@@ -110,8 +110,7 @@ def suggest(trial, cands: CandidateSet, settings: SearchSettings, num_layers: in
     position = trial.suggest_int("direction_position", -cands.positions, -1)
     projected = trial.suggest_categorical("projected", [False, True]) if cands.harmless_mean is not None else False
     k = trial.suggest_int("directions", 1, cands.max_directions) if cands.max_directions > 1 else 1
-    # norm-preserving edits remove one direction
-    preserve = trial.suggest_categorical("norm_preserve", [False, True]) if settings.norm_preserve and k == 1 else False
+    preserve = trial.suggest_categorical("norm_preserve", [False, True]) if settings.norm_preserve else False
     embed = trial.suggest_float("embed_strength", 0.0, top)
     profiles = {c: Profile(trial.suggest_float(f"{c}_peak", 0.0, top),
                            trial.suggest_float(f"{c}_center", 0.0, float(num_layers - 1)),
