@@ -82,3 +82,19 @@ def test_card_shows_the_search_front_with_the_chosen_trial_and_the_limits_that_c
     assert "| 3 **(chosen)** | 1/8 | 0/4 | 0.012 | layer 2 |" in text and "| 5 | 0/8 | 1/4 | 0.2 | layer 3 |" in text
     assert "Chosen by: max-kl 0.05." in text and "--recipe r.yaml" in text
     assert "layer ? , " not in text and "layer ?, post-instruction position ?" in text
+
+
+def test_card_states_a_norm_preserving_edit_and_its_dora_adapter(tmp_path):
+    from dataclasses import replace
+
+    from abliterate.publish.card import render_card
+
+    info = CardInfo(
+        base_model="someone/tiny-chat", adapter=True, license=None,
+        direction=DirectionSummary("someone/tiny-chat", layer="3", position="-1"),
+        edit=EditSummary(scale=1.0, layers=None, components=("attn", "mlp"), edited=8, norm_preserve=True),
+        evaluation=None, regenerate="abliterate someone/tiny-chat --adapter --out out")
+    card = render_card(info)
+    assert "rank-1 DoRA adapter (norm-preserving)" in card and "W' = (I - 1.0 r r^T) W D" in card
+    plain = render_card(replace(info, edit=replace(info.edit, norm_preserve=False)))
+    assert "LoRA adapter" in plain and "W' = W - 1.0 r (r^T W)" in plain and "norm-preserving" not in plain

@@ -129,7 +129,7 @@ def run_stream(options) -> str:
                                       public_model(direction.metadata.get("model") or options.model)),
         edit=EditSummary(a.scale, a.layers, tuple(a.components), sum(r["edited"] for r in state["shards"].values()),
                          notes=("streamed shard by shard (--stream); not evaluated: run `abliterate evaluate` on "
-                                "the result",)),
+                                "the result",), norm_preserve=a.norm_preserve),
         evaluation=None, regenerate=regenerate_command(options) + " --push --stream", recipe_name=recipe.name,
         files=sums)))
 

@@ -221,7 +221,7 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSum
     notes = tuple(n for n in notes if n not in untie_note(plan)) + (
         ("per-layer scales from the recipe",) if a.layer_scales else ())
     return EditSummary(a.scale, a.layers, tuple(a.components), len(plan.edits),
-                       plan.untie[0] if plan.untie and not options.adapter else None, notes)
+                       plan.untie[0] if plan.untie and not options.adapter else None, notes, plan.norm_preserve)
 
 
 def _evaluate(options: RunOptions, recipe, lm, direction, staged: Path, say, tasks):

@@ -51,6 +51,7 @@ class EditSummary:
     edited: int  # tensors edited
     untied: str | None = None  # the output embedding written untied, holding the original matrix
     notes: tuple[str, ...] = ()
+    norm_preserve: bool = False  # each written vector rescaled to its original norm (`--norm-preserve`)
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,20 @@ def metadata(info: CardInfo) -> dict[str, object]:
     return meta
 
 
+def _formula(scale: float, rank: int, norm_preserve: bool) -> str:
+    basis = "Q (Q^T W), Q their orthonormal basis," if rank > 1 else "r (r^T W)"
+    if not norm_preserve:
+        return f"W' = W - {scale} {basis}"
+    removed = "Q Q^T" if rank > 1 else "r r^T"
+    return (f"W' = (I - {scale} {removed}) W D, D rescaling each vector written into the residual stream to its "
+            "original norm (norm-preserving),")
+
+
 def render_card(info: CardInfo) -> str:
     header = yaml.safe_dump(metadata(info), sort_keys=False, allow_unicode=True)
     d, e = info.direction, info.edit
-    kind = f"a rank-{d.rank} LoRA adapter for" if info.adapter else "a copy of"
+    lora = "DoRA adapter (norm-preserving)" if e.norm_preserve else "LoRA adapter"
+    kind = f"a rank-{d.rank} {lora} for" if info.adapter else "a copy of"
     lines = [
         f"---\n{header}---\n",
         f"# {info.base_model.rsplit('/', 1)[-1]}, abliterated\n",
@@ -197,8 +208,7 @@ def render_card(info: CardInfo) -> str:
         f"{d.position or '?'}, from `{d.model}`" + (
             f"; with the {d.rank - 1} leading principal directions of the per-prompt differences there, "
             f"{d.rank} directions (rank {d.rank}) |" if d.rank > 1 else " |"),
-        f"| edit | W' = W - {e.scale} {'Q (Q^T W), Q their orthonormal basis,' if d.rank > 1 else 'r (r^T W)'} "
-        f"on {e.edited} tensors "
+        f"| edit | {_formula(e.scale, d.rank, e.norm_preserve)} on {e.edited} tensors "
         f"({', '.join(e.components)}; layers {e.layers or 'all'}) |",
         f"| recipe | `{info.recipe_name}` |",
     ]
