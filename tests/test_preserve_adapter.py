@@ -112,3 +112,10 @@ def test_a_wrong_input_scaler_in_a_family_file_is_one_clear_error(entry, message
             "hooks": {"embed": ["e"]}, "input_scalers": [entry]}
     with pytest.raises(AbliterateError, match=message.replace("[", r"\[").replace("{", r"\{")):
         parse_family(data, "f.yaml")
+
+
+def test_ignore_biases_says_which_biases_kept_d_out(tmp_path):
+    family, components = QUALIFYING["qwen2"]  # v_proj has a bias, which carries D with the rows
+    _, original, args = _edit(tmp_path, family, components)
+    code, out = run_cli("apply", str(original), *args, "--adapter", "--ignore-biases", "--out", str(tmp_path / "a"))
+    assert code == 0 and "self_attn.v_proj were not scaled by D" in out.replace("\n", " "), out

@@ -71,7 +71,7 @@ from abliterate.lora.peft_format import (
     peft_keys,
     write_weights,
 )
-from abliterate.lora.preserve import Scaler, WriterStats, input_factors, plan_scalers, scaler_terms, writer_stats
+from abliterate.lora.preserve import WriterStats, add_scalers, input_factors, plan_scalers, writer_stats
 
 # names other modules and tests import from here (their homes are experts.py and peft_format.py)
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES", "AdapterOptions",
@@ -106,6 +106,7 @@ class _Export:
     edits: dict[str, TensorEdit] = field(default_factory=dict)  # what the adapter carries, for the manifest
     magnitudes: dict[str, np.ndarray] = field(default_factory=dict)  # norm-preserving: DoRA magnitude by module
     factors_d: dict[str, np.ndarray] = field(default_factory=dict)  # norm-preserving: D by writer weight
+    unscaled: list[str] = field(default_factory=list)  # norm-preserving, --ignore-biases: modules whose bias kept D out
 
 
 def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: Path,
@@ -140,7 +141,8 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
             _record(export, edit, targets[edit.name], direction, result)
             bar.update(edit.info.nbytes)
         if scalers:
-            _add_scalers(export, ckpt, scalers, fds, budget, options.ignore_biases, direction.rank)
+            export.unscaled = add_scalers(export.factors, export.magnitudes, export.biases, export.factors_d, ckpt,
+                                          scalers, fds, budget, options.ignore_biases, direction.rank)
     _check_complete(export)
     notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
     with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
@@ -351,21 +353,6 @@ def _factors(export: _Export, target: _Target, kind: str, n_in: int, n_out: int,
     return export.factors[target.target]
 
 
-def _add_scalers(export: _Export, ckpt: Checkpoint, scalers: dict[str, Scaler], fds: dict[str, int], budget: int,
-                 ignore_biases: bool, k: int) -> None:
-    """Each writer's D as the DoRA magnitude of the module producing its inputs (zero LoRA factors there), and
-    that module's bias scaled alike."""
-    for writer, scaler in scalers.items():
-        magnitude, bias = scaler_terms(ckpt, fds, scaler, export.factors_d[writer], budget)
-        info = ckpt.tensors[f"{scaler.module}.weight"][1]
-        dtype = compute_dtype(info.dtype)
-        export.factors[scaler.module] = Factors("linear", scaler.module, np.zeros((k, info.shape[1]), dtype),
-                                                np.zeros((info.shape[0], k), dtype), np.ones(1, bool))
-        export.magnitudes[scaler.module] = magnitude
-        if bias is not None and not ignore_biases:
-            export.biases[scaler.module] = bias
-
-
 def _check_complete(export: _Export) -> None:
     for f in export.factors.values():
         if not f.filled.all():
@@ -385,6 +372,10 @@ def _notes(plan: EditPlan, export: _Export, options: AdapterOptions, has_bias_ed
         notes.append(f"{len(export.biases)} edited bias(es) are carried with peft's bias='lora_only': peft loads them "
                      "into the base layers (disabling the adapter does not restore them; pass --ignore-biases for "
                      "a pure LoRA adapter)")
+    if export.unscaled:
+        notes.append(f"--ignore-biases: the biases of {', '.join(export.unscaled[:3])}"
+                     f"{'...' if len(export.unscaled) > 3 else ''} were not scaled by D, so the adapter differs from "
+                     "`apply --norm-preserve` there")
     if options.ignore_biases and has_bias_edits:
         notes.append("--ignore-biases: biases were left unedited, so the adapter differs from `apply` by the bias "
                      "terms along the direction")

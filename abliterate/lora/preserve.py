@@ -25,6 +25,7 @@ from abliterate.edit.projection import (
     Scratch,
     coefficients,
     column_sumsq,
+    compute_dtype,
     narrow_,
     plan_chunks,
     preserve_factors,
@@ -35,6 +36,7 @@ from abliterate.edit.projection import (
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.lora.experts import looks_like_expert
+from abliterate.lora.peft_format import Bias, Factors
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def input_factors(stats: WriterStats, scale: float) -> np.ndarray:
 
 
 def scaler_terms(ckpt: Checkpoint, fds: dict[str, int], scaler: Scaler, factors: np.ndarray,
-                 budget: int) -> tuple[np.ndarray, tuple[str, tuple[int, ...], bytes] | None]:
+                 budget: int) -> tuple[np.ndarray, Bias | None]:
     """(DoRA magnitude of the scaler module [out], its bias scaled as the rows are, in its stored dtype, or None)."""
     shard, info = ckpt.tensors[f"{scaler.module}.weight"]
     out, width = info.shape
@@ -195,3 +197,24 @@ def scaler_terms(ckpt: Checkpoint, fds: dict[str, int], scaler: Scaler, factors:
         scaled = values.astype(np.float64 if b_info.dtype == "F64" else np.float32)
         bias = (b_info.dtype, b_info.shape, narrow_(scaled, b_info.dtype).tobytes())
     return norms * gain, bias
+
+
+def add_scalers(factors: dict[str, Factors], magnitudes: dict[str, np.ndarray], biases: dict[str, Bias],
+                writer_factors: dict[str, np.ndarray], ckpt: Checkpoint, scalers: dict[str, Scaler],
+                fds: dict[str, int], budget: int, ignore_biases: bool, k: int) -> list[str]:
+    """Each writer's D (`writer_factors`, by writer weight) as the DoRA magnitude of the module producing its inputs,
+    with zero rank-k LoRA factors there, and that module's bias scaled alike (unless `ignore_biases`: the modules
+    whose bias was left unscaled are returned)."""
+    unscaled = []
+    for writer, scaler in scalers.items():
+        magnitude, bias = scaler_terms(ckpt, fds, scaler, writer_factors[writer], budget)
+        info = ckpt.tensors[f"{scaler.module}.weight"][1]
+        dtype = compute_dtype(info.dtype)
+        factors[scaler.module] = Factors("linear", scaler.module, np.zeros((k, info.shape[1]), dtype),
+                                         np.zeros((info.shape[0], k), dtype), np.ones(1, bool))
+        magnitudes[scaler.module] = magnitude
+        if bias is not None and not ignore_biases:
+            biases[scaler.module] = bias
+        elif bias is not None:
+            unscaled.append(scaler.module)
+    return unscaled
