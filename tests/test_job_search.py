@@ -85,3 +85,11 @@ def test_time_budget_stops_the_search_before_its_trials(refusing_model, tmp_path
     result = search(lm, load_candidates(Path(tmp_path / "d.safetensors"), lm), harmful, harmless,
                     SearchSettings(trials=50, time_budget=0.0), tmp_path / "s.db", quiet=True)
     assert result.ran == 0 and "--time-budget" in result.notes[-1]
+
+
+def test_an_adapter_job_searches_no_norm_preserving_point_it_could_not_write():
+    from abliterate.jobs.job_search import search_settings
+    from abliterate.jobs.run_options import RunOptions
+
+    assert search_settings(RunOptions(model="m", search=4, adapter=True), 8, None).norm_preserve is False
+    assert search_settings(RunOptions(model="m", search=4), 8, None).norm_preserve is True

@@ -33,7 +33,7 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     harmful/harmless validation."""
     from abliterate.measure.templates import load_template
     from abliterate.search.objectives import borderline_prompts
-    from abliterate.search.study import SearchSettings, load_candidates, pick, save_choice, search, table
+    from abliterate.search.study import load_candidates, pick, save_choice, search, table
 
     s = recipe.extract
     harmful_val, harmless_val = prompts[2:]
@@ -45,8 +45,10 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
         extract_with(lm, options, recipe, prompts, candidates, say)
     cands = load_candidates(candidates, lm)
     template = load_template(options.template)
-    settings = SearchSettings(trials=options.search, time_budget=options.time_budget, batch_size=s.batch_size,
-                              template=template)
+    settings = search_settings(options, s.batch_size, template)
+    if options.adapter:
+        say("note: --adapter: the search leaves norm-preserving edits out (it edits the embeddings, whose "
+            "norm-preserving rescaling no adapter carries)")
     borderline = borderline_prompts("builtin:overrefusal", s.n_val, eval_limit=recipe.evaluate.limit or 10**9)
     if study.is_file():
         say(f"resuming the search in {study}")
@@ -66,6 +68,15 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     card = SearchSummary(len(result.trials), round(result.seconds, 1), choice.number, front, options.max_kl,
                          options.max_refusals, RECIPE_NAME)
     return SearchOutcome(searched, recipe_file, direction, card, cands.max_directions)
+
+
+def search_settings(options, batch_size: int | str, template: str | None):
+    """The job's search settings: without norm-preserving points when the output is an adapter (every point edits the
+    embeddings, and `lora.preserve` refuses their norm-preserving rescaling), so the chosen point can be written."""
+    from abliterate.search.study import SearchSettings
+
+    return SearchSettings(trials=options.search, time_budget=options.time_budget, batch_size=batch_size,
+                          template=template, norm_preserve=not options.adapter)
 
 
 def write_recipe_copy(outcome: SearchOutcome, folder: Path, direction_name: str) -> None:
