@@ -9,7 +9,8 @@ difference between the adapter loaded with peft (`PeftModel.from_pretrained` on 
 written weights loaded in that dtype, next to how much the edit moves logits. In bfloat16 both sides are also
 compared with the float32 computation of the same bfloat16 weights' edit (the weights written in float32 from the
 bfloat16 original), so the adapter's difference can be read against the rounding the weights themselves carry.
-Takes about a minute on a CPU.
+Last, the largest deviation from 1 of the DoRA scale peft computes for the writers' rows (peft turns DoRA on for
+every target; their magnitude is the norm of their edited rows). Takes about a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -38,12 +39,35 @@ def run(*args: str) -> None:
         raise SystemExit(result.output)
 
 
+SCALE_DRIFT: list[float] = []  # |m / |row| - 1| of the writers' DoRA rows, as peft computes the norm (float32)
+
+
 def logits(folder: Path, dtype: torch.dtype, adapter: Path | None = None) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+        if dtype == torch.float32:
+            SCALE_DRIFT.append(writer_scale_drift(model))
     with torch.no_grad():
         return model.eval()(IDS).logits.float()
+
+
+def writer_scale_drift(model: PeftModel) -> float:
+    """The largest |m_i / |row i of W + B A| - 1| over the adapted writers (nonzero LoRA factors), with the norm
+    computed by peft's DoRA layer as its forward does: the scale those rows should keep at exactly 1."""
+    worst = 0.0
+    for module in model.modules():
+        if not hasattr(module, "lora_magnitude_vector") or "default" not in module.lora_magnitude_vector:
+            continue
+        a, b = module.lora_A["default"], module.lora_B["default"]
+        if not b.weight.abs().max() > 0:
+            continue  # a module carrying D: its scale is D by design
+        dora = module.lora_magnitude_vector["default"]
+        with torch.no_grad():
+            norm = dora.get_weight_norm(module.get_base_layer().weight, dora.get_lora_weight(a, b),
+                                        module.scaling["default"])
+            worst = max(worst, (dora.weight / norm - 1).abs().max().item())
+    return worst
 
 
 def measure(name: str, dtype: torch.dtype, root: Path) -> str:
@@ -75,6 +99,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             with tempfile.TemporaryDirectory() as tmp:
                 print(measure(name, dtype, Path(tmp)), flush=True)
+    print(f"\nlargest |scale - 1| of a writer's DoRA row (float32): {max(SCALE_DRIFT):.1e}")
 
 
 if __name__ == "__main__":
