@@ -191,12 +191,35 @@ def _rank(path: Path, shape: tuple[int, ...], metadata: dict[str, str]) -> int:
     return rank
 
 
+class RankDeficientError(AbliterateError):
+    """Directions that span fewer dimensions than their count (e.g. once the harmless mean is projected out)."""
+
+
+def project_out(rows: np.ndarray, h: np.ndarray, where: str) -> np.ndarray:
+    """Orthonormal rows [k, d] spanning what the rows' span keeps orthogonal to the unit vector h: each row with h
+    projected out, then Gram-Schmidt in order (row 0 becomes unit(r0 - (r0.h) h)). For orthonormal rows Q the
+    projected set's smallest singular value is sqrt(1 - |Q h|^2): when h lies (almost) in the span a direction is
+    lost, and the set is refused (RankDeficientError) rather than completed with rounding noise."""
+    q = orthonormalise(rows, where).astype(np.float64)
+    inside = float(np.linalg.norm(q @ h))  # |Q h|: how much of h the span holds
+    message = (f"{where}: the harmless mean lies (almost) in the span of its {len(q)} directions, so making them "
+               f"orthogonal to it leaves {len(q) - 1}: the set is rank-deficient; drop --biproject, or use fewer "
+               "directions")
+    if not np.sqrt(max(0.0, 1.0 - inside**2)) > DEPENDENT:
+        raise RankDeficientError(message)
+    try:
+        return orthonormalise(q - np.outer(q @ h, h), where)
+    except AbliterateError:
+        raise RankDeficientError(message) from None
+
+
 def biproject(direction: Direction) -> Direction:
     """The direction made orthogonal to the harmless mean at its own layer and position (what the search's
-    "projected" variant does): r' = unit(r - (r.h) h), h the unit harmless mean that extraction saved."""
+    "projected" variant does): r' = unit(r - (r.h) h), h the unit harmless mean that extraction saved; for k
+    directions their span made orthogonal to h (`project_out`), refused when that loses a direction."""
     where = direction.path or "the direction"
-    if direction.per_layer or direction.rank > 1:
-        raise AbliterateError(f"{where}: biprojection needs one direction [d], not one per layer or several")
+    if direction.per_layer:
+        raise AbliterateError(f"{where}: biprojection needs one direction [d] or one set [k, d], not one per layer")
     try:
         layer, position = int(direction.metadata["layer"]), int(direction.metadata["position"])
         with safe_open(str(direction.path), framework="np") as f:
@@ -208,9 +231,12 @@ def biproject(direction: Direction) -> Direction:
     if not np.isfinite(h).all() or not np.linalg.norm(h):
         raise AbliterateError(f"{where}: the harmless mean at layer {layer} is zero or not finite; re-extract it")
     h /= np.linalg.norm(h)
+    metadata = {**direction.metadata, "biprojected": "true"}
+    if direction.rank > 1:
+        return Direction(project_out(direction.vectors, h, f"{where} (--biproject)"), metadata, None, direction.rank)
     r = direction.vectors.astype(np.float64)
     projected = r - (r @ h) * h
-    return Direction(normalise(projected), {**direction.metadata, "biprojected": "true"}, None)
+    return Direction(normalise(projected), metadata, None)
 
 
 def check_output_file(path: str | Path, example: str = "direction.safetensors") -> None:

@@ -15,7 +15,7 @@ import torch
 from abliterate.edit.plan import EditOptions
 from abliterate.edit.strengths import LAYERED, Profile, layer_scales, uniform
 from abliterate.errors import AbliterateError
-from abliterate.io.direction_file import RANK_KEY, Direction, orthonormalise
+from abliterate.io.direction_file import RANK_KEY, Direction, orthonormalise, project_out
 from abliterate.measure.loading import LoadedModel
 
 
@@ -151,6 +151,7 @@ def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor | Direction
         return _unit((1 - frac) * _unit(t[lo, j]) + frac * _unit(t[hi, j])) if frac > 0 else _unit(t[lo, j])
 
     r = blend(cands.candidates)
+    h = None
     if point.projected:
         if cands.harmless_mean is None:
             raise AbliterateError("the projected variant needs the harmless mean; re-run `abliterate extract`")
@@ -162,8 +163,10 @@ def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor | Direction
         raise AbliterateError(f"the point removes {point.directions} directions but the direction file holds "
                               f"{cands.max_directions}; use the file written by `abliterate extract --directions`")
     rows = torch.cat([r[None], cands.more[: point.directions - 1]]).numpy()
-    return Direction(orthonormalise(rows, "the searched directions"), {RANK_KEY: str(point.directions)}, None,
-                     point.directions)
+    # projected: the whole span made orthogonal to the harmless mean (RankDeficientError when that loses one)
+    q = orthonormalise(rows, "the searched directions") if h is None else project_out(
+        rows, h.double().numpy() / float(h.double().norm()), "the searched directions")
+    return Direction(q, {RANK_KEY: str(point.directions)}, None, point.directions)
 
 
 def selected_point(cands: CandidateSet) -> Point:

@@ -39,6 +39,7 @@ from abliterate.edit.plan import EditOptions
 from abliterate.edit.strengths import LAYERED, Profile
 from abliterate.errors import AbliterateError, first_line
 from abliterate.evaluate.objectives import ContinuationKL, RefusalCount
+from abliterate.io.direction_file import RankDeficientError
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.scores import (
@@ -300,7 +301,11 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
             trial = study.ask()
             try:
                 point = suggest(trial, cands, settings, lm.num_layers)
-                r, options = direction_for(cands, point), point.options(lm.num_layers)
+                try:
+                    r, options = direction_for(cands, point), point.options(lm.num_layers)
+                except RankDeficientError:  # a projected span that lost a direction: no such edit to score
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
                 score, kl = scorer.first_token(r, options)
                 if not (math.isfinite(score) and math.isfinite(kl)):
                     study.tell(trial, state=TrialState.FAIL)
