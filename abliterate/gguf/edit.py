@@ -1,11 +1,11 @@
 """`apply` on a GGUF file: the projection streamed tensor by tensor into a new GGUF.
 
-Float tensors (F32, F16, BF16) go through exactly the code `apply` uses on safetensors. Quantised
-tensors are dequantised a chunk of whole rows at a time (the gguf library), edited in float32 with
-the same code, and quantised again: in their own type where the gguf library can write it, else
-in the --requant type. Every other tensor, the gaps between them and the metadata are copied byte
-for byte (kernel-side). The output is written under a hidden temporary name next to --out and
-renamed into place only when complete, with a manifest beside it that `verify` reads.
+Float tensors (F32, F16, BF16) go through exactly the code `apply` uses on safetensors (one direction, or
+the span of k: a rank-k file). Quantised tensors are dequantised a chunk of whole rows at a time (the gguf
+library), edited in float32 with the same code, and quantised again: in their own type where the gguf
+library can write it, else in the --requant type. Every other tensor, the gaps between them and the
+metadata are copied byte for byte (kernel-side). The output is written under a hidden temporary name
+next to --out and renamed into place only when complete, with a manifest beside it that `verify` reads.
 """
 
 from __future__ import annotations
@@ -86,10 +86,6 @@ def apply_gguf(plan: GgufPlan, direction: Direction, out: Path, *, overwrite: bo
     src = plan.src
     if Path(out).absolute() == src.path.absolute():
         raise AbliterateError("--out is the input file; abliterate never modifies its input: choose another --out")
-    if direction.rank > 1:
-        raise AbliterateError(f"{direction.path or 'the direction'} holds {direction.rank} directions; GGUF edits "
-                              "remove one (re-quantisation is checked for rank 1 only): edit the safetensors "
-                              "checkpoint, or pass a rank-1 direction file")
     header = encode_header(src, [(p.tensor, p.offset) for p in plan.placed])
     tail = src.file_size - max(t.end for t in src.tensors)  # the input's padding after its last tensor
     size = len(header) + plan.data_size + (0 if plan.untie else tail)
@@ -175,7 +171,7 @@ def write_manifest(plan: GgufPlan, direction: Direction, path: Path, max_memory:
         "command": recorded_command(),
         "source": str(plan.src.path),
         "direction": {"file": str(direction.path.absolute()) if direction.path else None,
-                      "metadata": direction.metadata, "per_layer": direction.per_layer},
+                      "metadata": direction.metadata, "per_layer": direction.per_layer, "rank": direction.rank},
         "untie": plan.untie,
         "edits": {e.tensor.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
                                   "component": e.component, "type": e.tensor.type_name, "written_type": e.out_type}

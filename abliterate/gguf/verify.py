@@ -3,8 +3,9 @@
 Edited float tensors must equal the projection recomputed from the original within one rounding
 step of their type plus what another order of summing r^T W can change, and (for a full removal)
 keep at most 1e-6 |W| along r in F32, eps(type) |W| in F16/BF16: the checks `verify` makes on
-safetensors. Re-quantised tensors must be within one quantisation step of the projection of the
-original's dequantised values (per block of their written type). Every other tensor must be
+safetensors (for k directions the span's bound of edit/verify_span.py, and along the span). Re-quantised
+tensors must be within one quantisation step of the projection (of r or the span) of the original's
+dequantised values (per block of their written type). Every other tensor must be
 byte-identical, the metadata too; an untied output.weight must hold the original token embedding.
 Memory: the edit's chunks (a quarter of the budget each) and cache-sized float64 blocks.
 """
@@ -21,6 +22,7 @@ from abliterate.edit.plan import EditOptions
 from abliterate.edit.projection import EPS, TINY, Chunk, Scratch, iter_edited_chunks, plan_chunks, read_stored, widen
 from abliterate.edit.shard_writer import chunk_budget
 from abliterate.edit.verify import FLOAT32_RESIDUAL_TOLERANCE, VerifyReport
+from abliterate.edit.verify_span import check_span_edited
 from abliterate.errors import AbliterateError
 from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING
 from abliterate.gguf.edit import QUANT_BUDGET_DIVISOR, manifest_path, quantised_chunks
@@ -60,7 +62,8 @@ def verify_gguf(original_path: Path, edited_path: Path, direction: Direction, op
             if edit is None:
                 _check_identical(fds, p.source, got, budget, report)
             elif edit.tensor.is_float and edit.out_type == edit.tensor.type_name:
-                _check_float(fds, edit, got, direction, budget, report)
+                check = _check_span if direction.rank > 1 else _check_float
+                check(fds, edit, got, direction, budget, report)
             else:
                 _check_quantised(fds, edit, got, direction, budget // QUANT_BUDGET_DIVISOR, report)
     return report
@@ -190,12 +193,34 @@ def _check_float(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, directio
             else:
                 coeff = part_along if chunk.rows is None or chunk.rows.start == 0 else coeff + part_along
                 along += float(np.square(coeff).sum()) if chunk.rows is None or chunk.last else 0.0
-    if edit.scale == 1.0:
-        tolerance = FLOAT32_RESIDUAL_TOLERANCE if dtype == "F32" else max(FLOAT32_RESIDUAL_TOLERANCE, EPS[dtype])
-        relative = math.sqrt(along / total) if total else 0.0
-        report.max_relative_residual = max(report.max_relative_residual, relative)
-        if relative > tolerance:
-            report.problems.append(f"{got.name} keeps {relative:.3g} |W| along the direction (allowed {tolerance:.3g})")
+    _check_residual(got.name, dtype, edit.scale, math.sqrt(along / total) if total else 0.0, report)
+
+
+def _check_residual(name: str, dtype: str, scale: float, relative: float, report: VerifyReport) -> None:
+    """A full removal keeps at most 1e-6 |W| along the direction (its span) in F32, eps(type) |W| in F16/BF16."""
+    if scale != 1.0:
+        return
+    tolerance = FLOAT32_RESIDUAL_TOLERANCE if dtype == "F32" else max(FLOAT32_RESIDUAL_TOLERANCE, EPS[dtype])
+    report.max_relative_residual = max(report.max_relative_residual, relative)
+    if relative > tolerance:
+        report.problems.append(f"{name} keeps {relative:.3g} |W| along the direction (allowed {tolerance:.3g})")
+
+
+def _check_span(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, direction: Direction, budget: int,
+                report: VerifyReport) -> None:
+    """A float tensor edited with k directions: the per-element bound `verify` enforces on safetensors
+    (edit/verify_span.py), then what it keeps along the span."""
+    report.count_edit(edit.scale)
+    t, dtype = edit.tensor, FLOAT_TYPES[edit.tensor.type_name]
+    check = check_span_edited(fds[0], TensorInfo(t.name, dtype, t.shape, t.start, t.end), fds[1],
+                              TensorInfo(t.name, dtype, t.shape, got.start, got.end),
+                              direction.for_layer(edit.layer), edit.scale, edit.hidden_axis, budget)
+    report.element_ratio = max(report.element_ratio, check.element_ratio)
+    if not check.ok:
+        report.problems.append(f"{got.name} differs from the recomputed projection of the span by more than "
+                               "rounding allows")
+        return
+    _check_residual(got.name, dtype, edit.scale, check.along / check.norm if check.norm else 0.0, report)
 
 
 def _compare(orig: np.ndarray, expected: np.ndarray, have: np.ndarray, dtype: str, r: np.ndarray, abs_r: np.ndarray,
