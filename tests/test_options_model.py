@@ -52,7 +52,7 @@ READ_NO_RECIPE = {TaskOptions, ModelOptions, SearchOptions, SteerVectorsOptions,
 # values a generic rule cannot guess: a valid choice, a layer range, a direction under the name the job records
 SPECIAL = {"kind": "harmfulness", "layers": "2:5", "components": ("attn",), "targets": ("a\\.weight", "b.*"),
            "max_memory": 3 << 20, "requant": "Q4_0", "refusal_objective": "count", "kl_objective": "continuation",
-           "coeffs": (-0.5, 1.5), "prompts": ("hi", "and bye")}
+           "coeffs": (-0.5, 1.5), "prompts": ("hi", "and bye"), "proposals": "categories"}
 
 
 def changed(f: dataclasses.Field, cls: type) -> object:

@@ -44,6 +44,9 @@ def extract(**params) -> None:
     if o.directions > 1 and (o.reselect or o.kind == "harmfulness"):
         raise AbliterateError("--directions needs MODEL and --kind refusal: the extra directions are measured on the "
                               "model at the chosen layer (--reselect loads no model)")
+    if o.proposals == "categories" and o.directions < 2:
+        raise AbliterateError("--proposals categories chooses the directions beside the chosen one: add --directions K "
+                              "(K >= 2)")
     if o.kind == "harmfulness":
         return _harmfulness(o, m, command)
     result = run_reselect(o.reselect, o.selection()) if o.reselect else _extract(o, m, command)
@@ -56,7 +59,7 @@ def extract(**params) -> None:
 
 
 def _extract(o: ExtractOptions, m: ModelOptions, command: str):
-    from abliterate.measure.extract import PromptSets, extract, pending_path, split_prompts
+    from abliterate.measure.extract import PromptSets, extract, harmful_categories, pending_path, split_prompts
     from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
@@ -66,6 +69,12 @@ def _extract(o: ExtractOptions, m: ModelOptions, command: str):
                                                  kind="harmless")
     from abliterate.search.finalists import by_generation, finalist_measure
 
+    categories = None
+    if o.proposals == "categories":
+        from abliterate.measure.directions import check_categories
+
+        categories = harmful_categories(o.harmful, harmful_train, o.field)
+        check_categories(categories, o.directions - 1)  # before the model loads
     lm = load_model(o.model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
     template, settings = load_template(m.template), o.selection()
     measure = finalist_measure(lm, harmful_val, harmless_val, settings, template=template, thinking=m.thinking,
@@ -74,7 +83,7 @@ def _extract(o: ExtractOptions, m: ModelOptions, command: str):
                    template=template, positions=o.positions, settings=settings,
                    template_kwargs={} if m.thinking else {"enable_thinking": False}, quiet=o.quiet,
                    pending=pending_path(o.out), metadata={"command": command}, measure_finalists=measure,
-                   directions=o.directions)
+                   directions=o.directions, categories=categories)
 
 
 def report(result, out: Path) -> None:
@@ -94,7 +103,8 @@ def report(result, out: Path) -> None:
     if result.relaxed:
         click.echo(f"note: {result.relaxed}")
     rejected = sum(s.rejected is not None for s in full)
-    more = "" if result.more is None else f" ({len(result.more) + 1} directions: the chosen one first)"
+    more = "" if result.more is None else f" ({len(result.more) + 1} directions: the chosen one first" + (
+        f", then categories {', '.join(result.more_categories)})" if result.more_categories else ")")
     click.echo(f"{len(result.scores)} candidates screened, {len(full)} scored fully, {rejected} of those rejected by "
                f"the filters; wrote {out}{more}")
 

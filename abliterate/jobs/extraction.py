@@ -42,7 +42,7 @@ def load_job_model(options: RunOptions, recipe, source: Path):
 
 def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
     """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
-    from abliterate.measure.extract import PromptSets, extract, save_extraction
+    from abliterate.measure.extract import PromptSets, extract, harmful_categories, save_extraction
     from abliterate.measure.templates import load_template
     from abliterate.search.finalists import by_generation, finalist_measure
 
@@ -52,14 +52,18 @@ def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...]
     template = load_template(options.template)
     measure = finalist_measure(lm, prompts[2], prompts[3], settings, template=template,
                                quiet=options.quiet) if by_generation(settings) else None
+    categories = harmful_categories(options.harmful or s.harmful, prompts[0], options.field) if (
+        s.proposals == "categories" and s.directions > 1) else None
     result = extract(lm, PromptSets(*prompts), positions=s.positions, template=template, settings=settings,
                      template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
-                     metadata={"model": options.model}, measure_finalists=measure, directions=s.directions)
+                     metadata={"model": options.model}, measure_finalists=measure, directions=s.directions,
+                     categories=categories)
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:
         say(f"note: {result.relaxed}")
-    more = "" if result.more is None else f"; with {len(result.more)} principal directions beside it (rank " \
-        f"{len(result.more) + 1})"
+    what = "principal directions" if result.more_categories is None else \
+        f"categories' directions ({', '.join(result.more_categories)})"
+    more = "" if result.more is None else f"; with {len(result.more)} {what} beside it (rank {len(result.more) + 1})"
     say(f"direction: layer {result.best.layer}, post-instruction position {result.best.position} "
         f"(refusal log-odds {result.baseline_refusal:.2f} -> {result.best.refusal_ablated:.2f} when ablated){more}")

@@ -51,6 +51,7 @@ class RunOptions:
     template: str | None = option("--template", record="path",
                                   help="Chat template (Jinja file or text) for models without one.")
     directions: int | None = like(ExtractOptions, "directions", default=None, show_default=False)  # None: recipe's
+    proposals: str | None = like(ExtractOptions, "proposals", default=None, show_default=False)
     search: int | None = option("--search", type=int, metavar="N",
                                 help="Search N trials of direction and per-layer strengths on the loaded model (as "
                                 "`abliterate search`; needs optuna) and apply the chosen point; the card shows the "

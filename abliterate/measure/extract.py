@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class Extraction:
     num_layers: int = 0
     metadata: dict[str, str] = field(default_factory=dict)  # recorded as given (command, model name, ...)
     more: torch.Tensor | None = None  # [K - 1, d] directions beside `direction` (`--directions K`, directions.py)
+    more_categories: tuple[str, ...] | None = None  # the categories `more`'s rows are (`--proposals categories`)
 
 
 def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, seed: int = 0,
@@ -75,6 +76,17 @@ def split_prompts(source: str, *, n_train: int, n_val: int, field: str | None, s
     return train[:n_train], val[:n_val]
 
 
+def harmful_categories(source: str, prompts: list[str], field: str | None) -> list[str | None]:
+    """The category of each harmful prompt (None where its source gives none): `--proposals categories`."""
+    from abliterate.prompts import prompt_categories
+
+    try:
+        labels = prompt_categories(source, field=field)
+    except PromptError as e:
+        raise AbliterateError(f"--harmful: {e}") from None
+    return [labels.get(p) for p in prompts]
+
+
 def pending_path(out: Path) -> Path:
     """Where candidates and scores are kept while scoring runs (and after a failed choice)."""
     out = Path(out)
@@ -86,16 +98,21 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
             template_kwargs: dict | None = None, quiet: bool = False, pending: Path | None = None,
             metadata: dict[str, str] | None = None,
             measure_finalists: Callable[[torch.Tensor, list[CandidateScore]], list[CandidateScore]] | None = None,
-            directions: int = 1) -> Extraction:
+            directions: int = 1, categories: Sequence[str | None] | None = None) -> Extraction:
     """Candidates, their scores and the choice. With `pending`, the candidates and every round's scores are
     saved there before the next step (a failed or interrupted choice then costs no forward pass again).
     `measure_finalists` adds the scores beyond the first token that the settings rank by (see
     `search.finalists`). `metadata` is recorded in the files as given (e.g. the command line). directions > 1:
     that many directions, the choice first, then the leading principal directions of the per-prompt
-    differences at its layer and position (measure/directions.py)."""
+    differences at its layer and position (measure/directions.py), or with `categories` (a category or None per
+    harmful training prompt) categories' differences there."""
     metadata = metadata or {}
     settings = settings or SelectionSettings()
     check_settings(settings)  # before any forward pass
+    if categories is not None and directions > 1:
+        from abliterate.measure.directions import check_categories
+
+        check_categories(categories, directions - 1)
     kwargs = template_kwargs or {}
     suffix = post_instruction_suffix(lm.tokenizer, template, **kwargs)
     fmt = lambda texts: [render(lm.tokenizer, t, template, **kwargs) for t in texts]  # noqa: E731
@@ -130,14 +147,14 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
                               f"--reselect {pending} --out FILE` chooses again with other thresholds") from None
     best = choice.best
     r = candidates[best.layer, best.position + k]
-    more = None
+    more = names = None
     if directions > 1:
         from abliterate.measure.directions import propose
 
-        more = propose(lm, harmful_train, harmless_train, best.layer, best.position, r, directions - 1,
-                       batch_size=settings.batch_size, quiet=quiet)
+        more, names = propose(lm, harmful_train, harmless_train, best.layer, best.position, r, directions - 1,
+                              batch_size=settings.batch_size, quiet=quiet, categories=categories)
     return Extraction(r, best, choice.scores, candidates, suffix, baseline, harmless_mean, choice.relaxed, settings,
-                      lm.name, lm.num_layers, metadata, more)
+                      lm.name, lm.num_layers, metadata, more, None if names is None else tuple(names))
 
 
 def reselect(path: Path, settings: SelectionSettings) -> Extraction:
@@ -225,7 +242,10 @@ def save_extraction(result: Extraction, path: Path, extra_metadata: dict | None 
         **(extra_metadata or {}),
     }
     direction = result.direction
-    if result.more is not None:  # row 0 the choice, then the principal directions beside it
+    if result.more is not None:  # row 0 the choice, then the principal directions (or categories) beside it
         direction = torch.cat([direction[None], result.more.to(direction.dtype)])
         metadata["rank"] = len(direction)
+        metadata["proposals"] = "principal" if result.more_categories is None else "categories"
+        if result.more_categories is not None:
+            metadata["proposal_categories"] = json.dumps(list(result.more_categories))
     save_direction(path, direction, metadata, extra=_extra_tensors(result))

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from abliterate.options.declared import group, option
-from abliterate.options.recipe import KL_OBJECTIVES, REFUSAL_OBJECTIVES, SelectionSettings
+from abliterate.options.recipe import KL_OBJECTIVES, PROPOSALS, REFUSAL_OBJECTIVES, SelectionSettings
 from abliterate.options.values import checked_layers, parse_batch_size, parse_components, parse_size
 
 
@@ -124,6 +124,14 @@ class ExtractOptions:
                              "at its layer and position (one more pass over the training prompts). An edit removes "
                              "their span; a search (`search`, the whole job's --search) tries the first k = 1..K of "
                              "them and keeps the k it chose.")
+    proposals: str = option("--proposals", recipe="extract.proposals", type=click.Choice(PROPOSALS),
+                            show_default=True,
+                            help="With --directions K: where the K - 1 directions beside the chosen one come from: "
+                            "principal (the leading principal directions of the per-prompt differences) or "
+                            "categories (one per category of the harmful prompts: its harmful mean minus the harmless "
+                            "mean at the chosen layer and position, the most different first; needs labelled prompts "
+                            "such as builtin:harmful or a file with a `category` field, and K at most their number). "
+                            "The file's metadata records which.")
     model_options: ModelOptions = group(ModelOptions)
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 

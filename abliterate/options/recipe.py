@@ -20,6 +20,7 @@ from abliterate.errors import AbliterateError, first_line
 
 REFUSAL_OBJECTIVES = ("score", "count")  # what ranks candidates: first-token log-odds, or refused greedy replies
 KL_OBJECTIVES = ("first-token", "continuation")  # what the KL filter reads
+PROPOSALS = ("principal", "categories")  # where a rank-K extraction's directions beside the chosen one come from
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ExtractSettings(SelectionSettings):
     harmful: str = "builtin:harmful"
     harmless: str = "builtin:harmless"
     directions: int = 1  # K: the chosen direction and K - 1 principal directions beside it (a rank-K file)
+    proposals: str = "principal"  # or "categories": the K - 1 are categories' differences (measure/directions.py)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def _convert(section: str, key: str, value: Any, default: Any, source: str) -> A
         return _layer_scales(value, where)
     if value is None:
         return None
+    if key == "proposals" and value not in PROPOSALS:
+        raise AbliterateError(f"{where} should be one of {', '.join(PROPOSALS)}, got {value!r}")
     if key == "directions" and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64):
         raise AbliterateError(f"{where} should be a whole number from 1 to 64, got {value!r}")
     expected = type(default) if default is not None else (int if key == "positions" else str)

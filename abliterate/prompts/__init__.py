@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from abliterate.prompts.loaders import COMMON_FIELDS, LOADERS, PromptError, load_file, load_hf
+from abliterate.prompts.loaders import COMMON_FIELDS, LOADERS, PromptError, file_categories, load_file, load_hf
 
 __all__ = [
     "BUILTIN_NAMES",
@@ -39,6 +39,7 @@ __all__ = [
     "builtin_records",
     "general_text",
     "load_prompts",
+    "prompt_categories",
     "supported_suffixes",
 ]
 
@@ -143,3 +144,17 @@ def load_prompts(
     if len(prompts) < min_count:
         raise PromptError(f"{where}: found {len(prompts)} prompts, need at least {min_count}. Add more prompts.")
     return prompts
+
+
+def prompt_categories(source: str | os.PathLike[str], *, field: str | None = None) -> dict[str, str]:
+    """prompt -> category, for sources that label their prompts: the built-in sets (``category``) and local
+    .json/.jsonl/.csv/.tsv/.parquet files whose entries have a ``category`` field; {} for others (plain text, Hub
+    datasets). Used by ``extract --proposals categories``."""
+    text = os.fspath(source)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:").partition(":")[0]
+        return {r["prompt"].strip(): str(r["category"]) for r in reversed(_records(_check_name(name)))
+                if r.get("category")}
+    if text.startswith("hf:"):
+        return {}
+    return file_categories(Path(text), field)

@@ -234,6 +234,24 @@ def filter_split(records: Sequence[Record], split: str, where: str) -> list[Reco
     return kept
 
 
+def file_categories(path: Path, field: str | None) -> dict[str, str]:
+    """prompt -> the `category` of its entry, for a structured file whose entries carry one ({} otherwise: plain
+    text, or no such field); prompts as `load_file` strips them, the first entry winning for a repeated one."""
+    loader = LOADERS.get(path.suffix.lower())
+    if loader is None or not path.is_file() or path.stat().st_size == 0:
+        return {}
+    rows = [r for r in loader(path, field) if isinstance(r, Mapping)]
+    if not any(r.get("category") not in (None, "") for r in rows):
+        return {}
+    column = pick_field(_columns(rows), field, str(path))
+    out: dict[str, str] = {}
+    for row in rows:
+        prompt, category = row.get(column), row.get("category")
+        if isinstance(prompt, str) and prompt.strip() and category not in (None, ""):
+            out.setdefault(prompt.strip(), str(category))
+    return out
+
+
 def load_file(path: Path, field: str | None, split: str | None = None) -> list[str]:
     """Read prompts from a local file, choosing the parser by suffix; ``split`` filters on a 'split' field."""
     loader = LOADERS.get(path.suffix.lower())
