@@ -5,6 +5,7 @@ PeftModel against the norm-preserving weights within the README's 1e-5 in float3
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from abliterate.io.direction_file import save_direction
 from tests.families import COMMON, GPT2_LIKE, IDS, LLAMA_LIKE, Family, build_model, save_sharded, written_direction
 from tests.test_apply import run_cli
 from tests.test_norm_preserve import PRESERVE_FLOOR, PRESERVE_TOLERANCE
+from tests.test_pipeline import job_args, prompt_files  # noqa: F401  (fixture)
 
 MHA = dict(num_key_value_heads=4)  # every head its own values: o_proj's inputs are v_proj's rows
 NEOX = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -119,3 +121,35 @@ def test_ignore_biases_says_which_biases_kept_d_out(tmp_path):
     _, original, args = _edit(tmp_path, family, components)
     code, out = run_cli("apply", str(original), *args, "--adapter", "--ignore-biases", "--out", str(tmp_path / "a"))
     assert code == 0 and "self_attn.v_proj were not scaled by D" in out.replace("\n", " "), out
+
+
+def test_whole_job_writes_the_norm_preserving_adapter_and_its_card_numbers_replay_with_peft(
+        refusing_model, prompt_files, tmp_path, monkeypatch):  # noqa: F811
+    """The toy (gated MLP, a value head per head) as a whole job with a norm-preserving recipe and --adapter: the job
+    evaluates with the preserving hooks on its loaded model, and the card's `evaluate --adapter OUTPUT` command,
+    which loads the DoRA adapter with peft, prints the card's numbers."""
+    import re
+    import shlex
+
+    recipe = tmp_path / "np.yaml"
+    recipe.write_text("name: np\napply:\n  norm_preserve: true\n  components: [attn, mlp]\n")
+    out = tmp_path / "toy-np-adapter"
+    code, output = run_cli(str(refusing_model), "--adapter", "--recipe", str(recipe), "--out", str(out),
+                           *job_args(prompt_files))
+    assert code == 0, output
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    card = (out / "README.md").read_text()
+    assert "DoRA adapter (norm-preserving)" in card
+    command = re.search(r"Measured with:\n\n```bash\n(.+?)\n```", card).group(1)
+    replay = tmp_path / "replay"  # the card names local files by their names only: put them there
+    replay.mkdir()
+    for path in (refusing_model, *map(Path, prompt_files.values())):
+        (replay / path.name).symlink_to(path)
+    monkeypatch.chdir(replay)
+    code, printed = run_cli(*[str(out) if a == "OUTPUT" else a for a in shlex.split(command)[1:]], "-q",
+                            "--device", "cpu")
+    assert code == 0, printed
+    card_rows = dict(re.findall(r"^\| ([a-zA-Z][^|]*?) \| ([^|]*\(baseline [^|]*\)) \|$", card, re.M))
+    printed_rows = {m: f"{v} (baseline {b})" for m, v, b in
+                    re.findall(r"^\| ([a-zA-Z][^|]*?) \| ([^|]+?) \| ([^|]+?) \|$", printed, re.M)}
+    assert card_rows and all(printed_rows[m] == v for m, v in card_rows.items()), (card_rows, printed_rows)
