@@ -92,7 +92,7 @@ def test_what_no_adapter_carries_exactly_is_refused_in_one_line_naming_the_way_o
 def test_the_refusal_names_the_components_that_would_work(tmp_path):
     _, original, args = _edit(tmp_path, Family("llama", COMMON), "attn,mlp")
     out = run_cli("apply", str(original), *args, "--adapter", "--out", str(tmp_path / "a"))[1]
-    assert "pass --components mlp (leaving attn unedited)" in out
+    assert "pass --components mlp (recipe key apply.components; leaving attn unedited)" in out
 
 
 def test_merge_refuses_the_norm_preserving_adapter_and_points_to_apply(tmp_path):

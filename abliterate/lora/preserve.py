@@ -90,7 +90,8 @@ def plan_scalers(ckpt: Checkpoint, plan: EditPlan, edits: list[TensorEdit]) -> d
 
 def _way_out(components: list[str], refused: str) -> str:
     others = [c for c in components if c != refused]
-    keep = f"pass --components {','.join(others)} (leaving {refused} unedited), or " if others else ""
+    keep = (f"pass --components {','.join(others)} (recipe key apply.components; leaving {refused} unedited), or "
+            if others else "")
     return f"{keep}write the weights (drop --adapter)"
 
 
