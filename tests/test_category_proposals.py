@@ -138,4 +138,28 @@ def test_whole_job_takes_category_proposals_from_the_command_line(refusing_model
     with safe_open(str(out / "refusal_direction.safetensors"), "np") as f:
         meta = f.metadata()
     assert meta["proposals"] == "categories" and len(json.loads(meta["proposal_categories"])) == 2
-    assert "--directions 3 --proposals categories" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "--directions 3 --proposals categories" in card
+    assert "the differences of 2 categories of the harmful prompts there" in card and "rank 3" in card
+
+
+def test_card_names_where_the_further_directions_came_from():
+    from abliterate.publish.card import DirectionSummary
+
+    def said(**meta: str) -> str:
+        return DirectionSummary.of({"layer": "2", "position": "-1", **meta}, "m").beside()
+
+    assert said() == "" and said(rank="1") == ""
+    assert "2 leading principal directions" in said(rank="3", proposals="principal")
+    assert "categories of the harmful prompts there (drugs, fraud)" in said(
+        rank="3", proposals="categories", proposal_categories='["drugs", "fraud"]')
+    assert said(rank="2") == "; with 1 more directions from the file, 2 directions (rank 2)"  # a user's own file
+
+
+def test_a_searched_rank_k_choice_keeps_where_its_directions_came_from():
+    from abliterate.search.front import _proposals
+
+    meta = {"proposals": "categories", "proposal_categories": '["drugs", "fraud", "theft"]'}
+    assert _proposals(meta, 2) == {"proposals": "categories", "proposal_categories": '["drugs"]'}
+    assert _proposals({"proposals": "principal"}, 3) == {"proposals": "principal"}
+    assert _proposals({"proposal_categories": "not json"}, 2) == {}

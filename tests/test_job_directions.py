@@ -35,6 +35,7 @@ def test_whole_job_directions_removes_k_directions_and_the_card_and_command_reco
     assert direction.rank == 2 and direction.vectors.shape[0] == 2
     card = (out / "README.md").read_text()
     assert "rank 2" in card and "Q (Q^T W)" in card and "--directions 2" in card
+    assert "the 1 leading principal directions of the per-prompt differences" in card
     assert run_cli("verify", str(out))[0] == 0  # the rank-2 span check on every edited tensor
 
 

@@ -9,6 +9,7 @@ reproduce it, and lists the sha256 of every file, which `abliterate verify FOLDE
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -33,12 +34,31 @@ class DirectionSummary:
     position: str | None = None
     selection: str | None = None  # which selection filter was relaxed, if one was
     rank: int = 1  # k: the span of k directions removed (metadata `rank`)
+    proposals: str | None = None  # where rows 1..k-1 came from (metadata `proposals`): principal, categories
+    categories: tuple[str, ...] = ()  # with proposals "categories": the categories of rows 1..k-1
 
     @classmethod
     def of(cls, metadata: Mapping[str, str], model: str) -> DirectionSummary:
         rank = metadata.get("rank", "1")
+        try:
+            categories = tuple(str(c) for c in json.loads(metadata.get("proposal_categories", "[]")))
+        except (ValueError, TypeError):
+            categories = ()
         return cls(model, metadata.get("layer"), metadata.get("position"), metadata.get("selection"),
-                   int(rank) if rank.isdigit() else 1)
+                   int(rank) if rank.isdigit() else 1, metadata.get("proposals"), categories)
+
+    def beside(self) -> str:
+        """What the card says of the directions beside the chosen one ("" for one direction)."""
+        if self.rank <= 1:
+            return ""
+        n = self.rank - 1
+        if self.proposals == "principal":
+            what = f"the {n} leading principal directions of the per-prompt differences there"
+        elif self.proposals == "categories" and self.categories:
+            what = f"the differences of {n} categories of the harmful prompts there ({', '.join(self.categories)})"
+        else:
+            what = f"{n} more directions from the file"
+        return f"; with {what}, {self.rank} directions (rank {self.rank})"
 
 
 @dataclass(frozen=True)
@@ -205,9 +225,7 @@ def render_card(info: CardInfo) -> str:
         "## What was done\n",
         "| | |\n|---|---|",
         f"| direction | difference of means at layer {d.layer or '?'}, post-instruction position "
-        f"{d.position or '?'}, from `{d.model}`" + (
-            f"; with the {d.rank - 1} leading principal directions of the per-prompt differences there, "
-            f"{d.rank} directions (rank {d.rank}) |" if d.rank > 1 else " |"),
+        f"{d.position or '?'}, from `{d.model}`{d.beside()} |",
         f"| edit | {_formula(e.scale, d.rank, e.norm_preserve)} on {e.edited} tensors "
         f"({', '.join(e.components)}; layers {e.layers or 'all'}) |",
         f"| recipe | `{info.recipe_name}` |",

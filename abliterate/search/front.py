@@ -3,6 +3,7 @@ the chosen point saved as a recipe plus its direction file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -87,6 +88,14 @@ def table(front: list[TrialResult], prompts: int, chosen: TrialResult | None = N
     return "\n".join(lines)
 
 
+def _proposals(metadata: dict[str, str], k: int) -> dict[str, str]:
+    """Where the extraction's rows 1..k-1 came from (principal directions or categories), for the chosen file."""
+    out = {key: metadata[key] for key in ("proposals",) if key in metadata}
+    with contextlib.suppress(KeyError, ValueError, TypeError):  # none recorded (principal directions), or bad
+        out["proposal_categories"] = json.dumps(list(json.loads(metadata["proposal_categories"]))[: k - 1])
+    return out
+
+
 def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: Path, *, prompts: int,
                 study: Path, study_name: str, borderline: int = 0, model_name: str | None = None) -> tuple[Path, Path]:
     """Write OUT (a recipe naming the direction and per-layer scales) and its direction file beside it
@@ -94,7 +103,7 @@ def save_choice(choice: TrialResult, cands: CandidateSet, lm: LoadedModel, out: 
     out = Path(out)
     direction_path = out.with_name(out.stem + DIRECTION_SUFFIX)
     r = direction_for(cands, choice.point)
-    rank = {"rank": r.rank} if isinstance(r, Direction) else {}
+    rank = {"rank": r.rank, **_proposals(cands.metadata, r.rank)} if isinstance(r, Direction) else {}
     command = recorded_command()
     save_direction(direction_path, r.vectors if isinstance(r, Direction) else r, {**rank,
         "model": model_name or lm.name, "layer": math.floor(choice.point.layer), "position": choice.point.position,
