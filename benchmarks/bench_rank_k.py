@@ -12,7 +12,11 @@ toy train prompts (the last --n-val of each set validate), then
    count), and the first trial reaching the target point (refusals <= target, KL <= --kl-fraction x full
    removal's KL). Norm-preserving edits are left out of both (they take one direction), so the runs differ in k only.
 
+With --proposals categories the K - 1 directions beside the chosen one are categories' differences
+(`extract --proposals categories`), each toy harmful request's action being its category.
+
     python benchmarks/bench_rank_k.py [--model DIR] [--directions 3] [--seeds 3] [--budget 40] [--kl-fraction 0.5]
+                                      [--proposals principal|categories]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from bench_search import toy_extraction
 
+from abliterate.demo import toy
 from abliterate.edit.plan import EditOptions
 from abliterate.io.direction_file import load_direction
 from abliterate.search.study import Scorer, SearchSettings, load_candidates, search
@@ -51,14 +56,21 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=48)
     ap.add_argument("--target-refusals", type=int, default=None)
     ap.add_argument("--kl-fraction", type=float, default=0.5)
+    ap.add_argument("--proposals", choices=("principal", "categories"), default="principal")
     args = ap.parse_args()
+    extra = {}
+    if args.proposals == "categories":  # the toy's harmful requests labelled by their action
+        train = toy.toy_prompts().harmful_train[: -args.n_val]
+        extra["categories"] = [next(a for a in toy.HARMFUL_ACTIONS if a in h) for h in train]
 
     with tempfile.TemporaryDirectory(prefix="bench-rank-k-") as tmp:
         root = Path(tmp)
         n = args.n_val
-        lm, extraction, seconds, harmful, harmless = toy_extraction(args.model, root, n, directions=args.directions)
-        print(f"extracted {args.directions} directions in {seconds:.1f} s (layer "
-              f"{extraction.best.layer}, position {extraction.best.position})")
+        lm, extraction, seconds, harmful, harmless = toy_extraction(args.model, root, n, directions=args.directions,
+                                                                    **extra)
+        beside = f"; categories {', '.join(extraction.more_categories)}" if extraction.more_categories else ""
+        print(f"extracted {args.directions} directions ({args.proposals}) in {seconds:.1f} s (layer "
+              f"{extraction.best.layer}, position {extraction.best.position}{beside})")
         direction = load_direction(root / "dir.safetensors")
         scorer = Scorer(lm, harmful, harmless, SearchSettings())
         full = {}
