@@ -509,3 +509,14 @@ def test_hf_works_with_real_datasets_objects_when_installed(monkeypatch):
     assert load_prompts("hf:org/set:train") == ["i1", "i2"]
     assert load_prompts("hf:org/set", split="test", field="output") == ["o3"]
     assert "dataset has splits train, test" in _error("hf:org/set")
+
+
+@pytest.mark.parametrize("name", SPLIT_SETS)
+def test_builtin_split_prefix_covers_every_category(name):
+    """Extraction takes the first --n-train prompts; the files are grouped by category, so the order interleaves."""
+    category = {r["prompt"]: r["category"] for r in builtin_records(name)}
+    everyone = set(category.values())
+    for split in ("train", "val"):
+        prompts = builtin(name, split)
+        assert sorted(prompts) == sorted(r["prompt"] for r in builtin_records(name) if r["split"] == split)
+        assert {category[p] for p in prompts[: len(everyone)]} == everyone

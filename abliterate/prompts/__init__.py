@@ -79,12 +79,22 @@ def builtin_records(name: BuiltinName) -> list[dict[str, Any]]:
 
 
 def builtin(name: BuiltinName, split: Split = "all") -> list[str]:
-    """The prompts of a built-in set, optionally one split of it, in file order."""
+    """The prompts of a built-in set, optionally one split of it, categories interleaved: the files are grouped
+    by category, and extraction and `--limit` take a prefix, which must cover every category, not the first few."""
     _check_name(name)
     _check_split(split)
     if split != "all" and name in _UNSPLIT:
         raise PromptError(f"builtin:{name} has no train/val/test splits (it is for evaluation); use split 'all'.")
-    return [r["prompt"] for r in _records(name) if split == "all" or r["split"] == split]
+    return _interleaved([r for r in _records(name) if split == "all" or r["split"] == split])
+
+
+def _interleaved(records: list[dict[str, Any]]) -> list[str]:
+    """Round-robin over the categories in the order they first appear, each category's prompts in file order."""
+    by_category: dict[Any, list[str]] = {}
+    for r in records:
+        by_category.setdefault(r.get("category"), []).append(r["prompt"])
+    queues = list(by_category.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 @functools.cache
