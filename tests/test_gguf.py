@@ -259,6 +259,31 @@ def test_verify_accepts_the_edit_and_rejects_a_changed_byte(models, types):
     assert code == 1 and "FAIL output.weight should be byte-identical to the original token_embd" in printed, printed
 
 
+def test_the_gguf_manifest_is_the_typed_edit_manifest_and_verify_reads_it_so(models):
+    import json
+
+    from abliterate.edit.manifest import read_manifest_file
+
+    root, found = models
+    folder, direction, _ = found["qwen2_moe"]
+    src = _gguf(root, folder, "manifest-q8.gguf", "qwen2moe", types=Q8)
+    out = root / "manifest-q8-edited.gguf"
+    _apply(src, direction, out)
+    path = out.with_name(out.name + ".abliterate.json")
+    manifest = read_manifest_file(path)
+    assert manifest.untie == ("output.weight", "token_embd.weight") and manifest.max_memory == 256 << 20
+    edit = manifest.edits["blk.0.ffn_down_exps.weight"]
+    assert (edit.type, edit.written_type, edit.component) == ("Q8_0", "Q8_0", "mlp")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "untie": True}))  # as written before the typed record: still verifies
+    code, printed = run_cli("verify", str(src), str(out))
+    assert code == 0 and "OK" in printed, printed
+    del data["edits"]["blk.0.ffn_down_exps.weight"]["written_type"]
+    path.write_text(json.dumps(data))
+    code, printed = run_cli("verify", str(src), str(out))
+    assert code == 2 and "edits.blk.0.ffn_down_exps.weight needs type and written_type" in printed, printed
+
+
 def test_control_vector_holds_coeff_times_each_layers_vector_in_llama_cpp_numbering(tmp_path):
     vectors = np.random.default_rng(4).standard_normal((LAYERS + 2, D)).astype(np.float32)  # 3 layers + embedding
     save_direction(tmp_path / "vectors.safetensors", vectors, {"model": "org/tiny"})

@@ -1,11 +1,13 @@
-"""The edit manifest (abliterate.json beside edited weights or an adapter): what an edit did, precisely
-enough for `verify` to re-check it. Written by `apply` and the adapter export, passed on by `merge`,
-read by `verify` as a typed record: a file missing a key `verify` needs is one clear error, not a
-silently different check."""
+"""The edit manifest (abliterate.json beside edited weights or an adapter, OUT.abliterate.json beside an edited
+GGUF): what an edit did, precisely enough for `verify` to re-check it. Written by `apply` and the adapter
+export, passed on by `merge`, read by `verify` as a typed record: a file missing a key `verify` needs is one
+clear error, not a silently different check."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,13 @@ class ManifestEdit:
     layer: int | None  # None: the embedding's row
     hidden_axis: int
     component: str
+    type: str | None = None  # GGUF: the tensor's type in the input (a quantisation or float type)
+    written_type: str | None = None  # GGUF: the type written (the input's, or --requant's)
+
+    def to_json(self) -> dict[str, Any]:
+        gguf = {"type": self.type, "written_type": self.written_type} if self.type is not None else {}
+        return {"scale": self.scale, "layer": self.layer, "hidden_axis": self.hidden_axis,
+                "component": self.component, **gguf}
 
 
 @dataclass(frozen=True)
@@ -48,13 +57,18 @@ class EditManifest:
                 "norm_preserve": self.norm_preserve, "direction": self.direction,
                 "untie": {"output": self.untie[0], "copied_from": self.untie[1]} if self.untie else None,
                 "config_updates": self.config_updates,
-                "edits": {name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
-                                 "component": e.component} for name, e in self.edits.items()},
+                "edits": {name: e.to_json() for name, e in self.edits.items()},
                 "notes": list(self.notes), **({"max_memory": self.max_memory} if self.max_memory else {}),
                 **self.extra}
 
     def write(self, folder: Path) -> None:
-        (folder / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        self.write_file(folder / MANIFEST_NAME)
+
+    def write_file(self, path: Path) -> None:
+        """The manifest as `path`, written under a temporary name and renamed (never half a file)."""
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
 
     @classmethod
     def from_json(cls, data: Any, path: Path) -> EditManifest:
@@ -67,7 +81,8 @@ class EditManifest:
         for name, e in data["edits"].items():
             if not isinstance(e, dict) or not {"scale", "layer", "hidden_axis"} <= set(e):
                 raise AbliterateError(f"{bad}: edits.{name} needs scale, layer and hidden_axis")
-            edits[name] = ManifestEdit(float(e["scale"]), e["layer"], int(e["hidden_axis"]), str(e.get("component")))
+            edits[name] = ManifestEdit(float(e["scale"]), e["layer"], int(e["hidden_axis"]), str(e.get("component")),
+                                       e.get("type"), e.get("written_type"))
         untie = data.get("untie")
         if untie is not None and not (isinstance(untie, dict) and {"output", "copied_from"} <= set(untie)):
             raise AbliterateError(f"{bad}: untie needs output and copied_from")
@@ -81,11 +96,16 @@ class EditManifest:
 
 def read_manifest(folder: Path) -> EditManifest | None:
     """The manifest in `folder`, or None when there is none."""
-    path = Path(folder) / MANIFEST_NAME
+    return read_manifest_file(Path(folder) / MANIFEST_NAME)
+
+
+def read_manifest_file(path: Path, upgrade: Callable[[Any], Any] | None = None) -> EditManifest | None:
+    """The manifest at `path`, or None when there is none (`upgrade`: turns an older writer's JSON into this
+    record's, before it is checked)."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AbliterateError(f"{path} is not valid JSON ({e}); re-run the edit") from None
-    return EditManifest.from_json(data, path)
+    return EditManifest.from_json(upgrade(data) if upgrade else data, path)

@@ -11,7 +11,6 @@ next to --out and renamed into place only when complete, with a manifest beside 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -23,10 +22,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from abliterate import __version__
+from abliterate.edit.manifest import EditManifest, ManifestEdit
 from abliterate.edit.projection import Chunk, NonFiniteError, Scratch, iter_edited_chunks
 from abliterate.edit.shard_writer import chunk_budget
 from abliterate.errors import AbliterateError
+from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING
 from abliterate.gguf.format import FLOAT_TYPES, block_layout, dequantize, encode_header, quantize
 from abliterate.gguf.plan import GgufEdit, GgufPlan
 from abliterate.io.direction_file import Direction
@@ -165,23 +165,14 @@ def _write_quantised(src_fd: int, dst_fd: int, edit: GgufEdit, r: np.ndarray, ds
 
 def write_manifest(plan: GgufPlan, direction: Direction, path: Path, max_memory: int) -> None:
     """What was done, for `abliterate verify`: beside the GGUF, whose metadata stays the input's."""
-    manifest = {
-        "tool": "abliterate",
-        "version": __version__,
-        "command": recorded_command(),
-        "source": str(plan.src.path),
-        "direction": {"file": str(direction.path.absolute()) if direction.path else None,
-                      "metadata": direction.metadata, "per_layer": direction.per_layer, "rank": direction.rank},
-        "untie": plan.untie,
-        "edits": {e.tensor.name: {"scale": e.scale, "layer": e.layer, "hidden_axis": e.hidden_axis,
-                                  "component": e.component, "type": e.tensor.type_name, "written_type": e.out_type}
-                  for e in plan.edits.values()},
-        "notes": list(plan.notes),
-        "max_memory": max_memory,
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    EditManifest(
+        source=str(plan.src.path), command=recorded_command(),
+        direction={"file": str(direction.path.absolute()) if direction.path else None,
+                   "metadata": direction.metadata, "per_layer": direction.per_layer, "rank": direction.rank},
+        untie=(OUTPUT_NAME, TOKEN_EMBEDDING) if plan.untie else None,
+        edits={e.tensor.name: ManifestEdit(e.scale, e.layer, e.hidden_axis, e.component, e.tensor.type_name,
+                                           e.out_type) for e in plan.edits.values()},
+        notes=tuple(plan.notes), max_memory=max_memory).write_file(path)
 
 
 def summarise(result: GgufResult, echo: Callable[[str], object]) -> None:

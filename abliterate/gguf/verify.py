@@ -12,12 +12,13 @@ Memory: the edit's chunks (a quarter of the budget each) and cache-sized float64
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from abliterate.edit.manifest import EditManifest, read_manifest_file
 from abliterate.edit.plan import EditOptions
 from abliterate.edit.projection import EPS, TINY, Chunk, Scratch, iter_edited_chunks, plan_chunks, read_stored, widen
 from abliterate.edit.shard_writer import chunk_budget
@@ -45,7 +46,7 @@ def verify_gguf(original_path: Path, edited_path: Path, direction: Direction, op
     original, edited = read_gguf(original_path), read_gguf(edited_path)
     manifest = _manifest(Path(edited_path))
     if max_memory is None:
-        max_memory = int(manifest.get("max_memory", DEFAULT_MAX_MEMORY))
+        max_memory = (manifest and manifest.max_memory) or DEFAULT_MAX_MEMORY
     plan = _expected_plan(original, manifest, options)
     report = VerifyReport()
     _check_layout(plan, edited, report)
@@ -71,31 +72,45 @@ def verify_gguf(original_path: Path, edited_path: Path, direction: Direction, op
 
 def recorded_direction(edited: Path) -> Path | None:
     """The direction file the edit used, as its manifest records it (when still there)."""
-    recorded = _manifest(edited).get("direction", {}).get("file")
+    manifest = _manifest(edited)
+    recorded = manifest.direction.get("file") if manifest else None
     return Path(recorded) if recorded and Path(recorded).is_file() else None
 
 
-def _manifest(edited: Path) -> dict:
+def _manifest(edited: Path) -> EditManifest | None:
+    """The manifest beside EDITED (edit/manifest.EditManifest), each edit with its input and written types."""
     path = manifest_path(edited)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    manifest = read_manifest_file(path, upgrade=_untie_as_names)
+    for name, e in (manifest.edits if manifest else {}).items():
+        if e.type is None or e.written_type is None:
+            raise AbliterateError(f"{path} is not a GGUF edit's manifest: edits.{name} needs type and written_type; "
+                                  "verify with the edit's options (--from-options) instead")
+    return manifest
 
 
-def _expected_plan(original: GgufFile, manifest: dict, options: EditOptions | None) -> GgufPlan:
+def _untie_as_names(data: Any) -> Any:
+    """Manifests written before the typed record said `untie: true/false`; the record names the tensors."""
+    if isinstance(data, dict) and isinstance(data.get("untie"), bool):
+        return {**data, "untie": {"output": OUTPUT_NAME, "copied_from": TOKEN_EMBEDDING} if data["untie"] else None}
+    return data
+
+
+def _expected_plan(original: GgufFile, manifest: EditManifest | None, options: EditOptions | None) -> GgufPlan:
     """The plan `apply` made: from the manifest's per-tensor scales (any options reproduce), or options."""
-    if options is not None or not manifest:
+    if options is not None or manifest is None:
         return plan_gguf(original, options or EditOptions())
-    requants = {e["written_type"] for e in manifest["edits"].values() if e["written_type"] != e["type"]}
-    plan = plan_gguf(original, EditOptions(keep_tied=not manifest.get("untie")), next(iter(requants), "Q8_0"))
+    requants = {e.written_type for e in manifest.edits.values() if e.written_type != e.type}
+    untie = manifest.untie is not None
+    plan = plan_gguf(original, EditOptions(keep_tied=not untie), next(iter(requants), "Q8_0"))
     by_name = original.by_name()
     edits = {}
-    for name, e in manifest["edits"].items():
+    for name, e in manifest.edits.items():
         if name not in by_name:
             raise AbliterateError(f"the manifest beside the edited file names {name}, which the original lacks: "
                                   "pass the original the edit was made from")
-        edits[name] = GgufEdit(by_name[name], e["component"], e["layer"], e["hidden_axis"], e["scale"],
-                               e["written_type"])
-    return GgufPlan(original, plan.family, plan.arch, plan.hidden_size, plan.num_layers, edits,
-                    bool(manifest.get("untie")), _place(original, edits, bool(manifest.get("untie"))), plan.notes)
+        edits[name] = GgufEdit(by_name[name], e.component, e.layer, e.hidden_axis, e.scale, e.written_type)
+    return GgufPlan(original, plan.family, plan.arch, plan.hidden_size, plan.num_layers, edits, untie,
+                    _place(original, edits, untie), plan.notes)
 
 
 def _check_layout(plan: GgufPlan, edited: GgufFile, report: VerifyReport) -> None:
