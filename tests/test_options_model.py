@@ -12,14 +12,18 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from abliterate.cli.edit import apply
+from abliterate.cli.demo import demo
+from abliterate.cli.edit import apply, merge, verify
 from abliterate.cli.evaluate import evaluate
 from abliterate.cli.extract import extract
+from abliterate.cli.jailbreak import jailbreak_evaluate, jailbreak_vectors
+from abliterate.cli.probe import probe
 from abliterate.cli.run import run
 from abliterate.cli.search import search
 from abliterate.cli.steer import steer_bake, steer_chat, steer_export_gguf, steer_sweep, steer_vectors
 from abliterate.edit.weights import DIRECTION_NAME
 from abliterate.jobs.run_options import RunOptions, regenerate_command
+from abliterate.options.checkpoint_family import MergeOptions, VerifyOptions
 from abliterate.options.command import given_command
 from abliterate.options.declared import (
     SPEC,
@@ -31,7 +35,15 @@ from abliterate.options.declared import (
     option_values,
     recipe_default,
 )
-from abliterate.options.families import ApplyOptions, EvaluateOptions, ExtractOptions, ModelOptions, TaskOptions
+from abliterate.options.families import (
+    ApplyOptions,
+    DemoOptions,
+    EvaluateOptions,
+    ExtractOptions,
+    ModelOptions,
+    TaskOptions,
+)
+from abliterate.options.probe_family import JailbreakEvaluateOptions, JailbreakVectorsOptions, ProbeOptions
 from abliterate.options.recipe import ExtractSettings, SelectionSettings
 from abliterate.options.search_family import SearchOptions
 from abliterate.options.steer_family import (
@@ -45,14 +57,18 @@ from abliterate.options.steer_family import (
 FAMILIES = [(RunOptions, run), (ExtractOptions, extract), (ApplyOptions, apply), (EvaluateOptions, evaluate),
             (TaskOptions, evaluate), (ModelOptions, evaluate), (SearchOptions, search),
             (SteerVectorsOptions, steer_vectors), (SteerChatOptions, steer_chat), (SteerSweepOptions, steer_sweep),
-            (SteerBakeOptions, steer_bake), (SteerExportOptions, steer_export_gguf)]
+            (SteerBakeOptions, steer_bake), (SteerExportOptions, steer_export_gguf), (ProbeOptions, probe),
+            (JailbreakVectorsOptions, jailbreak_vectors), (JailbreakEvaluateOptions, jailbreak_evaluate),
+            (MergeOptions, merge), (VerifyOptions, verify), (DemoOptions, demo)]
 READ_NO_RECIPE = {TaskOptions, ModelOptions, SearchOptions, SteerVectorsOptions, SteerChatOptions, SteerSweepOptions,
-                  SteerBakeOptions, SteerExportOptions}
+                  SteerBakeOptions, SteerExportOptions, ProbeOptions, JailbreakVectorsOptions, JailbreakEvaluateOptions,
+                  MergeOptions, VerifyOptions, DemoOptions}
 
 # values a generic rule cannot guess: a valid choice, a layer range, a direction under the name the job records
 SPECIAL = {"kind": "harmfulness", "layers": "2:5", "components": ("attn",), "targets": ("a\\.weight", "b.*"),
            "max_memory": 3 << 20, "requant": "Q4_0", "refusal_objective": "count", "kl_objective": "continuation",
-           "coeffs": (-0.5, 1.5), "prompts": ("hi", "and bye"), "proposals": "categories"}
+           "coeffs": (-0.5, 1.5), "prompts": ("hi", "and bye"), "proposals": "categories",
+           "sources": ("builtin:harmful", "hf:a/b:test")}
 
 
 def changed(f: dataclasses.Field, cls: type) -> object:
@@ -187,7 +203,25 @@ def test_an_option_value_that_does_not_read_is_one_clear_error():
 
 @pytest.mark.parametrize(("command", "args", "missing"), [
     (apply, ["ckpt"], "--out"), (extract, ["model"], "--out"), (search, ["model", "--out", "r.yaml"], "--direction"),
-    (steer_bake, ["ckpt", "--vectors", "v", "--layer", "1", "--coeff", "1"], "--out")])
+    (steer_bake, ["ckpt", "--vectors", "v", "--layer", "1", "--coeff", "1"], "--out"),
+    (probe, ["model", "--direction", "d"], "--prompts"), (merge, ["base", "adapter"], "--out")])
 def test_a_required_option_left_out_is_named_not_a_traceback(command, args, missing):
     result = CliRunner().invoke(command, args)
     assert result.exit_code == 2 and f"Missing option '{missing}'" in result.output, result.output
+
+
+def test_every_command_takes_its_options_from_a_declared_family():
+    """No command keeps hand-written options: each of the CLI's commands has a family here, and each of its
+    parameters is a declared option of that family or one of the shared wrappers' (placement, --arch)."""
+    from abliterate.cli.main import cli
+
+    def leaves(command):
+        return [c for sub in command.commands.values() for c in leaves(sub)] if isinstance(command, click.Group) \
+            else [command]
+
+    families = {command: cls for cls, command in FAMILIES if cls not in (TaskOptions, ModelOptions)}
+    wrappers = {"device_map", "max_memory", "offload_folder", "arch"}
+    for command in leaves(cli):
+        assert command in families, command.name
+        names = {f.name for f, _ in declared(families[command])}
+        assert {p.name for p in command.params} - names <= wrappers, command.name

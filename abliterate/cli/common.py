@@ -1,4 +1,5 @@
-"""Helpers every command module shares: option parsers, the model options, which options were given."""
+"""Helpers every command module shares: --layers read as the option's, the model placement and --arch wrappers,
+the model as its options load it, which options were given."""
 
 from __future__ import annotations
 
@@ -13,45 +14,14 @@ if TYPE_CHECKING:
     from abliterate.options.families import ModelOptions
 
 
-def parse_size(value: str) -> int:
-    """'256MB', '1G', '1048576' -> bytes (options.values.parse_size, its error reported as the option's)."""
-    return _as_option_error(values.parse_size, value, None)
-
-
 def parse_layers(value: str | None) -> range | None:
     """--layers, read as options.values.parse_layer_range reads it, its error reported as the option's."""
-    return _as_option_error(values.parse_layer_range, value, "'--layers'")
-
-
-def parse_components(value: str) -> tuple[str, ...]:
-    return _as_option_error(values.parse_components, value, None)
-
-
-def _as_option_error(parse, value, hint: str | None):
     from abliterate.errors import AbliterateError
 
     try:
-        return parse(value)
+        return values.parse_layer_range(value)
     except AbliterateError as e:
-        raise click.BadParameter(str(e), param_hint=hint) from None
-
-
-def model_options(*, thinking: bool = True, batch_size: int | None = None):
-    """The options of every command that loads a model to run it (options.families.ModelOptions: device, dtype,
-    template, thinking mode, remote code), --arch, and a batch size where the command has a default for it."""
-    from abliterate.options.declared import click_options
-    from abliterate.options.families import ModelOptions
-
-    declared = click_options(ModelOptions, exclude=() if thinking else ("thinking",))
-
-    def decorate(fn):
-        fn = placement_options(arch_option(fn))
-        if batch_size is not None:
-            fn = click.option("--batch-size", default=batch_size, show_default=True,
-                              help="Prompts per forward pass; lower it if memory runs out.")(fn)
-        return declared(fn)
-
-    return decorate
+        raise click.BadParameter(str(e), param_hint="'--layers'") from None
 
 
 def loaded_model(name: str, m: ModelOptions) -> LoadedModel:

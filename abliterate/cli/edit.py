@@ -1,4 +1,5 @@
-"""apply, merge, verify: the commands that read and write checkpoints."""
+"""apply, merge, verify: the commands that read and write checkpoints (their options: options/families.ApplyOptions,
+options/checkpoint_family)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from abliterate.arch.table import COMPONENTS
-from abliterate.cli.common import arch_option, given_on_command_line, parse_components, parse_layers, parse_size
+from abliterate.cli.common import arch_option, given_on_command_line, parse_layers
+from abliterate.options.checkpoint_family import MergeOptions, VerifyOptions
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import ApplyOptions
 
@@ -141,15 +142,9 @@ def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, option
 
 
 @click.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("adapter_dir", metavar="ADAPTER", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (must not exist).")
-@click.option("--max-memory", default="256MB", show_default=True, callback=lambda c, p, v: parse_size(v),
-              help="Memory budget for tensor chunks.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click_options(MergeOptions)
 @arch_option
-def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: bool, quiet: bool) -> None:
+def merge(**params) -> None:
     """Merge a LoRA ADAPTER (any rank) into the checkpoint BASE, writing a new folder.
 
     Tensor by tensor within --max-memory, like `apply`: adapted tensors get W + scaling B A in float32,
@@ -159,28 +154,18 @@ def merge(base: Path, adapter_dir: Path, out: Path, max_memory: int, overwrite: 
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.lora.merge import merge_adapter
 
-    result = merge_adapter(Checkpoint.open(base), adapter_dir, out, overwrite=overwrite, max_memory=max_memory,
-                           quiet=quiet)
+    o = from_params(MergeOptions, params)
+    result = merge_adapter(Checkpoint.open(o.base), o.adapter_dir, o.out, overwrite=o.overwrite,
+                           max_memory=o.max_memory, quiet=o.quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
 
 
 @click.command()
-@click.argument("original", type=click.Path(path_type=Path))
-@click.argument("edited", type=click.Path(path_type=Path), required=False)
-@click.option("--direction", "direction_path", type=click.Path(path_type=Path),
-              help="Direction file. Default: the copy `apply` wrote into EDITED.")
-@click.option("--from-options", is_flag=True, help="Ignore EDITED's abliterate.json; expect the edit that the "
-              "options below describe (defaults: full removal from every writer).")
-@click.option("--scale", default=1.0, show_default=True)
-@click.option("--layers", default=None)
-@click.option("--components", default=",".join(COMPONENTS), callback=lambda c, p, v: parse_components(v))
-@click.option("--max-memory", default=None, callback=lambda c, p, v: v and parse_size(v),
-              help="Memory budget for tensor chunks (default: the one the edit used).")
+@click_options(VerifyOptions)
 @arch_option
-def verify(original: Path, edited: Path | None, direction_path: Path | None, from_options: bool, scale: float,
-           layers: str | None, components: tuple[str, ...], max_memory: int | None) -> None:
+def verify(**params) -> None:
     """Check that EDITED is ORIGINAL with the direction projected out, and nothing else changed.
 
     Each edited tensor is recomputed in float64 from ORIGINAL: per row or column, the coefficient T it
@@ -205,8 +190,9 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
     """
     from abliterate.publish.card import check_checksums
 
-    if edited is None:
-        problems = check_checksums(original)
+    o = from_params(VerifyOptions, params)
+    if o.edited is None:
+        problems = check_checksums(o.original)
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
         click.echo("all files match SHA256SUMS" if not problems else f"{len(problems)} problem(s)")
@@ -214,27 +200,31 @@ def verify(original: Path, edited: Path | None, direction_path: Path | None, fro
 
     from abliterate.edit.plan import EditOptions
 
-    options = EditOptions(scale=scale, layers=parse_layers(layers), components=components) if from_options else None
-    if original.suffix.lower() == ".gguf":
+    options = EditOptions(scale=o.scale, layers=parse_layers(o.layers), components=o.components) \
+        if o.from_options else None
+    if o.original.suffix.lower() == ".gguf":
         from abliterate.gguf.verify import verify_gguf
 
-        report = verify_gguf(original, edited, _gguf_direction(edited, direction_path), options, max_memory=max_memory)
-        return _print_report(report)
+        return _print_report(verify_gguf(o.original, o.edited, _gguf_direction(o.edited, o.direction_path), options,
+                                         max_memory=o.max_memory))
+    _print_report(_verify_folders(o, options))
+
+
+def _verify_folders(o: VerifyOptions, options: EditOptions | None) -> VerifyReport:
+    """`verify` on two safetensors folders, with the direction given or the copy `apply` wrote into EDITED."""
     from abliterate.edit.verify import verify as run_verify
     from abliterate.edit.weights import DIRECTION_NAME
+    from abliterate.errors import AbliterateError
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.io.direction_file import load_direction
 
-    ckpt = Checkpoint.open(original)
-    if direction_path is None and not (edited / DIRECTION_NAME).is_file():
-        from abliterate.errors import AbliterateError
-
-        raise AbliterateError(f"{edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); pass "
+    ckpt = Checkpoint.open(o.original)
+    if o.direction_path is None and not (o.edited / DIRECTION_NAME).is_file():
+        raise AbliterateError(f"{o.edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); pass "
                               "--direction FILE with the direction the edit used")
-    direction = load_direction(direction_path or edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
+    direction = load_direction(o.direction_path or o.edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
                                num_layers=ckpt.num_layers)
-    report = run_verify(original, edited, direction, options, max_memory=max_memory)
-    _print_report(report)
+    return run_verify(o.original, o.edited, direction, options, max_memory=o.max_memory)
 
 
 def _gguf_direction(edited: Path, direction_path: Path | None) -> Direction:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option, placement_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import EvaluateOptions
 
@@ -40,7 +40,6 @@ def evaluate(**params) -> None:
     from abliterate.evaluate.evaluation import EvalSettings
     from abliterate.evaluate.evaluation import evaluate as run_evaluate
     from abliterate.lora.adapter_file import weights_path
-    from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
     o = from_params(EvaluateOptions, params)
@@ -59,10 +58,10 @@ def evaluate(**params) -> None:
     task_settings = evaluate_tasks.task_settings(o.tasks, o.batch_size, m.thinking, settings.template)
     if o.adapter is not None:  # before loading anything; and never let peft fall back to a pickled .bin
         weights_path(o.adapter)
-    load = lambda name: load_model(name, dtype=m.dtype, device=m.device,  # noqa: E731
-                                   trust_remote_code=m.trust_remote_code)
-    lm = with_adapter(load(o.model), o.adapter, o.model) if o.adapter is not None else load(o.model)
-    report = run_evaluate(lm, load(o.baseline) if o.baseline else None, settings, quiet=o.quiet, tasks=task_settings)
+    lm = loaded_model(o.model, m)
+    lm = with_adapter(lm, o.adapter, o.model) if o.adapter is not None else lm
+    report = run_evaluate(lm, loaded_model(o.baseline, m) if o.baseline else None, settings, quiet=o.quiet,
+                          tasks=task_settings)
     _report(report, o)
 
 

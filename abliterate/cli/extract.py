@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option, placement_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import ExtractOptions, ModelOptions
@@ -60,7 +60,6 @@ def extract(**params) -> None:
 
 def _extract(o: ExtractOptions, m: ModelOptions, command: str):
     from abliterate.measure.extract import PromptSets, extract, harmful_categories, pending_path, split_prompts
-    from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
     harmful_train, harmful_val = split_prompts(o.harmful, n_train=o.n_train, n_val=o.n_val, field=o.field,
@@ -75,7 +74,7 @@ def _extract(o: ExtractOptions, m: ModelOptions, command: str):
 
         categories = harmful_categories(o.harmful, harmful_train, o.field)
         check_categories(categories, o.directions - 1)  # before the model loads
-    lm = load_model(o.model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    lm = loaded_model(o.model, m)
     template, settings = load_template(m.template), o.selection()
     measure = finalist_measure(lm, harmful_val, harmless_val, settings, template=template, thinking=m.thinking,
                                quiet=o.quiet) if by_generation(settings) else None
@@ -122,14 +121,13 @@ def _harmfulness(o: ExtractOptions, m: ModelOptions, command: str) -> None:
     from abliterate.errors import AbliterateError
     from abliterate.measure.extract import split_prompts
     from abliterate.measure.harmfulness import harmfulness_direction, save_harmfulness
-    from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
 
     if o.reselect is not None:
         raise AbliterateError("--reselect chooses among refusal candidates; --kind harmfulness has none to choose")
     harmful_train, _ = split_prompts(o.harmful, n_train=o.n_train, n_val=0, field=o.field, kind="harmful")
     harmless_train, _ = split_prompts(o.harmless, n_train=o.n_train, n_val=0, field=o.field, kind="harmless")
-    lm = load_model(o.model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    lm = loaded_model(o.model, m)
     kwargs = {} if m.thinking else {"enable_thinking": False}
     result = harmfulness_direction(lm, harmful_train, harmless_train, template=load_template(m.template),
                                    batch_size=o.batch_size, quiet=o.quiet, **kwargs)

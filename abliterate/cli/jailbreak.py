@@ -1,4 +1,5 @@
-"""jailbreak: jailbreak vectors per wrapper class, and how they transfer between classes."""
+"""jailbreak: jailbreak vectors per wrapper class, and how they transfer between classes (their options:
+options/probe_family)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import model_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options
 from abliterate.options.command import recorded_command
-
-WRAPPERS_HELP = ("Jailbreak wrappers: builtin:jailbreaks (six classes written for this project) or a JSONL file of "
-                 '{"class": ..., "template": "... {prompt} ..."} objects.')
+from abliterate.options.declared import click_options, from_params
+from abliterate.options.probe_family import JailbreakEvaluateOptions, JailbreakVectorsOptions
 
 
 @click.group()
@@ -42,24 +42,10 @@ def _prompts(source: str, field: str | None, limit: int, option: str) -> list[st
 
 
 @jailbreak.command("vectors")
-@click.argument("model")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Vectors file to write (.safetensors).")
-@click.option("--wrappers", default="builtin:jailbreaks", show_default=True, help=WRAPPERS_HELP)
-@click.option("--classes", default=None, help="Comma-separated classes to use (default: every class of --wrappers).")
-@click.option("--harmful", default="builtin:harmful:train", show_default=True,
-              help="Harmful requests to wrap: builtin:NAME[:SPLIT], a file, or hf:OWNER/NAME.")
-@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
-@click.option("--limit", default=32, show_default=True, help="Harmful requests used, spread over the set (0: all).")
-@click.option("--layer", type=int, default=None, help="Print the cosine matrix at the residual stream after this "
-              "decoder layer (default: the middle one).")
-@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
-              help="Also draw the cosine matrix as a PNG here (needs matplotlib).")
-@model_options(batch_size=16)
-@click.option("--quiet", "-q", is_flag=True)
-def jailbreak_vectors(model: str, out: Path, wrappers: str, classes: str | None, harmful: str, field: str | None,
-                      limit: int, layer: int | None, plot_path: Path | None, device: str, dtype: str,
-                      template: str | None, thinking: bool, trust_remote_code: bool, batch_size: int,
-                      quiet: bool) -> None:
+@click_options(JailbreakVectorsOptions)
+@placement_options
+@arch_option
+def jailbreak_vectors(**params) -> None:
     """One vector per wrapper class and layer: the mean residual on wrapped harmful requests minus on the same
     requests unwrapped, averaged over the post-instruction tokens; prints the class-by-class cosine similarity.
 
@@ -69,22 +55,23 @@ def jailbreak_vectors(model: str, out: Path, wrappers: str, classes: str | None,
     from abliterate.io.direction_file import check_output_file
     from abliterate.jailbreak.vectors import jailbreak_vectors, save_jailbreak_vectors
     from abliterate.jailbreak.wrappers import class_names, load_wrappers
-    from abliterate.measure.loading import load_model
     from abliterate.measure.templates import load_template
     from abliterate.steer.steering import check_layer
 
-    check_output_file(out, "vectors.safetensors")
-    chosen = load_wrappers(wrappers, _classes(classes))
-    requests = _prompts(harmful, field, limit, "--harmful")
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    layer = lm.num_layers // 2 if layer is None else layer
+    o = from_params(JailbreakVectorsOptions, params)
+    m = o.model_options
+    check_output_file(o.out, "vectors.safetensors")
+    chosen = load_wrappers(o.wrappers, _classes(o.classes))
+    requests = _prompts(o.harmful, o.field, o.limit, "--harmful")
+    lm = loaded_model(o.model, m)
+    layer = lm.num_layers // 2 if o.layer is None else o.layer
     check_layer(layer, lm.num_layers)
-    vectors = jailbreak_vectors(lm, requests, chosen, template=load_template(template), batch_size=batch_size,
-                                quiet=quiet, **({} if thinking else {"enable_thinking": False}))
-    save_jailbreak_vectors(out, vectors, lm, {"wrappers": wrappers, "harmful": harmful, "prompts": len(requests),
-                                              "command": recorded_command()})
-    _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, plot_path)
-    click.echo(f"wrote {out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
+    vectors = jailbreak_vectors(lm, requests, chosen, template=load_template(m.template), batch_size=o.batch_size,
+                                quiet=o.quiet, **({} if m.thinking else {"enable_thinking": False}))
+    save_jailbreak_vectors(o.out, vectors, lm, {"wrappers": o.wrappers, "harmful": o.harmful, "prompts": len(requests),
+                                                "command": recorded_command()})
+    _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, o.plot_path)
+    click.echo(f"wrote {o.out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
 
 
 def _show_cosines(names: list[str], vectors, layer: int, hidden_size: int, plot_path: Path | None) -> None:
@@ -102,50 +89,24 @@ def _show_cosines(names: list[str], vectors, layer: int, hidden_size: int, plot_
 
 
 @jailbreak.command("evaluate")
-@click.argument("model")
-@click.option("--wrappers", default="builtin:jailbreaks", show_default=True, help=WRAPPERS_HELP)
-@click.option("--classes", default=None, help="Comma-separated classes to evaluate (default: all of --wrappers).")
-@click.option("--vectors", "vectors_path", default=None, type=click.Path(path_type=Path),
-              help="A file from `jailbreak vectors`: measure each class again with a vector subtracted.")
-@click.option("--from", "source", default=None, help="The class whose vector is subtracted (default: the mean over "
-              "classes); the other classes are held out.")
-@click.option("--coeff", default=1.0, show_default=True, help="Multiple of the vector subtracted.")
-@click.option("--layer", type=int, default=None, help="Subtract after this decoder layer; the harmfulness "
-              "projection is read there too (default: the middle layer).")
-@click.option("--harmful", default="builtin:harmful:test", show_default=True, help="Harmful requests to wrap.")
-@click.option("--harmless", default="builtin:harmless:test", show_default=True,
-              help="Harmless requests: the harmfulness direction (with --harmful) and the KL.")
-@click.option("--overrefusal", default="builtin:overrefusal", show_default=True,
-              help="Safe prompts that look dangerous, for the over-refusal rate.")
-@click.option("--harmfulness", "harmfulness_path", default=None, type=click.Path(path_type=Path),
-              help="A direction file from `extract --kind harmfulness` (default: measured from --harmful and "
-              "--harmless at the instruction's last token).")
-@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
-@click.option("--limit", default=16, show_default=True, help="Prompts per set, spread over it (0: all).")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Greedy tokens per reply (refusals may come "
-              "after a preamble: keep at least 128 for numbers you publish).")
-@click.option("--out", default=None, type=click.Path(path_type=Path), help="Also write the report as JSON.")
-@model_options(batch_size=8)
-@click.option("--quiet", "-q", is_flag=True)
-def jailbreak_evaluate(model: str, wrappers: str, classes: str | None, vectors_path: Path | None, source: str | None,
-                       coeff: float, layer: int | None, harmful: str, harmless: str, overrefusal: str,
-                       harmfulness_path: Path | None, field: str | None, limit: int, max_new_tokens: int,
-                       out: Path | None, device: str, dtype: str, template: str | None, thinking: bool,
-                       trust_remote_code: bool, batch_size: int, quiet: bool) -> None:
+@click_options(JailbreakEvaluateOptions)
+@placement_options
+@arch_option
+def jailbreak_evaluate(**params) -> None:
     """Refusal rate on wrapped harmful requests per class, with and without a jailbreak vector subtracted (from
     the assistant header on, as `steer chat` steers), over-refusal, harmless KL, and per class how far the
     wrapper lowers the projection on the harmfulness direction at the instruction's last token."""
     from abliterate.jailbreak.run import run_evaluate
 
-    sets = {name: _prompts(src, field, limit, f"--{name}") for name, src in
-            (("harmful", harmful), ("harmless", harmless), ("overrefusal", overrefusal))}
-    report, table = run_evaluate(model, wrappers, _classes(classes), sets, vectors_path=vectors_path, source=source,
-                                 coeff=coeff, layer=layer, harmfulness_path=harmfulness_path,
-                                 max_new_tokens=max_new_tokens, device=device, dtype=dtype, template=template,
-                                 thinking=thinking, trust_remote_code=trust_remote_code, batch_size=batch_size,
-                                 quiet=quiet)
+    o = from_params(JailbreakEvaluateOptions, params)
+    sets = {name: _prompts(getattr(o, name), o.field, o.limit, f"--{name}") for name in
+            ("harmful", "harmless", "overrefusal")}
+    report, table = run_evaluate(o.model, o.wrappers, _classes(o.classes), sets, vectors_path=o.vectors_path,
+                                 source=o.source, coeff=o.coeff, layer=o.layer, harmfulness_path=o.harmfulness_path,
+                                 max_new_tokens=o.max_new_tokens, model_options=o.model_options,
+                                 batch_size=o.batch_size, quiet=o.quiet)
     click.echo(table)
-    if out is not None:
+    if o.out is not None:
         report.settings["command"] = recorded_command()
-        report.save_json(out)
-        click.echo(f"wrote {out}")
+        report.save_json(o.out)
+        click.echo(f"wrote {o.out}")

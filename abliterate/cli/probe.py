@@ -1,4 +1,4 @@
-"""probe: how prompt sets project on a direction, layer by layer."""
+"""probe: how prompt sets project on a direction, layer by layer (its options: options/probe_family)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,17 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import model_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options
 from abliterate.options.command import recorded_command
+from abliterate.options.declared import click_options, from_params
+from abliterate.options.probe_family import ProbeOptions
 
 
 @click.command()
-@click.argument("model")
-@click.option("--direction", "direction_path", required=True, type=click.Path(path_type=Path),
-              help="Any direction file: from `extract` (refusal or --kind harmfulness), `steer vectors` or "
-              "`jailbreak vectors`. A [d] direction is used at every layer; rows are normalised.")
-@click.option("--class", "class_name", default=None,
-              help="With a `jailbreak vectors` file: probe this class's vector instead of the shared one.")
-@click.option("--prompts", "sources", required=True, multiple=True,
-              help="A prompt set (repeatable): builtin:NAME[:SPLIT], a .txt/.json/.jsonl/.csv/.parquet file, or "
-              "hf:OWNER/NAME[:SPLIT]. Each set is one column group of the table and one line of the plot.")
-@click.option("--field", default=None, help="Column/field holding the prompt in structured files or datasets.")
-@click.option("--limit", default=64, show_default=True, help="Prompts per set, spread over it (0: all).")
-@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path),
-              help="Also draw the means as a PNG here, one line per set (needs matplotlib).")
-@click.option("--out", default=None, type=click.Path(path_type=Path),
-              help="Also write every mean and standard deviation, per layer and position, as JSON.")
-@model_options(batch_size=16)
-@click.option("--quiet", "-q", is_flag=True)
-def probe(model: str, direction_path: Path, class_name: str | None, sources: tuple[str, ...], field: str | None,
-          limit: int, plot_path: Path | None, out: Path | None, device: str, dtype: str, template: str | None,
-          thinking: bool, trust_remote_code: bool, batch_size: int, quiet: bool) -> None:
+@click_options(ProbeOptions)
+@placement_options
+@arch_option
+def probe(**params) -> None:
     """Mean projection of MODEL's residual stream on a direction, for each prompt set.
 
     Prompts are formatted with the chat template. Printed per residual stream (row i enters decoder
@@ -38,25 +24,26 @@ def probe(model: str, direction_path: Path, class_name: str | None, sources: tup
     last layer): each set's mean projection at the instruction's last token (inst) and averaged over
     the tokens the template puts after the message (post). --out keeps every position.
     """
-    from abliterate.measure.loading import load_model
     from abliterate.measure.probe import format_table, load_probe_direction, plot, project, to_json
     from abliterate.measure.templates import load_template
 
-    sets = _load_sets(sources, field, limit)
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    units = load_probe_direction(direction_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers,
-                                 name=class_name)
-    kwargs = {} if thinking else {"enable_thinking": False}
-    results = {name: project(lm, prompts, units, template=load_template(template), batch_size=batch_size,
-                             desc=name, quiet=quiet, **kwargs) for name, prompts in sets.items()}
+    o = from_params(ProbeOptions, params)
+    m = o.model_options
+    sets = _load_sets(o.sources, o.field, o.limit)
+    lm = loaded_model(o.model, m)
+    units = load_probe_direction(o.direction_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers,
+                                 name=o.class_name)
+    kwargs = {} if m.thinking else {"enable_thinking": False}
+    results = {name: project(lm, prompts, units, template=load_template(m.template), batch_size=o.batch_size,
+                             desc=name, quiet=o.quiet, **kwargs) for name, prompts in sets.items()}
     click.echo(format_table(results))
-    if out is not None:
-        _write_text(out, to_json(results, {"model": model, "direction": str(direction_path), "class": class_name,
-                                           "command": recorded_command()}))
-        click.echo(f"wrote {out}")
-    if plot_path is not None:
-        if plot(results, plot_path):
-            click.echo(f"wrote {plot_path}")
+    if o.out is not None:
+        _write_text(o.out, to_json(results, {"model": o.model, "direction": str(o.direction_path),
+                                             "class": o.class_name, "command": recorded_command()}))
+        click.echo(f"wrote {o.out}")
+    if o.plot_path is not None:
+        if plot(results, o.plot_path):
+            click.echo(f"wrote {o.plot_path}")
         else:
             click.echo("note: matplotlib is not installed; no plot written", err=True)
 

@@ -14,6 +14,7 @@ from abliterate.measure.harmfulness import harmfulness_direction
 from abliterate.measure.loading import LoadedModel, load_model
 from abliterate.measure.probe import load_probe_direction
 from abliterate.measure.templates import load_template
+from abliterate.options.families import ModelOptions
 from abliterate.steer.steering import check_coeff, check_layer, load_vectors
 
 
@@ -29,8 +30,7 @@ def _harmfulness_units(lm: LoadedModel, path: Path | None, sets: dict[str, list[
 
 def run_evaluate(model: str, wrappers_source: str, classes: list[str] | None, sets: dict[str, list[str]], *,
                  vectors_path: Path | None, source: str | None, coeff: float, layer: int | None,
-                 harmfulness_path: Path | None, max_new_tokens: int, device: str, dtype: str, template: str | None,
-                 thinking: bool, trust_remote_code: bool, batch_size: int,
+                 harmfulness_path: Path | None, max_new_tokens: int, model_options: ModelOptions, batch_size: int,
                  quiet: bool) -> tuple[JailbreakReport, str]:
     wrappers = load_wrappers(wrappers_source, classes)
     if source is not None and vectors_path is None:
@@ -39,15 +39,16 @@ def run_evaluate(model: str, wrappers_source: str, classes: list[str] | None, se
         raise AbliterateError(f"vectors file {vectors_path} does not exist; make one with `abliterate jailbreak "
                               "vectors`")
     check_coeff(coeff)
-    text_template = load_template(template)
-    lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    m = model_options
+    text_template = load_template(m.template)
+    lm = load_model(model, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
     layer = lm.num_layers // 2 if layer is None else layer
     check_layer(layer, lm.num_layers)
     hardening = None
     if vectors_path is not None:
         vectors = load_vectors(vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers, cls=source)
         hardening = Hardening(vectors, source or "all classes", layer, coeff)
-    settings = EvalSettings(batch_size=batch_size, template=text_template, thinking=thinking)
+    settings = EvalSettings(batch_size=batch_size, template=text_template, thinking=m.thinking)
     units = _harmfulness_units(lm, harmfulness_path, sets, text_template, batch_size, quiet,
                                **settings.template_kwargs())
     report = evaluate_jailbreaks(lm, sets["harmful"], sets["harmless"], sets["overrefusal"], wrappers, units,

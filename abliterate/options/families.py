@@ -59,7 +59,7 @@ def batch_size_option(default: int) -> Any:
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """`abliterate extract`'s own options (the model options are cli.common.model_options'); those backed by
+    """`abliterate extract`'s options (the model options as a group); those backed by
     the recipe's extract section take its defaults."""
 
     model: str | None = option(help="", required=False)  # the argument: absent with --reselect
@@ -238,3 +238,11 @@ class EvaluateOptions:
     tasks: TaskOptions = group(TaskOptions)
     model_options: ModelOptions = group(ModelOptions)
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """`abliterate demo`'s option."""
+
+    workdir: Path | None = option("--workdir", type=click.Path(path_type=Path), record="never", help="Where to put "
+                                  "the demo's files (default: a temporary folder, removed afterwards).")
