@@ -11,13 +11,21 @@ reporting where it disagrees with the markers.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from abliterate.demo.toy import HELPS, REFUSALS, toy_prompts, word_tokenizer
+from abliterate.demo.toy import (
+    HELPS,
+    REFUSALS,
+    encode_replies,
+    one_thread,
+    save_trained,
+    toy_prompts,
+    train_on_replies,
+    word_tokenizer,
+)
 from abliterate.evaluate.judge import JUDGE_QUESTION
 from tests.test_apply import run_cli
 
@@ -33,7 +41,8 @@ def _tokenizer(texts: list[str]):
 
 
 def train_judge(out: Path) -> Path:
-    """A 2-layer Llama that answers the judge question with yes (toy refusal) or no (toy help)."""
+    """A 2-layer Llama that answers the judge question with yes (toy refusal) or no (toy help), trained by the
+    toy's own loop."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     prompts = toy_prompts()
@@ -43,38 +52,14 @@ def train_judge(out: Path) -> Path:
     tok = _tokenizer([q for q, _ in pairs] + prompts.harmful_test + prompts.harmless_test)
     chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # noqa: E731
                                              add_generation_prompt=True)
-    encoded = []
-    for question, answer in pairs:
-        p = tok(chat(question), add_special_tokens=False)["input_ids"]
-        a = tok(f" {answer} <|end|>", add_special_tokens=False)["input_ids"]
-        encoded.append((p + a, [-100] * len(p) + a))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    encoded = encode_replies(tok, [(chat(question), answer) for question, answer in pairs])
+    with one_thread():
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=512, tie_word_embeddings=False))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        rng = random.Random(0)
-        model.train()
-        for _ in range(STEPS):
-            batch = rng.sample(encoded, 32)
-            width = max(len(i) for i, _ in batch)
-            ids = torch.tensor([[0] * (width - len(i)) + i for i, _ in batch])
-            labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in batch])
-            mask = (ids != 0).long()
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
-    model.save_pretrained(out, max_shard_size="100KB")
-    tok.save_pretrained(out)
-    return out
+        train_on_replies(model, encoded, steps=STEPS, batch=32, seed=0, one_cycle=False)
+    return save_trained(model, tok, out)
 
 
 @pytest.fixture(scope="module")

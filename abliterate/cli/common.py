@@ -3,6 +3,8 @@ the model as its options load it, which options were given."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -29,6 +31,16 @@ def loaded_model(name: str, m: ModelOptions) -> LoadedModel:
     from abliterate.measure.loading import load_model
 
     return load_model(name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+
+
+def plotted(draw: Callable[[Path], bool], path: Path | None) -> None:
+    """--plot PATH, when given: drawn, or a note that matplotlib (which `draw` returns False without) is missing."""
+    if path is None:
+        return
+    if draw(path):
+        click.echo(f"wrote {path}")
+    else:
+        click.echo("note: matplotlib is not installed; no plot written", err=True)
 
 
 def given_on_command_line() -> set[str]:

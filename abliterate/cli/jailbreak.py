@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option, loaded_model, placement_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options, plotted
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.probe_family import JailbreakEvaluateOptions, JailbreakVectorsOptions
@@ -81,11 +81,7 @@ def _show_cosines(names: list[str], vectors, layer: int, hidden_size: int, plot_
     click.echo(f"cosine similarity of the class vectors after layer {layer} (random directions: |cos| about "
                f"{random_cosine(hidden_size):.3f}):")
     click.echo(format_matrix(names, matrix))
-    if plot_path is not None:
-        if plot_matrix(names, matrix, plot_path, layer):
-            click.echo(f"wrote {plot_path}")
-        else:
-            click.echo("note: matplotlib is not installed; no plot written", err=True)
+    plotted(lambda path: plot_matrix(names, matrix, path, layer), plot_path)
 
 
 @jailbreak.command("evaluate")

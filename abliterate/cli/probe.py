@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option, loaded_model, placement_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options, plotted
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.probe_family import ProbeOptions
@@ -41,11 +41,7 @@ def probe(**params) -> None:
         _write_text(o.out, to_json(results, {"model": o.model, "direction": str(o.direction_path),
                                              "class": o.class_name, "command": recorded_command()}))
         click.echo(f"wrote {o.out}")
-    if o.plot_path is not None:
-        if plot(results, o.plot_path):
-            click.echo(f"wrote {o.plot_path}")
-        else:
-            click.echo("note: matplotlib is not installed; no plot written", err=True)
+    plotted(lambda path: plot(results, path), o.plot_path)
 
 
 def _load_sets(sources: tuple[str, ...], field: str | None, limit: int) -> dict[str, list[str]]:

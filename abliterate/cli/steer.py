@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from abliterate.cli.common import arch_option, loaded_model, parse_layers, placement_options
+from abliterate.cli.common import arch_option, loaded_model, parse_layers, placement_options, plotted
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.steer_family import (
     SteerBakeOptions,
@@ -106,11 +106,7 @@ def steer_sweep(**params) -> None:
     table = sweep(lm, pairs, vectors, list(chosen), list(o.coeffs), template=load_template(m.template),
                   batch_size=o.batch_size, quiet=o.quiet)
     click.echo(format_table(table))
-    if o.plot_path is not None:
-        if plot_table(table, o.plot_path):
-            click.echo(f"wrote {o.plot_path}")
-        else:
-            click.echo("note: matplotlib is not installed; no plot written", err=True)
+    plotted(lambda path: plot_table(table, path), o.plot_path)
 
 
 @steer.command("bake")

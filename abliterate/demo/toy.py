@@ -24,7 +24,9 @@ frames it was never trained with, so held-out prompts are prompts the model has 
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,50 +196,74 @@ def train_toy_model(out: Path, *, steps: int | None = None, seed: int = TRAIN_SE
     with `jailbreaks`.
     """
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if steps is None:
         steps = JAILBREAK_STEPS if jailbreaks else CHOICE_STEPS if choices else STEPS
+    with one_thread():
+        torch.manual_seed(seed)
+        tok = build_tokenizer(jailbreaks)
+        encoded = encode_replies(tok, _examples(tok, toy_prompts(), choices, jailbreaks))
+        model = LlamaForCausalLM(LlamaConfig(**dict(CONFIG, vocab_size=len(tok))))
+        train_on_replies(model, encoded, steps=steps, batch=64, seed=seed, one_cycle=True, quiet=quiet)
+    return save_trained(model, tok, out)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: one thread sums in one order, so training gives the same model on every
+    machine."""
+    import torch
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread sums in one order: the same model on every machine
+    torch.set_num_threads(1)
     try:
-        return _train(out, steps, seed, choices, jailbreaks, quiet)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(out: Path, steps: int, seed: int, choices: bool, jailbreaks: bool, quiet: bool) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(jailbreaks)
-    examples = _examples(tok, toy_prompts(), choices, jailbreaks)
+def encode_replies(tok, examples: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(chat-formatted prompt, reply) pairs as (token ids, labels): the loss falls on the reply and its end token."""
     encoded = []
     for prompt, reply in examples:
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         r = tok(f" {reply} <|end|>", add_special_tokens=False)["input_ids"]
         encoded.append((p + r, [-100] * len(p) + r))
-    config = LlamaConfig(**dict(CONFIG, vocab_size=len(tok)))
-    model = LlamaForCausalLM(config)
+    return encoded
+
+
+def train_on_replies(model, encoded: list[tuple[list[int], list[int]]], *, steps: int, batch: int, seed: int,
+                     one_cycle: bool, quiet: bool = True) -> None:
+    """The toy's training loop, also the tests' for their trained judge: AdamW at 3e-3 (with a one-cycle schedule
+    when `one_cycle`) on `batch` examples a step, drawn with `seed` and left-padded with token 0."""
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1) \
+        if one_cycle else None
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
-        batch = rng.sample(encoded, 64)
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([[0] * (width - len(i)) + i for i, _ in batch])
-        labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in batch])
-        mask = (torch.arange(width) >= torch.tensor([width - len(i) for i, _ in batch])[:, None]).long()
+        chosen = rng.sample(encoded, batch)
+        width = max(len(ids) for ids, _ in chosen)
+        ids = torch.tensor([[0] * (width - len(i)) + i for i, _ in chosen])
+        labels = torch.tensor([[-100] * (width - len(lab)) + lab for _, lab in chosen])
+        mask = (torch.arange(width) >= torch.tensor([width - len(i) for i, _ in chosen])[:, None]).long()
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         loss = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
-        schedule.step()
+        if schedule is not None:
+            schedule.step()
         optimizer.zero_grad()
         if not quiet and step % 50 == 0:
             print(f"step {step}: loss {loss.item():.4f}")
     model.eval()
+
+
+def save_trained(model, tok, out: Path) -> Path:
+    """A trained toy-style model (pad 0, end 2, no BOS) and its tokenizer as a folder of small shards."""
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     model.generation_config.bos_token_id = None
