@@ -51,8 +51,11 @@ def test_projection_with_preserve_equals_the_formula_and_keeps_every_norm(axis, 
         assert np.abs(np.moveaxis(got, axis, -1) @ r).max() <= 1e-6 * np.abs(w).max()
 
 
-def in_memory_edit(model: torch.nn.Module, r: torch.Tensor) -> None:
-    """The formula applied to the model's writer parameters in float64 (the reference the edit must match)."""
+def in_memory_edit(model: torch.nn.Module, r: torch.Tensor | np.ndarray, edit=None) -> None:
+    """`edit(w, r, s, axis)` (default: the rank-1 formula) applied to the model's writer parameters in float64:
+    the reference the streamed edit must match."""
+    edit = edit or formula
+    r = r.numpy() if isinstance(r, torch.Tensor) else r
     arch = arch_for_config(model.config.to_dict())
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if output.weight is embedding.weight:  # the edit unties: the output layer keeps the original matrix
@@ -61,7 +64,7 @@ def in_memory_edit(model: torch.nn.Module, r: torch.Tensor) -> None:
         for name, p in model.named_parameters():
             writer = next((w for w in arch.writers if w.match(name)), None)
             if writer is not None:
-                p.copy_(torch.from_numpy(formula(p.numpy(), r.numpy(), 1.0, writer.hidden_axis)))
+                p.copy_(torch.from_numpy(edit(p.numpy(), r, 1.0, writer.hidden_axis)))
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

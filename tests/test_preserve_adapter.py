@@ -53,11 +53,15 @@ def _edit(tmp_path, family: Family, components: str | None, *extra: str):
 def test_peft_loads_the_norm_preserving_adapter_and_computes_the_norm_preserving_weights(name, tmp_path):
     family, components = QUALIFYING[name]
     model, original, args = _edit(tmp_path, family, components)
+    assert adapter_matches_weights(tmp_path, model, original, args)["use_dora"] is True
+
+
+def adapter_matches_weights(tmp_path: Path, model: torch.nn.Module, original: Path, args: list[str]) -> dict:
+    """`apply ARGS` written as weights and as an adapter: peft's logits equal the weights' (and the edit moves
+    them); returns the adapter's config."""
     assert run_cli("apply", str(original), *args, "--out", str(tmp_path / "edited"))[0] == 0
     code, out = run_cli("apply", str(original), *args, "--adapter", "--out", str(tmp_path / "adapter"))
     assert code == 0, out
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["use_dora"] is True
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
@@ -65,6 +69,7 @@ def test_peft_loads_the_norm_preserving_adapter_and_computes_the_norm_preserving
         want, got, unedited = edited(IDS).logits, peft_model(IDS).logits, model(IDS).logits
     assert (got - want).abs().max().item() <= PRESERVE_TOLERANCE
     assert (want - unedited).abs().max().item() >= PRESERVE_FLOOR
+    return json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
 
 
 REFUSED = {

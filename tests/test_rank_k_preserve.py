@@ -4,12 +4,9 @@ bound, and carried by the norm-preserving (DoRA) adapter at rank k."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from abliterate.arch.table import arch_for_config
@@ -18,7 +15,8 @@ from abliterate.io.direction_file import load_direction, save_direction
 from abliterate.measure.preserving_hooks import ablate_preserving, supports_preserving
 from tests.families import COMMON, FAMILIES, FAMILY_NAMES, IDS, Family, build_model, save_sharded
 from tests.test_apply import run_cli
-from tests.test_norm_preserve import PRESERVE_FLOOR, PRESERVE_TOLERANCE
+from tests.test_norm_preserve import PRESERVE_FLOOR, PRESERVE_TOLERANCE, in_memory_edit
+from tests.test_preserve_adapter import adapter_matches_weights
 
 K = 3
 
@@ -62,19 +60,6 @@ def written_span(model: torch.nn.Module, k: int = K) -> torch.Tensor:
     return torch.linalg.svd(stacked, full_matrices=False).Vh[:k].float()
 
 
-def in_memory_edit_k(model: torch.nn.Module, q: np.ndarray) -> None:
-    """The formula applied to the model's writer parameters in float64 (the reference the edit must match)."""
-    arch = arch_for_config(model.config.to_dict())
-    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if output.weight is embedding.weight:  # the edit unties: the output layer keeps the original matrix
-        output.weight = torch.nn.Parameter(output.weight.detach().clone())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            writer = next((w for w in arch.writers if w.match(name)), None)
-            if writer is not None:
-                p.copy_(torch.from_numpy(formula_k(p.numpy(), q, 1.0, writer.hidden_axis)))
-
-
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_rank_k_norm_preserving_apply_equals_the_formula_per_family_and_verify_accepts_it(name, tmp_path):
     model = build_model(FAMILIES[name])
@@ -93,7 +78,7 @@ def test_rank_k_norm_preserving_apply_equals_the_formula_per_family_and_verify_a
         if supports_preserving(model, arch):  # dense families (in memory, MoE experts are fused parameters)
             with ablate_preserving(model, arch, direction):  # the search's and evaluation's hooks compute the same
                 assert (got - model(IDS).logits).abs().max().item() <= PRESERVE_TOLERANCE
-            in_memory_edit_k(model, direction.vectors)
+            in_memory_edit(model, direction.vectors, formula_k)
             assert (got - model(IDS).logits).abs().max().item() <= PRESERVE_TOLERANCE
     assert (got - unedited).abs().max().item() >= PRESERVE_FLOOR
 
@@ -152,15 +137,5 @@ def test_rank_k_norm_preserving_adapter_computes_the_rank_k_norm_preserving_weig
     original = save_sharded(model, tmp_path / "original")
     save_direction(tmp_path / "dir.safetensors", written_span(model), {"rank": K})
     args = ["--direction", str(tmp_path / "dir.safetensors"), "--norm-preserve", "--components", "attn,mlp", "-q"]
-    assert run_cli("apply", str(original), *args, "--out", str(tmp_path / "edited"))[0] == 0
-    code, out = run_cli("apply", str(original), *args, "--adapter", "--out", str(tmp_path / "adapter"))
-    assert code == 0, out
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config = adapter_matches_weights(tmp_path, model, original, args)
     assert config["use_dora"] is True and config["r"] == K
-    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    with torch.no_grad():
-        want, got, unedited = edited(IDS).logits, peft_model(IDS).logits, model(IDS).logits
-    assert (got - want).abs().max().item() <= PRESERVE_TOLERANCE
-    assert (want - unedited).abs().max().item() >= PRESERVE_FLOOR
