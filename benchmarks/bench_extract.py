@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from abliterate.arch.table import arch_for_config
 from abliterate.measure import extract as extract_module
+from abliterate.measure.activations import decoder
 from abliterate.measure.extract import PromptSets, extract, split_prompts
 from abliterate.measure.loading import LoadedModel, load_model
 from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids
@@ -87,34 +88,52 @@ def first_token_forward(lm: LoadedModel, prompts: list[str], batch_size: int) ->
             lm.model(**enc, logits_to_keep=1)
 
 
-def best_of(fn, repeat: int) -> float:
-    times = []
+def best_of(fns, repeat: int) -> list[float]:
+    """The best time of each function over `repeat` rounds, run in turn (a load change hits all of them)."""
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [min(t) for t in times]
+
+
+class Work:
+    """Token positions the decoder runs (padding included): the forward work, whatever the machine's load."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.tokens = 0
+        self.handle = decoder(lm).register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, _module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.tokens += ids.numel() if ids is not None else 0
 
 
 def timed_extract(lm: LoadedModel, prompts: PromptSets, settings: SelectionSettings):
-    """extract() with the defaults; (result, total seconds, seconds of the difference-of-means pass)."""
-    spent = [0.0]
+    """extract() with the defaults; (result, total seconds, seconds of the difference-of-means pass, total tokens
+    run, tokens of the pass)."""
+    spent, pass_tokens = [0.0], [0]
     real = extract_module.mean_residuals
+    work = Work(lm)
 
     def means(*args, **kwargs):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), work.tokens
         try:
             return real(*args, **kwargs)
         finally:
             spent[0] += time.perf_counter() - start
+            pass_tokens[0] += work.tokens - before
 
     extract_module.mean_residuals = means
     try:
         start = time.perf_counter()
         result = extract(lm, prompts, settings=settings, template_kwargs={"enable_thinking": False}, quiet=True)
-        return result, time.perf_counter() - start, spent[0]
+        return result, time.perf_counter() - start, spent[0], work.tokens, pass_tokens[0]
     finally:
         extract_module.mean_residuals = real
+        work.handle.remove()
 
 
 def held_out_refusal(lm: LoadedModel, direction: torch.Tensor, prompts: list[str]) -> float:
@@ -152,25 +171,28 @@ def main() -> None:
         print(f"{args.model}: {sum(p.numel() for p in lm.model.parameters()) / 1e6:.0f}M parameters, {dtype}, "
               f"{lm.num_layers} layers, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
 
-        result, total, means = timed_extract(lm, prompts, settings)
-        scored = sum(s.refusal_added is not None for s in result.scores)
+        result, total, means, tokens, pass_tokens = timed_extract(lm, prompts, settings)
+        scored = sum(s.full for s in result.scores)
+        induced = sum(s.refusal_added is not None and s.kl is None for s in result.scores)
         print(f"extract (defaults): {total:.1f} s, of which the difference-of-means pass over "
               f"{len(harmful_train) + len(harmless_train)} prompts {means:.1f} s: total / pass = {total / means:.1f}x "
-              f"(target <= 10x); {len(result.scores)} candidates, {scored} fully scored; chose layer "
-              f"{result.best.layer} position {result.best.position}")
+              f"(target <= 10x); token positions run: total / pass = {tokens / pass_tokens:.1f}x; "
+              f"{len(result.scores)} candidates, {scored} fully scored, {induced} by induction only; chose layer "
+              f"{result.best.layer} position {result.best.position}; load average {os.getloadavg()[0]:.1f}")
 
         rendered = [render(lm.tokenizer, p, enable_thinking=False) for p in harmful_train + harmless_train]
         bs = settings.batch_size
         scorer = Scorer(lm, rendered, rendered[:2], refusal_token_ids(lm.tokenizer, REFUSAL_PREFIXES), bs)
         every = list(range(len(rendered)))
-        plain = best_of(lambda: first_token_forward(lm, rendered, bs), args.repeat)
-        scoring = best_of(lambda: scorer.ablated(result.direction, every), args.repeat)
+        plain, scoring = best_of([lambda: first_token_forward(lm, rendered, bs),
+                                  lambda: scorer.ablated(result.direction, every)], args.repeat)
         n = len(rendered)
         print(f"first-token forward: plain {n / plain:.1f} prompts/s, candidate scoring {n / scoring:.1f} prompts/s: "
-              f"scoring / plain = {plain / scoring:.2f} (target >= 0.9); batch size {bs}")
+              f"scoring / plain = {plain / scoring:.2f} (target >= 0.9); batch size {bs}; load average "
+              f"{os.getloadavg()[0]:.1f}")
 
         if args.model == "toy":
-            exhaustive, ex_total, _ = timed_extract(lm, prompts, replace(settings, finalists=0))
+            exhaustive, ex_total, *_ = timed_extract(lm, prompts, replace(settings, finalists=0))
             held_out = toy_prompts().harmful_test
             from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
 

@@ -8,8 +8,10 @@ again from the saved file without the model, and a failed choice keeps every can
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from abliterate.errors import AbliterateError
@@ -125,3 +127,70 @@ def test_reselect_without_candidates_or_with_a_model_too_is_refused(extracted, t
     assert code != 0 and output.startswith("error: ") and "x.safetensors" in output
     code, output = run_cli("extract", "some/model", "--reselect", str(extracted.path), "--out", str(tmp_path / "o"))
     assert code != 0 and "not both" in output
+
+
+class TableScorer:
+    """A stand-in for measure.scores.Scorer: candidate i (vector [i, ...]) has the scores of row i, and the
+    forward sets each score would cost are counted."""
+
+    def __init__(self, ablated: list[float], added: list[float], kl: list[float], prompts: int = 4) -> None:
+        self.table, self.harmful, self.order = (ablated, added, kl), [[0]] * prompts, list(range(prompts))
+        self.calls = {"added": [], "kl": []}
+
+    def ablated(self, vector, todo):
+        return torch.full((len(todo),), self.table[0][int(vector[0])])
+
+    def added(self, _layer, vector):
+        self.calls["added"].append(int(vector[0]))
+        return self.table[1][int(vector[0])]
+
+    def kl(self, vector):
+        self.calls["kl"].append(int(vector[0]))
+        return self.table[2][int(vector[0])]
+
+    def added_and_kl(self, layer, vector):
+        return self.added(layer, vector), self.kl(vector)
+
+
+def halved(added: list[float], kl: list[float]) -> tuple[list[CandidateScore], TableScorer]:
+    """Eight candidates (layers 0-7 of 10), ablation score better the lower the layer; two finalists."""
+    from types import SimpleNamespace
+
+    from abliterate.measure.scores import score_candidates
+
+    candidates = torch.zeros(11, 1, 3)
+    candidates[:, 0, 0], candidates[:, 0, 1] = torch.arange(11.0), 1.0
+    scorer = TableScorer([-10.0 + i for i in range(11)], added, kl)
+    settings = SelectionSettings(prune_layers=0.2, finalists=2, screen_prompts=4)
+    return score_candidates(SimpleNamespace(num_layers=10), candidates, scorer, settings, quiet=True), scorer
+
+
+def fully_scored(scores: list[CandidateScore], added: list[float], kl: list[float]) -> list[CandidateScore]:
+    return [replace(s, refusal_added=added[s.layer], kl=kl[s.layer]) if s.refusal_added is not None else s
+            for s in scores]
+
+
+def test_fallback_candidates_that_do_not_induce_refusal_skip_their_kl_and_the_choice_is_unchanged():
+    added, kl = [-1.0] * 11, [0.01] * 11  # nothing induces: the fallback pair (layers 2, 3) is scored too
+    scores, scorer = halved(added, kl)
+    assert scorer.calls == {"added": [0, 1, 2, 3], "kl": [0, 1]}
+    by_layer = {s.layer: s for s in scores}
+    assert by_layer[2].kl is None and "KL not measured" in choose(scores, SETTINGS, 10).scores[2].rejected
+    lazy, full = choose(scores, SETTINGS, 10), choose(fully_scored(scores, added, kl), SETTINGS, 10)
+    assert lazy.best.layer == full.best.layer == 0 and lazy.relaxed.startswith("induction filter relaxed")
+
+
+def test_fallback_kls_are_measured_when_no_finalist_is_within_the_kl_limit():
+    added, kl = [-1.0] * 11, [5.0, 5.0] + [0.01] * 9
+    scores, scorer = halved(added, kl)
+    assert sorted(scorer.calls["kl"]) == [0, 1, 2, 3]
+    lazy, full = choose(scores, SETTINGS, 10), choose(fully_scored(scores, added, kl), SETTINGS, 10)
+    assert lazy.best.layer == full.best.layer == 2
+
+
+def test_a_fallback_candidate_that_induces_refusal_gets_its_kl_and_wins():
+    added, kl = [-1.0, -1.0, -1.0, 2.0] + [-1.0] * 7, [0.01] * 11
+    scores, scorer = halved(added, kl)
+    assert scorer.calls["kl"] == [0, 1, 3]
+    choice = choose(scores, SETTINGS, 10)
+    assert choice.best.layer == 3 and choice.relaxed is None

@@ -14,8 +14,9 @@ ablation score on the few harmful prompts the model refuses most, the best quart
 all harmful prompts (reusing the screened ones), and only the best `finalists` get the other two
 scores. What the pruning can miss: a candidate whose ablation score on the screening prompts ranks
 it out although it would win on all of them, and one that ranks below the finalists by ablation
-score but passes the filters when none of them does (the next `finalists` are scored fully in that
-case before any filter is relaxed). `finalists=0` scores every candidate fully.
+score but passes the filters when none of them does (in that case the next `finalists` get their
+induction score, and their KL where they induce, before any filter is relaxed). `finalists=0` scores
+every candidate fully.
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ class Scorer:
             return self.refusal(prompt_indices)
 
     def added_and_kl(self, layer: int, vector: torch.Tensor) -> tuple[float, float]:
-        n = len(self.harmless)
+        return self.added(layer, vector), self.kl(vector)
+
+    def kl(self, vector: torch.Tensor) -> float:
+        """Mean first-token KL on the harmless prompts, unedited || the vector ablated."""
         with ablate(self.lm.model, self.lm.arch, vector):
-            kl = kl_divergence(self.base_harmless, _logprobs(self.lm, self._harmless_batches, n)).mean().item()
+            logprobs = _logprobs(self.lm, self._harmless_batches, len(self.harmless))
+        return kl_divergence(self.base_harmless, logprobs).mean().item()
+
+    def added(self, layer: int, vector: torch.Tensor) -> float:
+        """Mean refusal log-odds on the harmless prompts with the vector added at `layer`."""
         with add(self.lm.model, self.lm.arch, layer, vector):
-            added = refusal_score(_logprobs(self.lm, self._harmless_batches, n), self.ids).mean().item()
-        return added, kl
+            return refusal_score(_logprobs(self.lm, self._harmless_batches, len(self.harmless)), self.ids).mean().item()
 
 
 def score_candidates(lm: LoadedModel, candidates: torch.Tensor, scorer: Scorer, settings: SelectionSettings,
@@ -128,7 +135,7 @@ def score_candidates(lm: LoadedModel, candidates: torch.Tensor, scorer: Scorer, 
             if torch.isfinite(candidates[layer, j]).all() and candidates[layer, j].norm() > 0]
     n = len(scorer.harmful)
     per_prompt: dict[tuple[int, int], torch.Tensor] = {c: torch.empty(0) for c in grid}
-    full: dict[tuple[int, int], tuple[float, float]] = {}
+    full: dict[tuple[int, int], tuple[float, float | None]] = {}
 
     def snapshot() -> list[CandidateScore]:
         scores = [CandidateScore(layer, j - k, per_prompt[(layer, j)].mean().item(),
@@ -156,17 +163,33 @@ def score_candidates(lm: LoadedModel, candidates: torch.Tensor, scorer: Scorer, 
         size = min(n, size * HALVING)
     ranked = rank(alive)
     count = len(ranked) if exhaustive else settings.finalists
-    for start in (0, count):  # a second group only when none of the first passes every filter
-        group = ranked[start : start + count]
-        if not group:
-            break
-        for c in tqdm(group, desc=f"full scores, {len(group)} candidates", disable=quiet, leave=False):
-            full[c] = scorer.added_and_kl(c[0], candidates[c])
+    for c in tqdm(ranked[:count], desc=f"full scores, {len(ranked[:count])} candidates", disable=quiet, leave=False):
+        full[c] = scorer.added_and_kl(c[0], candidates[c])
+    if on_round:
+        on_round(snapshot())
+    fallback = ranked[count : 2 * count]  # only when none of the finalists passes every filter
+    if fallback and not any(s.rejected is None for s in snapshot()):
+        # Induction first, the KL only where it induces: one that does not cannot pass, and ranks below every
+        # finalist by ablation score, so a relaxed choice takes a finalist over it whenever one is within the
+        # KL limit. Only when none is are the other KLs measured: the choice is what full scores would give.
+        # Objectives measured by generation rank otherwise: there every one is scored fully.
+        lazy = settings.refusal_objective == "score" and settings.kl_objective == "first-token"
+        for c in tqdm(fallback, desc=f"full scores, {len(fallback)} more candidates", disable=quiet, leave=False):
+            added = scorer.added(c[0], candidates[c])
+            full[c] = (added, scorer.kl(candidates[c]) if not lazy or added > settings.induce_threshold else None)
+        if not any(_within_kl(s, settings) for s in snapshot()):
+            for c in tqdm([c for c in fallback if full[c][1] is None], desc="KL of the rest", disable=quiet,
+                          leave=False):
+                full[c] = (full[c][0], scorer.kl(candidates[c]))
         if on_round:
             on_round(snapshot())
-        if any(s.rejected is None for s in snapshot()):
-            break
     return snapshot()
+
+
+def _within_kl(s: CandidateScore, settings: SelectionSettings) -> bool:
+    """Fully scored, finite, and within the first-token KL limit: what a relaxed choice may pick first."""
+    return (s.full and all(math.isfinite(x) for x in (s.refusal_ablated, s.refusal_added, s.kl))
+            and s.kl <= settings.kl_threshold)
 
 
 def _mean_or_inf(values: torch.Tensor) -> float:

@@ -37,7 +37,7 @@ class CandidateScore:
     position: int  # negative index among the post-instruction tokens (-1: the last)
     refusal_ablated: float  # mean refusal log-odds on `prompts` harmful validation prompts, direction ablated
     refusal_added: float | None  # None: pruned before the full scores (see `prompts`)
-    kl: float | None
+    kl: float | None  # None also for a fallback candidate that did not induce refusal (scores.py)
     rejected: str | None  # why the candidate was not chosen by the strict filters, or None
     prompts: int = 0  # harmful validation prompts behind refusal_ablated
     refusals: int | None = None  # refused greedy replies of `replies` harmful validation prompts, ablated
@@ -85,6 +85,9 @@ def max_layer(num_layers: int, prune_layers: float) -> int:
 
 def verdict(s: CandidateScore, settings: SelectionSettings, num_layers: int) -> str | None:
     """Why the strict filters reject `s` (None: it passes)."""
+    if s.refusal_added is not None and s.kl is None:  # a fallback candidate that failed induction (scores.py)
+        return (f"adding it does not induce refusal ({s.refusal_added:.2f} <= {settings.induce_threshold}; KL not "
+                "measured)")
     if not s.full:
         return f"pruned after screening (ablation score on {s.prompts} prompts)"
     if not _measured(s, settings):
