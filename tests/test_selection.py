@@ -140,6 +140,9 @@ class TableScorer:
     def ablated(self, vector, todo):
         return torch.full((len(todo),), self.table[0][int(vector[0])])
 
+    def ablated_many(self, jobs, progress=None):
+        return [self.ablated(vector, todo) for vector, todo in jobs]
+
     def added(self, _layer, vector):
         self.calls["added"].append(int(vector[0]))
         return self.table[1][int(vector[0])]
@@ -194,3 +197,20 @@ def test_a_fallback_candidate_that_induces_refusal_gets_its_kl_and_wins():
     assert scorer.calls["kl"] == [0, 1, 3]
     choice = choose(scores, SETTINGS, 10)
     assert choice.best.layer == 3 and choice.relaxed is None
+
+
+def test_candidates_scored_together_row_by_row_get_the_scores_each_gets_alone(refusing_model):
+    from abliterate.demo.toy import toy_prompts
+    from abliterate.measure.loading import load_model
+    from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids
+    from abliterate.measure.templates import render
+
+    lm = load_model(refusing_model, device="cpu", dtype="float32")
+    texts = [render(lm.tokenizer, t) for t in toy_prompts().harmful_train[:9]]
+    scorer = Scorer(lm, texts, texts[:2], refusal_token_ids(lm.tokenizer, REFUSAL_PREFIXES), 4)
+    torch.manual_seed(0)
+    jobs = [(torch.randn(lm.hidden_size), [0, 3, 5]), (torch.randn(lm.hidden_size), list(range(9))),
+            (torch.randn(lm.hidden_size), [8])]
+    together = scorer.ablated_many(jobs)
+    for (vector, todo), scores in zip(jobs, together, strict=True):
+        torch.testing.assert_close(scores, scorer.ablated(vector, todo), rtol=1e-4, atol=1e-4)

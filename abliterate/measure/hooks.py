@@ -3,8 +3,9 @@
 `ablate` removes s r (r . out) (for several directions s Q^T (Q out), their span) from the output of exactly
 the modules whose weights `apply` edits (the architecture table's hook_modules), so an ablated forward computes
 what the edited checkpoint computes: selection, evaluation and search score the edit itself, not an approximation of it.
-`add` adds a vector to the residual stream entering a decoder layer (activation addition), `add_after` to
-the stream leaving one (steering).
+`ablate_rows` does it with one direction per batch row (several candidates scored in one batch). `add` adds a
+vector to the residual stream entering a decoder layer (activation addition), `add_after` to the stream leaving
+one (steering).
 """
 
 from __future__ import annotations
@@ -104,6 +105,31 @@ def _remover(r: torch.Tensor, s: float):
         return _apply_to_output(output, remove)
 
     return hook
+
+
+@contextlib.contextmanager
+def ablate_rows(model: torch.nn.Module, arch: Arch, rows: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """`ablate` with a direction per batch row: rows() gives the running batch's unit vectors [B, d] (the caller
+    sets them before each forward), so several candidates are scored in one batch, each on its own rows."""
+    num_layers = len(decoder_layers(model, arch))
+    handles = []
+
+    def hook(_module, _inputs, output):
+        def remove(out: torch.Tensor) -> torch.Tensor:
+            r = rows().to(dtype=out.dtype, device=out.device)  # [B, d]
+            flat = out.reshape(r.shape[0], -1, out.shape[-1])  # [B, T, d] also from [B * T, d]
+            return (flat - torch.bmm(flat, r[:, :, None]) * r[:, None, :]).reshape(out.shape)
+        return _apply_to_output(output, remove)
+
+    try:
+        for component, paths in arch.hook_modules.items():
+            for layer in ([None] if component == "embed" else range(num_layers)):
+                for path in paths:
+                    handles.append(module(model, path.format(layer=layer)).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

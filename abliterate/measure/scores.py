@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
 from abliterate.measure.batching import Batch, batches, run_fitting
-from abliterate.measure.hooks import ablate, add
+from abliterate.measure.hooks import ablate, ablate_rows, add
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.selection import CandidateScore, SelectionSettings, verdict
 
@@ -55,14 +55,23 @@ def refusal_token_ids(tokenizer, prefixes: Sequence[str] = REFUSAL_PREFIXES) -> 
 
 
 def _logprobs(lm: LoadedModel, batch_list: Sequence[Batch], n: int) -> torch.Tensor:
-    out = torch.empty(n, lm.model.config.get_text_config().vocab_size)
+    vocab = lm.model.config.get_text_config().vocab_size
+    return _first_token(lm, batch_list, torch.empty(n, vocab), lambda lp: lp[:, :vocab])
 
+
+def _first_token(lm: LoadedModel, batch_list: Sequence[Batch], out: torch.Tensor,
+                 keep: Callable[[torch.Tensor], torch.Tensor], before: Callable[[Batch], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """out[rows] = keep(log p(first reply token) [rows, vocab], float32 on the CPU) for every batch; before(batch)
+    runs before each forward (hooks reading the batch's rows)."""
     def step(batch: Batch) -> None:
+        if before is not None:
+            before(batch)
         logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1, :]
-        out[batch.indices] = torch.log_softmax(logits.float(), dim=-1).cpu()[:, : out.shape[1]]
+        out[batch.indices] = keep(torch.log_softmax(logits.float(), dim=-1).cpu())
 
     with torch.inference_mode():
-        run_fitting(lm, list(batch_list), step)  # out of memory: halved, never a traceback
+        run_fitting(lm, list(batch_list), step, progress=progress)  # out of memory: halved, never a traceback
     return out
 
 
@@ -105,6 +114,22 @@ class Scorer:
     def ablated(self, vector: torch.Tensor, prompt_indices: Sequence[int]) -> torch.Tensor:
         with ablate(self.lm.model, self.lm.arch, vector):
             return self.refusal(prompt_indices)
+
+    def ablated_many(self, jobs: Sequence[tuple[torch.Tensor, Sequence[int]]],
+                     progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """`ablated` for several (vector, harmful prompt indices) at once: every row is ablated by its own vector
+        and the rows of all of them are batched together by length, so batches are full and hardly padded
+        (a few screening prompts per candidate would otherwise make small batches padded to their longest)."""
+        units = torch.stack([v.to(torch.float32) / v.to(torch.float32).norm() for v, _ in jobs])
+        owner = torch.tensor([j for j, (_, idx) in enumerate(jobs) for _ in idx], dtype=torch.long)
+        prompts = [self.harmful[i] for _, idx in jobs for i in idx]
+        running = [units[:0]]
+        set_rows = lambda batch: running.__setitem__(0, units[owner[batch.indices]])  # noqa: E731
+        ids = self.ids
+        with ablate_rows(self.lm.model, self.lm.arch, lambda: running[0]):
+            scores = _first_token(self.lm, list(batches(self.lm, prompts, self.bs)), torch.empty(len(prompts)),
+                                  lambda lp: refusal_score(lp, ids), before=set_rows, progress=progress)
+        return list(scores.split([len(idx) for _, idx in jobs]))
 
     def added_and_kl(self, layer: int, vector: torch.Tensor) -> tuple[float, float]:
         return self.added(layer, vector), self.kl(vector)
@@ -150,11 +175,12 @@ def score_candidates(lm: LoadedModel, candidates: torch.Tensor, scorer: Scorer, 
     size = n if exhaustive else min(n, max(1, settings.screen_prompts))
     alive = grid
     while True:
-        for c in tqdm(alive, desc=f"ablation score, {len(alive)} candidates x {size} prompts", disable=quiet,
-                      leave=False):
-            todo = scorer.order[len(per_prompt[c]):size]
-            if todo:
-                per_prompt[c] = torch.cat([per_prompt[c], scorer.ablated(candidates[c], todo)])
+        todo = [(c, scorer.order[len(per_prompt[c]):size]) for c in alive if len(per_prompt[c]) < size]
+        with tqdm(total=sum(len(t) for _, t in todo), desc=f"ablation score, {len(alive)} candidates x {size} "
+                  "prompts", unit="prompt", disable=quiet, leave=False) as bar:
+            measured = scorer.ablated_many([(candidates[c], t) for c, t in todo], bar.update) if todo else []
+        for (c, _), values in zip(todo, measured, strict=True):
+            per_prompt[c] = torch.cat([per_prompt[c], values])
         if on_round:
             on_round(snapshot())
         if size >= n:
