@@ -76,3 +76,36 @@ def test_batch_size_reads_auto_and_positive_numbers(refusing_model):
             parse_batch_size(bad)
     lm = load_model(refusing_model, device="cpu")
     assert batching.resolve(lm, 0) == batching.CPU_DEFAULT and batching.resolve(lm, 5) == 5
+
+
+def test_evaluate_with_batch_size_auto_halves_on_out_of_memory_and_reports_what_small_batches_do(small_gpu,
+                                                                                                  refusing_model):
+    from abliterate.demo.toy import toy_prompts
+    from abliterate.evaluate.evaluation import evaluate
+
+    lm, seen = small_gpu
+    prompts = toy_prompts()
+    files = tmp = batching.cache_file().parent.parent
+    (tmp / "harmful.txt").write_text("\n".join(prompts.harmful_test))
+    (tmp / "harmless.txt").write_text("\n".join(prompts.harmless_test))
+    settings = EvalSettings(limit=6, max_new_tokens=6, kl_tokens=4, batch_size=0, nll_window=64,
+                            harmful=str(files / "harmful.txt"), harmless=str(files / "harmless.txt"))
+    reference = load_model(refusing_model, device="cpu")
+    fitted = evaluate(lm, lm, settings, quiet=True)
+    small = evaluate(reference, reference, EvalSettings(**{**settings.__dict__, "batch_size": 2}), quiet=True)
+    assert max(seen) > 3 and fitted.counts == small.counts  # tried above what fits, then halved
+    assert [r.reply for r in fitted.per_prompt] == [r.reply for r in small.per_prompt]
+    assert fitted.nll == pytest.approx(small.nll, rel=1e-5)
+    assert (fitted.kl_first_token, fitted.kl_continuation) == (0.0, 0.0)
+
+
+def test_evaluate_takes_batch_size_auto_on_the_command_line(refusing_model, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from abliterate.cli.main import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = CliRunner().invoke(cli, ["evaluate", str(refusing_model), "--batch-size", "auto", "--limit", "2",
+                                      "--max-new-tokens", "2", "-q", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["batch_size"] == 0

@@ -197,3 +197,33 @@ def test_a_pickled_adapter_is_refused_before_anything_is_loaded(tmp_path):
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error: ") and "adapter_model.bin" in line and "pickle" in line
+
+
+def test_a_baseline_given_as_a_loader_is_released_before_the_model_loads_and_the_report_is_the_same(
+        refusing_model, toy_pair, prompt_files):
+    import weakref
+
+    settings = quick(prompt_files, limit=8)
+    lm, baseline = toy_pair
+    direction = 100 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    edited = lambda model: LoadedModel(model.model, model.tokenizer, model.arch, model.name,  # noqa: E731
+                                       hooks=lambda: ablate(model.model, model.arch, direction))
+    both = evaluate(edited(lm), baseline, settings, quiet=True)
+    alive = []
+
+    def load_baseline():
+        loaded = load_model(refusing_model, device="cpu")
+        alive.append(weakref.ref(loaded.model))
+        return loaded
+
+    def load_edited():
+        assert alive and alive[0]() is None  # the baseline's weights are gone before the model loads
+        return edited(load_model(refusing_model, device="cpu"))
+
+    one_at_a_time = evaluate(load_edited, load_baseline, settings, quiet=True)
+    assert both.kl_first_token > 0
+    assert one_at_a_time.kl_first_token == pytest.approx(both.kl_first_token, rel=1e-4, abs=1e-6)
+    assert one_at_a_time.kl_continuation == pytest.approx(both.kl_continuation, rel=1e-4, abs=1e-6)
+    assert (one_at_a_time.nll, one_at_a_time.baseline_nll) == pytest.approx((both.nll, both.baseline_nll), rel=1e-5)
+    assert [r.reply for r in one_at_a_time.per_prompt] == [r.reply for r in both.per_prompt]
+    assert [r.reply for r in one_at_a_time.baseline_per_prompt] == [r.reply for r in both.baseline_per_prompt]

@@ -37,9 +37,10 @@ def evaluate(**params) -> None:
     """
     from abliterate.errors import AbliterateError
     from abliterate.evaluate import tasks as evaluate_tasks
-    from abliterate.evaluate.evaluation import EvalSettings
+    from abliterate.evaluate.evaluation import EvalSettings, same_vocabulary
     from abliterate.evaluate.evaluation import evaluate as run_evaluate
     from abliterate.lora.adapter_file import weights_path
+    from abliterate.measure.loading import load_tokenizer
     from abliterate.measure.templates import load_template
 
     o = from_params(EvaluateOptions, params)
@@ -58,9 +59,12 @@ def evaluate(**params) -> None:
     task_settings = evaluate_tasks.task_settings(o.tasks, o.batch_size, m.thinking, settings.template)
     if o.adapter is not None:  # before loading anything; and never let peft fall back to a pickled .bin
         weights_path(o.adapter)
-    lm = loaded_model(o.model, m)
-    lm = with_adapter(lm, o.adapter, o.model) if o.adapter is not None else lm
-    report = run_evaluate(lm, loaded_model(o.baseline, m) if o.baseline else None, settings, quiet=o.quiet,
+    model = lambda: (with_adapter(loaded_model(o.model, m), o.adapter, o.model) if o.adapter is not None  # noqa: E731
+                     else loaded_model(o.model, m))
+    if o.baseline:  # the tokenizers now, before the baseline is measured: the model loads only after it
+        vocab = lambda name: load_tokenizer(name, m.trust_remote_code).get_vocab()  # noqa: E731
+        same_vocabulary(o.baseline, vocab(o.baseline), o.model, vocab(o.model))
+    report = run_evaluate(model, (lambda: loaded_model(o.baseline, m)) if o.baseline else None, settings, quiet=o.quiet,
                           tasks=task_settings)
     _report(report, o)
 

@@ -19,11 +19,11 @@ category, so the first N would cover few categories).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.distance import KL, kl_to_baseline, mean_nll
+from abliterate.evaluate.distance import KL, BaselineKL, kl_to_baseline, mean_nll
 from abliterate.evaluate.generation import generate
 from abliterate.evaluate.judge import JUDGE_QUESTION, judge_answer_ids, judge_refusals, judge_token_ids
 from abliterate.evaluate.markers import find_refusal, strip_reasoning
@@ -39,84 +39,135 @@ __all__ = ["JUDGE_QUESTION", "KL", "EvalReport", "EvalSettings", "PromptResult",
            "refusal_stats", "reproduce_command", "select"]
 
 
-def evaluate(lm: LoadedModel, baseline: LoadedModel | None = None, settings: EvalSettings | None = None,
+Model = LoadedModel | Callable[[], LoadedModel]  # a loaded model, or a function that loads it
+
+
+def evaluate(lm: Model, baseline: Model | None = None, settings: EvalSettings | None = None,
              quiet: bool = False, command: str | None = None, tasks: TaskSettings | None = None) -> EvalReport:
     """Measure `lm` (and `baseline`, when given, on the same prompts and text). See the module docstring.
 
-    `tasks`: also run these lm-evaluation-harness tasks on both (abliterate.evaluate.tasks).
+    Either may be a function that loads it: the baseline is measured first and, when it was loaded here,
+    released before the model is loaded (its side of the KL waits in a temporary folder), so that two
+    models are never in memory at once. `tasks`: also run these lm-evaluation-harness tasks on both
+    (abliterate.evaluate.tasks).
     """
     settings = settings or EvalSettings()
     _check_settings(settings)
+    if isinstance(lm, LoadedModel) and isinstance(baseline, LoadedModel):  # both at hand: check before any work
+        same_vocabulary(baseline.name, baseline.tokenizer.get_vocab(), lm.name, lm.tokenizer.get_vocab())
     checked_tasks = check_tasks(tasks) if tasks else None  # an unknown task fails before any generation
-    if baseline is not None and baseline.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
-        raise AbliterateError(f"{baseline.name} and {lm.name} have different vocabularies; --baseline must be the "
-                              "original of the evaluated model (same tokenizer)")
     started = time.time()
     harmful = select(_prompts(settings.harmful, settings.field, "harmful"), settings.limit)
     overrefusal = select(_prompts(settings.overrefusal, settings.field, "overrefusal"), settings.limit)
-    judge = _load_judge(settings.judge, lm) if settings.judge else None
+    harmless = select(_prompts(settings.harmless, settings.field, "harmless"), settings.limit) if baseline else []
+    judges: list[LoadedModel] = []
 
-    def refusals(model: LoadedModel, who: str) -> tuple[RefusalStats, RefusalStats]:
-        return tuple(refusal_stats(model, prompts, name, settings, judge, desc=f"{name} ({who})", quiet=quiet)
-                     for name, prompts in (("harmful", harmful), ("overrefusal", overrefusal)))  # type: ignore
+    def side(model: LoadedModel, who: str) -> _Side:
+        if settings.judge and not judges:
+            judges.append(_load_judge(settings.judge, model))
+        judge = judges[0] if judges else None
+        stats = [refusal_stats(model, prompts, name, settings, judge, desc=f"{name} ({who})", quiet=quiet)
+                 for name, prompts in (("harmful", harmful), ("overrefusal", overrefusal))]
+        nll = mean_nll(model, settings, quiet=quiet, desc=f"NLL ({who})")
+        run = run_tasks(model, tasks, quiet=quiet, checked=checked_tasks) if tasks is not None else None
+        return _Side(model.name, model.tokenizer.get_vocab(), stats[0], stats[1], nll, run)
 
-    model_harmful, model_over = refusals(lm, "model")
-    base_harmful = base_over = None
+    base = stored_kl = None
     if baseline is not None:
-        base_harmful, base_over = refusals(baseline, "baseline")
-    nll, nll_tokens = mean_nll(lm, settings, quiet=quiet, desc="NLL (model)")
-    baseline_nll = kl_first = kl_cont = None
+        loaded = _loaded(baseline)
+        base = side(loaded, "baseline")
+        stored_kl = BaselineKL(loaded, harmless, settings, quiet=quiet)
+        del loaded  # a baseline loaded here is released before the model loads
+        _release()
+    lm = _loaded(lm)
+    if base is not None:
+        same_vocabulary(base.name, base.vocab, lm.name, lm.tokenizer.get_vocab())
+    model = side(lm, "model")
+    model_harmful, model_over = model.harmful, model.over
+    (nll, nll_tokens), kl_first = model.nll, None
+    kl_cont = baseline_nll = None
     counts = {"harmful_prompts": len(harmful), "overrefusal_prompts": len(overrefusal), "nll_tokens": nll_tokens,
               "harmful_refused": model_harmful.refused, "overrefusal_refused": model_over.refused,
               "reasoning_unfinished": model_harmful.reasoning_unfinished + model_over.reasoning_unfinished,
               "generated_tokens": sum(r.new_tokens for r in model_harmful.results + model_over.results)}
-    if baseline is not None:
-        baseline_nll, _ = mean_nll(baseline, settings, quiet=quiet, desc="NLL (baseline)")
-        harmless = select(_prompts(settings.harmless, settings.field, "harmless"), settings.limit)
-        kl = kl_to_baseline(lm, baseline, harmless, settings, quiet=quiet)
+    if base is not None:
+        baseline_nll = base.nll[0]
+        kl = stored_kl.kl(lm, quiet=quiet)
         kl_first, kl_cont = kl.first_token, kl.continuation
         counts.update(kl_prompts=len(harmless), kl_tokens=kl.tokens)
-    benchmarks = None
-    if tasks is not None:
-        model_run = run_tasks(lm, tasks, quiet=quiet, checked=checked_tasks)
-        base_run = run_tasks(baseline, tasks, quiet=quiet, checked=checked_tasks) if baseline is not None else None
-        benchmarks = compare(model_run, base_run, tasks)
+    benchmarks = compare(model.tasks, base.tasks if base else None, tasks) if tasks is not None else None
     recorded = {**asdict(settings), "decoding": "greedy", "dtype": str(next(lm.model.parameters()).dtype),
                 "device": str(lm.device), "template_kwargs": settings.template_kwargs(),
                 "seconds": round(time.time() - started, 1)}
-    if judge is not None:  # what the judge was asked, and how its answer was read
+    if judges:  # what the judge was asked, and how its answer was read
         recorded.update(judge_question=JUDGE_QUESTION, judge_rule="refusal when p(yes) > p(no) at the first answer "
                         "token, the question rendered with the judge's chat template, the reply without reasoning")
     rate = lambda s: None if s is None else s.rate  # noqa: E731
     judge_rate = lambda s: None if s is None else s.judge_rate  # noqa: E731
+    base_harmful, base_over = (base.harmful, base.over) if base else (None, None)
     return EvalReport(
-        model=lm.name, baseline=baseline.name if baseline else None,
+        model=lm.name, baseline=base.name if base else None,
         refusal_rate=model_harmful.rate, overrefusal_rate=model_over.rate,
         kl_first_token=kl_first, kl_continuation=kl_cont, nll=nll, baseline_nll=baseline_nll,
         baseline_refusal_rate=rate(base_harmful), baseline_overrefusal_rate=rate(base_over),
         judge_refusal_rate=model_harmful.judge_rate, judge_overrefusal_rate=model_over.judge_rate,
         baseline_judge_refusal_rate=judge_rate(base_harmful), baseline_judge_overrefusal_rate=judge_rate(base_over),
         counts=counts, settings=recorded,
-        command=recorded_command(command, library=reproduce_command(lm, baseline, settings)),
+        command=recorded_command(command, library=reproduce_command(lm.name, base.name if base else None, settings)),
         per_prompt=model_harmful.results + model_over.results,
-        baseline_per_prompt=(base_harmful.results + base_over.results) if base_harmful and base_over else [],
+        baseline_per_prompt=(base_harmful.results + base_over.results) if base else [],
         benchmarks=benchmarks,
     )
 
 
+@dataclass
+class _Side:
+    """What one model measured: refusal stats on both sets, general-text NLL (mean, tokens), task scores."""
+
+    name: str
+    vocab: dict
+    harmful: RefusalStats
+    over: RefusalStats
+    nll: tuple[float, int]
+    tasks: object | None
+
+
+def same_vocabulary(baseline: str, baseline_vocab: dict, model: str, model_vocab: dict) -> None:
+    if baseline_vocab != model_vocab:
+        raise AbliterateError(f"{baseline} and {model} have different vocabularies; --baseline must be the "
+                              "original of the evaluated model (same tokenizer)")
+
+
+def _loaded(model: Model) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else model()
+
+
+def _release() -> None:
+    """Give the memory of a model no longer referenced back (its tensors, the CUDA cache)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _check_settings(settings: EvalSettings) -> None:
-    for name in ("max_new_tokens", "kl_tokens", "batch_size", "nll_window"):
+    for name in ("max_new_tokens", "kl_tokens", "nll_window"):
         if getattr(settings, name) < 1:
             raise AbliterateError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.batch_size < 0:  # 0: auto (measure.batching)
+        raise AbliterateError("--batch-size must be a positive number of prompts or auto")
     if settings.limit is not None and settings.limit < 1:
         raise AbliterateError("--limit must be at least 1 (leave it out for every prompt)")
 
 
-def reproduce_command(lm: LoadedModel, baseline: LoadedModel | None, settings: EvalSettings) -> str:
+def reproduce_command(model: str, baseline: str | None, settings: EvalSettings) -> str:
     """The CLI command that repeats this evaluation (what a library call records)."""
-    args = ["evaluate", lm.name]
+    args = ["evaluate", model]
     if baseline is not None:
-        args += ["--baseline", baseline.name]
+        args += ["--baseline", baseline]
     defaults = EvalSettings()
     for key, value in asdict(settings).items():
         if value != getattr(defaults, key):

@@ -35,7 +35,7 @@ class ContinuationKL:
     The unedited continuations and their log-probabilities are computed once and kept on the CPU
     (prompts x (tokens + 1) x vocab floats, e.g. 32 x 17 x 152k x 4 bytes = 330 MB for Qwen), which
     is what lets every trial be measured with one teacher-forced pass. `evaluate`, which has two
-    models, streams the same computation batch by batch instead (distance.kl_to_baseline).
+    models, keeps the baseline's side in a temporary folder instead (distance.BaselineKL).
     """
 
     def __init__(self, lm: LoadedModel, instructions: Sequence[str], tokens: int = 16, batch_size: int = 8,

@@ -246,13 +246,16 @@ def run_tasks(lm: LoadedModel, settings: TaskSettings, quiet: bool = False, keep
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from abliterate.measure.batching import AUTO, resolve
+
     manager, names = checked or check_tasks(settings)
     template_args = {} if settings.thinking else {"enable_thinking": False}
     if settings.chat_template and not (settings.template or getattr(lm.tokenizer, "chat_template", None)):
         raise AbliterateError("--tasks-chat-template: the tokenizer has no chat template; pass --template FILE "
                               "(a Jinja chat template)")
     with _harness_logs(), _template_in(lm.tokenizer, settings.template), lm.running():
-        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=settings.batch_size,
+        size = settings.batch_size or ("auto" if lm.device.type == "cuda" else resolve(lm, AUTO))  # harness: CUDA
+        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=size,
                        chat_template_args=template_args)
         try:
             results = simple_evaluate(model=wrapped, tasks=names, task_manager=manager, limit=settings.limit,

@@ -81,7 +81,7 @@ def cpu_computes(dtype: torch.dtype) -> bool:
 
 def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -97,11 +97,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
     if not trust_remote_code:
         _check_causal_lm(name, config, AutoModelForCausalLM)
     arch = arch_for_config(config.to_dict())
-    try:  # the tokenizer first: it fails in a second where the weights would take minutes
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
-                              "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
+    tokenizer = load_tokenizer(name, trust_remote_code)  # first: it fails in a second where weights take minutes
     target = resolve_device(device)
     dispatch = placement.current().from_pretrained_kwargs()  # --device-map: accelerate places it (--device unused)
     if dispatch and target == "cpu" and not placement.current().max_memory:
@@ -128,6 +124,17 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else \
             tokenizer.convert_ids_to_tokens(0)
     return LoadedModel(model, tokenizer, arch, name)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or Hub id, or one line saying what is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise AbliterateError(f"cannot load the tokenizer of {name} ({first_line(e)}); the model needs its "
+                              "tokenizer files (tokenizer.json or the files of its tokenizer class)") from None
 
 
 def _available_ram() -> int:

@@ -227,8 +227,10 @@ class EvaluateOptions:
                                  "can come late).")
     kl_tokens: int = option("--kl-tokens", recipe="evaluate.kl_tokens", show_default=True,
                             help="Tokens of the baseline's continuation in the KL.")
-    batch_size: int = option("--batch-size", recipe="evaluate.batch_size", show_default=True,
-                             help="Prompts per forward pass; lower it if memory runs out.")
+    batch_size: int = option("--batch-size", recipe="evaluate.batch_size", show_default=True, parse=parse_batch_size,
+                             type=str, help="Prompts per forward pass, or auto: on CUDA the largest that fits (found "
+                             "once by halving on out-of-memory, cached per model); out of memory at any size halves "
+                             "it, with a note.")
     judge: str | None = option("--judge", help="A chat model asked, per reply, whether it refuses (yes/no), reported "
                                "next to the marker counts, with the replies where the two disagree.")
     judge_check: bool = option("--judge-check", is_flag=True, help="Instead of evaluating MODEL: print the markers' "
