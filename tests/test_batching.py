@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +110,30 @@ def test_evaluate_takes_batch_size_auto_on_the_command_line(refusing_model, monk
                                       "--max-new-tokens", "2", "-q", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["batch_size"] == 0
+
+
+def test_search_and_steer_measures_with_batch_size_auto_halve_on_out_of_memory_and_match_small_batches(
+        small_gpu, refusing_model):
+    from abliterate.demo.toy import choice_pairs, toy_prompts
+    from abliterate.evaluate.objectives import ContinuationKL
+    from abliterate.measure.hooks import ablate
+    from abliterate.steer.steering import Pair, matching_probability
+
+    lm, seen = small_gpu
+    reference = load_model(refusing_model, device="cpu")
+    prompts = toy_prompts()
+    direction = 50 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    kls = []
+    for model, size in ((lm, 0), (reference, 2)):
+        kl = ContinuationKL(model, prompts.harmless_test[:7], tokens=4, batch_size=size)
+        with ablate(model.model, model.arch, direction):
+            kls.append(kl.measure())
+    assert kls[0].continuation == pytest.approx(kls[1].continuation, rel=1e-4) and kls[0].continuation > 0
+    pairs = [Pair(question=p["question"], matching=p["answer_matching_behavior"],
+                  not_matching=p["answer_not_matching_behavior"])
+             for p in choice_pairs(prompts.harmful_test[:4], True) + choice_pairs(prompts.harmless_test[:3], False)]
+    vectors = np.zeros((lm.num_layers + 1, lm.hidden_size), dtype=np.float32)
+    vectors[2] = direction.numpy() / 10
+    fitted, small = (matching_probability(model, pairs, vectors, 1, 1.0, batch_size=size)
+                     for model, size in ((lm, 0), (reference, 2)))
+    assert fitted == pytest.approx(small, rel=1e-5) and max(seen) > 3

@@ -227,3 +227,17 @@ def test_a_baseline_given_as_a_loader_is_released_before_the_model_loads_and_the
     assert (one_at_a_time.nll, one_at_a_time.baseline_nll) == pytest.approx((both.nll, both.baseline_nll), rel=1e-5)
     assert [r.reply for r in one_at_a_time.per_prompt] == [r.reply for r in both.per_prompt]
     assert [r.reply for r in one_at_a_time.baseline_per_prompt] == [r.reply for r in both.baseline_per_prompt]
+
+
+def test_a_view_s_hooks_run_once_per_forward_in_the_kl(toy_pair, prompt_files):
+    lm, baseline = toy_pair
+    settings = quick(prompt_files, limit=8)
+    direction = 100 * torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    half = lambda: ablate(lm.model, lm.arch, direction, strength=0.5)  # noqa: E731  (twice would remove 3/4)
+    view = LoadedModel(lm.model, lm.tokenizer, lm.arch, lm.name, hooks=half)
+    harmless = toy_prompts().harmless_test[:8]
+    with half():
+        outside = ev.kl_to_baseline(lm, baseline, harmless, settings, quiet=True)
+    inside = ev.kl_to_baseline(view, baseline, harmless, settings, quiet=True)
+    assert inside.first_token == pytest.approx(outside.first_token, rel=1e-5) and outside.first_token > 0
+    assert inside.continuation == pytest.approx(outside.continuation, rel=1e-5)

@@ -40,10 +40,11 @@ class BaselineKL:
     """The baseline's side of KL(baseline || model): its greedy continuations of the harmless prompts and its
     next-token log-probabilities along them, kept in a temporary folder (rows x tokens x vocab floats: 330 MB for
     32 prompts, 16 tokens and a 152k vocabulary) rather than in memory, so that the baseline can be released
-    before the model is loaded. `kl(model)` teacher-forces the same rows through the model."""
+    before the model is loaded (`in_memory`: kept in memory, for a search that measures many edits of the
+    one model it keeps loaded). `kl(model)` teacher-forces the same rows through the model."""
 
     def __init__(self, baseline: LoadedModel, instructions: Sequence[str], settings: EvalSettings,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, in_memory: bool = False) -> None:
         tok = baseline.tokenizer
         prompts = [render(tok, t, settings.template, **settings.template_kwargs()) for t in instructions]
         continuations = [ids for _, ids in generate(baseline, instructions, settings, settings.kl_tokens,
@@ -52,14 +53,18 @@ class BaselineKL:
         self.rows = [p + c for p, c in zip(prompt_ids, continuations, strict=True)]
         self.n_dist = [max(1, len(c)) for c in continuations]  # distributions predicting each continuation token
         self.batch_size = settings.batch_size
-        self._folder = tempfile.TemporaryDirectory(prefix="abliterate-kl-")
+        self._folder = None if in_memory else tempfile.TemporaryDirectory(prefix="abliterate-kl-")
         self._files: dict[int, Path] = {}
         self._loaded: tuple[Path | None, dict[int, torch.Tensor]] = (None, {})
 
         def step(batch: Batch) -> None:
             lp = _teacher_forced_batch(baseline, batch, self._keep(batch))
+            rows = {i: lp[b, -1 - self.n_dist[i]:-1].clone() for b, i in enumerate(batch.indices)}
+            if self._folder is None:
+                self._loaded[1].update(rows)
+                return
             path = Path(self._folder.name) / f"{batch.indices[0]}.pt"
-            torch.save({i: lp[b, -1 - self.n_dist[i]:-1].clone() for b, i in enumerate(batch.indices)}, path)
+            torch.save(rows, path)
             self._files.update(dict.fromkeys(batch.indices, path))
 
         self._run(baseline, step, "KL (baseline)", quiet)
@@ -91,7 +96,7 @@ class BaselineKL:
     def _row_kl(self, i: int, model_lp: torch.Tensor) -> torch.Tensor:
         """KL per continuation token of row i: its stored baseline log-probs against the model's."""
         path, loaded = self._loaded
-        if path != self._files[i]:  # rows are read in the order they were written: each file is read once
+        if self._folder is not None and path != self._files[i]:  # read in the order written: each file once
             self._loaded = (self._files[i], torch.load(self._files[i]))
             loaded = self._loaded[1]
         base = loaded[i]
@@ -99,30 +104,9 @@ class BaselineKL:
         return kl_divergence(base[..., :vocab], model_lp[..., :vocab])
 
 
-def continuation_kls(base_lp: torch.Tensor, model_lp: torch.Tensor, n_dist: list[int],
-                     keep: int) -> tuple[list[float], float]:
-    """Per row of a batch: KL at the first reply token, and the batch's KL summed over each row's continuation."""
-    vocab = min(base_lp.shape[-1], model_lp.shape[-1])
-    kl = kl_divergence(base_lp[..., :vocab], model_lp[..., :vocab])  # [B, keep]
-    first, total = [], 0.0
-    for b, n in enumerate(n_dist):
-        row = kl[b, keep - 1 - n: keep - 1]  # positions T-1-n .. T-2: predicting continuation tokens 0..n-1
-        first.append(row[0].item())
-        total += row.sum().item()
-    return first, total
-
-
-def _teacher_forced(lm: LoadedModel, rows: list[list[int]], keep: int) -> torch.Tensor:
-    """log-probs [B, keep, vocab] (float32) at the last `keep` positions of left-padded rows."""
-    width = max(len(r) for r in rows)
-    pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=lm.device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=lm.device)
-    return _teacher_forced_batch(lm, Batch(list(range(len(rows))), ids, mask), keep)
-
-
 def _teacher_forced_batch(lm: LoadedModel, batch: Batch, keep: int) -> torch.Tensor:
-    with torch.inference_mode(), lm.running():
+    """log-probs [B, keep, vocab] (float32, on the CPU) at the last `keep` positions (run inside lm.running())."""
+    with torch.inference_mode():
         logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=keep).logits
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 

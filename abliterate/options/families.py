@@ -53,8 +53,9 @@ class ModelOptions:
 def batch_size_option(default: int) -> Any:
     """--batch-size of a model-running command that holds its own default (extract's and evaluate's are their
     recipe sections')."""
-    return option("--batch-size", default=default, show_default=True,
-                  help="Prompts per forward pass; lower it if memory runs out.")
+    return option("--batch-size", default=default, show_default=True, parse=parse_batch_size, type=str,
+                  help="Prompts per forward pass, or auto: on CUDA the largest that fits (found once by halving on "
+                  "out-of-memory, cached per model); out of memory at any size halves it, with a note.")
 
 
 @dataclass(frozen=True)

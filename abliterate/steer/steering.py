@@ -38,6 +38,7 @@ from abliterate.errors import AbliterateError
 from abliterate.evaluate.evaluation import EvalSettings, generate
 from abliterate.io.json_files import json_records
 from abliterate.measure.activations import batches, mean_residuals
+from abliterate.measure.batching import Batch, run_fitting
 from abliterate.measure.hooks import add_after, decoder_layers
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import count_suffix_tokens, post_instruction_suffix, render
@@ -302,17 +303,20 @@ def matching_probability(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.nda
     k = max(1, min(count_suffix_tokens(lm.tokenizer, prompt, suffix)
                    + len(t.prefix) - len(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
                    for prompt, t in zip(prompts, answers, strict=True)))
-    total = 0.0
+    matching = torch.empty(len(pairs))
+
+    def step(batch: Batch) -> None:
+        logits = lm.model(**batch.inputs(), use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+        rows = [[answers[i].letters[pairs[i].matching], answers[i].letters[pairs[i].not_matching]]
+                for i in batch.indices]
+        two = torch.softmax(logits.gather(1, torch.tensor(rows, device=logits.device)), dim=-1)
+        matching[batch.indices] = two[:, 0].cpu()
+
     ctx = steering(lm.model, lm.arch, layer, vectors[layer + 1], coeff, last=k) if vectors is not None and coeff \
         else contextlib.nullcontext()
     with ctx, torch.inference_mode():
-        for batch in batches(lm, [t.prefix for t in answers], batch_size):
-            logits = lm.model(**batch.inputs(), use_cache=False).logits[:, -1, :].float()
-            for row, i in enumerate(batch.indices):
-                letters = answers[i].letters
-                two = torch.softmax(logits[row, [letters["A"], letters["B"]]], dim=-1)
-                total += two[0 if pairs[i].matching == "A" else 1].item()
-    return total / len(pairs)
+        run_fitting(lm, list(batches(lm, [t.prefix for t in answers], batch_size)), step)  # OOM: halved
+    return matching.mean().item()
 
 
 def sweep(lm: LoadedModel, pairs: Sequence[Pair], vectors: np.ndarray, layers: Sequence[int],
