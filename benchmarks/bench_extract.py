@@ -7,12 +7,14 @@ against the exhaustive selection's (--finalists 0). All in one run, on one loade
 
 The model is saved as a folder and loaded with `load_model`, as the CLI does (the checkpoint's dtype where
 the CPU computes it natively). Prompts are split as `extract` splits them (toy: its train sets as files; the
-random model: the built-in sets). Times:
+random model: the built-in sets). The load average is printed with each timing (timings on a shared
+machine vary with it; the ratio of token positions the decoder runs does not). Times:
   * extract: `measure.extract.extract` with the default settings (successive-halving selection), the
     difference-of-means pass timed inside it (its two `mean_residuals` calls): target total <= 10x the pass;
   * scoring: `Scorer.ablated` (a candidate removed by hooks from every residual writer, first reply token)
     against the first-token forward a user would write (`model(**batch, logits_to_keep=1)`), on the same
-    prompts and batch size: target >= 0.9x;
+    prompts and batch size: target >= 0.9x; and `Scorer.ablated_many` with four candidates on a quarter of the
+    prompts each, batched together as the screening rounds run them (a direction per row);
   * toy only: the same extraction with `finalists=0` (every candidate scored fully), and both chosen
     directions' refusal rates on the toy's held-out harmful prompts (greedy replies, markers).
 """
@@ -184,11 +186,14 @@ def main() -> None:
         bs = settings.batch_size
         scorer = Scorer(lm, rendered, rendered[:2], refusal_token_ids(lm.tokenizer, REFUSAL_PREFIXES), bs)
         every = list(range(len(rendered)))
-        plain, scoring = best_of([lambda: first_token_forward(lm, rendered, bs),
-                                  lambda: scorer.ablated(result.direction, every)], args.repeat)
+        quarters = [(result.candidates[1 + q, -1], every[q::4]) for q in range(4)]  # screening: candidates batched
+        plain, scoring, packed = best_of([lambda: first_token_forward(lm, rendered, bs),
+                                          lambda: scorer.ablated(result.direction, every),
+                                          lambda: scorer.ablated_many(quarters)], args.repeat)
         n = len(rendered)
         print(f"first-token forward: plain {n / plain:.1f} prompts/s, candidate scoring {n / scoring:.1f} prompts/s: "
-              f"scoring / plain = {plain / scoring:.2f} (target >= 0.9); batch size {bs}; load average "
+              f"scoring / plain = {plain / scoring:.2f} (target >= 0.9); four candidates batched together (as "
+              f"screening runs them) {n / packed:.1f} prompts/s: {plain / packed:.2f}; batch size {bs}; load average "
               f"{os.getloadavg()[0]:.1f}")
 
         if args.model == "toy":

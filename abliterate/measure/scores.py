@@ -120,7 +120,7 @@ class Scorer:
         """`ablated` for several (vector, harmful prompt indices) at once: every row is ablated by its own vector
         and the rows of all of them are batched together by length, so batches are full and hardly padded
         (a few screening prompts per candidate would otherwise make small batches padded to their longest)."""
-        units = torch.stack([v.to(torch.float32) / v.to(torch.float32).norm() for v, _ in jobs])
+        units = torch.stack([v.to(torch.float32) / v.to(torch.float32).norm() for v, _ in jobs]).to(self.lm.device)
         owner = torch.tensor([j for j, (_, idx) in enumerate(jobs) for _ in idx], dtype=torch.long)
         prompts = [self.harmful[i] for _, idx in jobs for i in idx]
         running = [units[:0]]
