@@ -137,3 +137,18 @@ def test_search_and_steer_measures_with_batch_size_auto_halve_on_out_of_memory_a
     fitted, small = (matching_probability(model, pairs, vectors, 1, 1.0, batch_size=size)
                      for model, size in ((lm, 0), (reference, 2)))
     assert fitted == pytest.approx(small, rel=1e-5) and max(seen) > 3
+
+
+def test_probe_with_batch_size_auto_halves_on_out_of_memory_and_projects_what_small_batches_do(small_gpu,
+                                                                                                refusing_model):
+    from abliterate.demo.toy import toy_prompts
+    from abliterate.measure.probe import project
+
+    lm, seen = small_gpu
+    reference = load_model(refusing_model, device="cpu")
+    units = np.random.default_rng(0).standard_normal((lm.num_layers + 1, lm.hidden_size)).astype(np.float32)
+    prompts = toy_prompts().harmful_test[:7]
+    fitted, small = (project(model, prompts, units, batch_size=size, quiet=True)
+                     for model, size in ((lm, 0), (reference, 2)))
+    assert max(seen) > 3
+    np.testing.assert_allclose(fitted.values, small.values, rtol=1e-5, atol=1e-5)

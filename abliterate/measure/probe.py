@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
 from abliterate.measure.activations import batches, decoder
+from abliterate.measure.batching import Batch, run_fitting
 from abliterate.measure.hooks import capture_residuals
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render
@@ -120,10 +121,13 @@ def project(lm: LoadedModel, instructions: Sequence[str], units: np.ndarray, *, 
         tail = hidden[:, -(1 + k):, :].float()
         out[rows, i] = (tail @ r[i].to(tail.device)).to("cpu", torch.float64)
 
-    with capture_residuals(lm.model, lm.arch, sink), torch.inference_mode():
-        for batch in tqdm(list(batches(lm, prompts, batch_size)), desc=desc, disable=quiet, leave=False):
-            rows[:] = batch.indices
-            decoder(lm)(**batch.inputs(), use_cache=False)
+    def step(batch: Batch) -> None:  # a retried piece overwrites every value a failed try wrote for its rows
+        rows[:] = batch.indices
+        decoder(lm)(**batch.inputs(), use_cache=False)
+
+    with capture_residuals(lm.model, lm.arch, sink), torch.inference_mode(), \
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=quiet, leave=False) as bar:
+        run_fitting(lm, list(batches(lm, prompts, batch_size)), step, progress=bar.update)  # OOM: halved
     return Projections(out.numpy())
 
 
