@@ -15,6 +15,7 @@ from abliterate.evaluate.evaluation import EvalSettings
 from abliterate.evaluate.generation import generate
 from abliterate.measure import batching
 from abliterate.measure.activations import mean_residuals
+from abliterate.measure.directions import activations_at
 from abliterate.measure.loading import load_model
 from abliterate.measure.scores import first_token_logprobs
 from abliterate.measure.templates import render
@@ -47,6 +48,8 @@ def test_out_of_memory_halves_the_batch_and_computes_what_smaller_batches_do(sma
     torch.testing.assert_close(mean_residuals(lm, texts, 2, batch_size=8, quiet=True),
                                mean_residuals(reference, texts, 2, batch_size=2, quiet=True), rtol=1e-5, atol=1e-6)
     assert seen[:2] == [8, 4] and max(seen[2:]) == 2  # tries at 8 and 4 fail; then never above what fits
+    torch.testing.assert_close(activations_at(lm, texts, 2, -1, batch_size=8, quiet=True),  # --directions K
+                               activations_at(reference, texts, 2, -1, batch_size=2, quiet=True), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first_token_logprobs(lm, texts, 16), first_token_logprobs(reference, texts, 2),
                                rtol=1e-5, atol=1e-5)
     settings = EvalSettings(max_new_tokens=8)

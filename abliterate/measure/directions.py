@@ -29,6 +29,7 @@ from tqdm import tqdm
 from abliterate.errors import AbliterateError
 from abliterate.io.direction_file import DEPENDENT
 from abliterate.measure.activations import batches, decoder
+from abliterate.measure.batching import Batch, run_fitting
 from abliterate.measure.hooks import capture_residuals
 from abliterate.measure.loading import LoadedModel
 
@@ -49,12 +50,15 @@ def activations_at(lm: LoadedModel, prompts: Sequence[str], stream: int, positio
             out[rows] = hidden[:, position, :].to(device="cpu", dtype=torch.float64)
             raise _Enough
 
+    def step(batch: Batch) -> None:
+        rows[:] = batch.indices
+        with contextlib.suppress(_Enough):
+            body(**batch.inputs(), use_cache=False)
+
     body = decoder(lm)
-    with capture_residuals(lm.model, lm.arch, sink), torch.inference_mode():
-        for batch in tqdm(list(batches(lm, prompts, batch_size)), desc=desc, disable=quiet, leave=False):
-            rows[:] = batch.indices
-            with contextlib.suppress(_Enough):
-                body(**batch.inputs(), use_cache=False)
+    with (capture_residuals(lm.model, lm.arch, sink), torch.inference_mode(),
+          tqdm(total=len(prompts), desc=desc, disable=quiet, leave=False, unit="prompt") as bar):
+        run_fitting(lm, list(batches(lm, prompts, batch_size)), step, progress=bar.update)  # OOM: halved
     return out
 
 
