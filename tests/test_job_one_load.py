@@ -3,7 +3,9 @@ with the numbers an evaluation of the written checkpoint against a second load o
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -32,11 +34,17 @@ class Counted:
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.calls: list[str] = []
         self.reports: list = []
+        self.alive_at_load: list[int] = []  # how many models loaded before were still in memory at each load
+        models: list[weakref.ref] = []
         real_load, real_evaluate = loading.load_model, evaluation_module.evaluate
 
         def load(source, **kwargs):
             self.calls.append(str(source))
-            return real_load(source, **kwargs)
+            gc.collect()
+            self.alive_at_load.append(sum(m() is not None for m in models))
+            lm = real_load(source, **kwargs)
+            models.append(weakref.ref(lm.model))
+            return lm
 
         def evaluate(lm, baseline=None, settings=None, **kwargs):
             self.reports.append((real_evaluate(lm, baseline, settings, **kwargs), settings))
@@ -103,6 +111,7 @@ def test_an_edit_hooks_cannot_compute_is_evaluated_on_the_written_checkpoint(ref
     result = _job(refusing_model, prompt_files, tmp_path / "targets", recipe=recipe,
                   direction=extracted_job[0].out / "refusal_direction.safetensors")
     assert counted.calls == [str(refusing_model), str(tmp_path / "targets.abliterate-partial" / "output")]
+    assert counted.alive_at_load == [0, 0]  # the job's model was measured as the baseline and released first
     assert result.refusal_rate == 0.0
 
 

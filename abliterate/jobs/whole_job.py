@@ -144,9 +144,10 @@ def run(options: RunOptions) -> RunResult:
             write_recipe_copy(searched, staged, DIRECTION_NAME)
         evaluation = None
         if options.evaluate:
-            lm = model()
+            lm = None  # evaluation is the model's last use: it takes the only reference (see _evaluate)
             with stages.stage("evaluate"):
-                evaluation = _evaluate(options, recipe, lm, direction, staged, say, tasks)
+                evaluation = _evaluate(options, recipe, lambda: (model(), loaded.pop())[1], direction, staged, say,
+                                       tasks)
         card_text = (source / "README.md").read_text(errors="replace") if (source / "README.md").is_file() else None
         base_model = public_model(options.model if source != Path(options.model)
                                   else str(ckpt.config.get("_name_or_path") or options.model))
@@ -224,9 +225,10 @@ def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSum
                        plan.untie[0] if plan.untie and not options.adapter else None, notes, plan.norm_preserve)
 
 
-def _evaluate(options: RunOptions, recipe, lm, direction, staged: Path, say, tasks):
-    """Evaluate the output against the original on the job's loaded model: the edit runs as hooks on it (the
-    same model serves as the baseline), unless hooks cannot compute it; then the output is loaded."""
+def _evaluate(options: RunOptions, recipe, take_model, direction, staged: Path, say, tasks):
+    """Evaluate the output against the original on the job's loaded model (`take_model()` hands over the only
+    reference): the edit runs as hooks on it (the same model serves as the baseline), unless hooks cannot compute
+    it; then the model is measured as the baseline and released before the output loads."""
     from abliterate.edit.plan import edit_options
     from abliterate.evaluate.evaluation import EvalSettings, evaluate
     from abliterate.evaluate.in_memory import edited_view, why_not_in_memory
@@ -238,10 +240,14 @@ def _evaluate(options: RunOptions, recipe, lm, direction, staged: Path, say, tas
                             batch_size=e.batch_size, harmful=options.eval_harmful, harmless=options.eval_harmless,
                             template=load_template(options.template))
     edit = edit_options(recipe.apply)
+    lm = take_model()
     edited = edited_view(lm, direction, edit, f"{options.model} + adapter" if options.adapter else str(staged))
+    baseline = lm
     if edited is None:
         say(f"note: the output is loaded for evaluation ({why_not_in_memory(lm, edit)})")
-        edited = _load_output(options, Path(lm.name), staged)
+        source, held = Path(lm.name), [lm]
+        del lm, baseline  # evaluate measures the baseline first and releases it: never two models at once
+        baseline, edited = held.pop, lambda: _load_output(options, source, staged)
     # the command a card's reader runs to measure this: an adapter on its base model, as `evaluate --adapter` does
     # (OUTPUT alone is no model); the recipe's settings; local files by their names only
     measured = EvaluateOptions(
@@ -252,7 +258,7 @@ def _evaluate(options: RunOptions, recipe, lm, direction, staged: Path, say, tas
         model_options=ModelOptions(template=options.template))
     args = ["evaluate", *command_args(measured)]
     tasks = replace(tasks, batch_size=e.batch_size) if tasks else None
-    report = evaluate(edited, lm, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
+    report = evaluate(edited, baseline, settings, quiet=options.quiet, command=command_line(args), tasks=tasks)
     say(report.table())
     return report
 
