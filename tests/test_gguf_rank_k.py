@@ -14,16 +14,14 @@ from abliterate.io.direction_file import load_direction, save_direction
 from tests.families import build_model
 from tests.gguf_models import gguf_tensors, read_values
 from tests.test_apply import run_cli
-from tests.test_gguf import LAYERS, LLAMA, MOE, Q8, D, _apply, _axis, _gguf, _tamper
+from tests.test_gguf import LAYERS, LLAMA, MOE, Q8, D, _apply, _axis, _gguf, _row, _tamper
 
 K = 3
 
 
 def _rows(name: str, vectors: np.ndarray) -> np.ndarray:
-    """The rows [k, d] a GGUF tensor is edited with (per layer: row 0 the embeddings, L + 1 what layer L writes)."""
-    if vectors.ndim == 2:
-        return vectors
-    return vectors[0] if not name.startswith("blk.") else vectors[int(name.split(".")[1]) + 1]
+    """The rows [k, d] a GGUF tensor is edited with: all of a [k, d] file, else its residual stream's (_row)."""
+    return vectors if vectors.ndim == 2 else _row(name, vectors)
 
 
 @pytest.fixture(scope="module")

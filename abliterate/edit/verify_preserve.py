@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from abliterate.edit.projection import EPS, TINY
-from abliterate.edit.verify_tensor import TensorCheck, stream_check, unit_roundoff
+from abliterate.edit.projection import EPS
+from abliterate.edit.verify_tensor import CheckerBase, TensorCheck, stream_check, unit_roundoff
 from abliterate.io.safetensors_format import TensorInfo
 
 F64_U = 2.0**-53
@@ -61,19 +61,11 @@ class _Sums:
         self.q += ar @ ay
 
 
-class _PreserveChecker:
+class _PreserveChecker(CheckerBase):
     sums = _Sums  # the running sums `finish` turns into the per-group estimates
 
     def __init__(self, info: TensorInfo, r: np.ndarray, scale: float) -> None:
-        dtype = info.dtype
-        self.r = np.asarray(np.asarray(r, dtype=np.float64 if dtype == "F64" else np.float32), dtype=np.float64)
-        self.rr = float(self.r @ self.r)
-        self.scale = scale
-        self.u, self.rho, self.tiny = unit_roundoff(dtype), preserve_rounding(dtype), TINY[dtype]
-        d = self.r.size
-        self.d = d
-        self.gamma = d * self.u / (1 - d * self.u)
-        self.result = TensorCheck()
+        super().__init__(info, r, scale, preserve_rounding(info.dtype))
         self.pending: tuple[np.ndarray, ...] = ()  # estimates of the big matrix whose row blocks are being checked
 
     def finish(self, g: _Sums) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -74,19 +74,28 @@ class _Groups:
         self.ry += r @ y
 
 
-class _Checker:
-    sums = _Groups  # the running sums `finish` turns into the per-group estimates
+class CheckerBase:
+    """What both checkers (plain here, norm-preserving in verify_preserve) derive from the tensor's dtype and r:
+    r as apply rounds it, widened to float64, the unit roundoff u, the per-element rounding rho, the dtype's
+    tiny, and gamma, the bound on a d-term dot product's relative error."""
 
-    def __init__(self, info: TensorInfo, r: np.ndarray, scale: float) -> None:
+    def __init__(self, info: TensorInfo, r: np.ndarray, scale: float, rho: float) -> None:
         dtype = info.dtype
         self.r = np.asarray(np.asarray(r, dtype=np.float64 if dtype == "F64" else np.float32), dtype=np.float64)
         self.rr = float(self.r @ self.r)
-        self.abs_r_sum = float(np.abs(self.r).sum())
         self.scale = scale
-        self.u, self.rho, self.tiny = unit_roundoff(dtype), element_rounding(dtype), TINY[dtype]
-        d = self.r.size
-        self.gamma = d * self.u / (1 - d * self.u)
+        self.u, self.rho, self.tiny = unit_roundoff(dtype), rho, TINY[dtype]
+        self.d = self.r.size
+        self.gamma = self.d * self.u / (1 - self.d * self.u)
         self.result = TensorCheck()
+
+
+class _Checker(CheckerBase):
+    sums = _Groups  # the running sums `finish` turns into the per-group estimates
+
+    def __init__(self, info: TensorInfo, r: np.ndarray, scale: float) -> None:
+        super().__init__(info, r, scale, element_rounding(info.dtype))
+        self.abs_r_sum = float(np.abs(self.r).sum())
         self.pending = (np.zeros(0), np.zeros(0))  # (T*, D) of the big matrix whose row blocks are being checked
 
     def finish(self, g: _Groups) -> tuple[np.ndarray, np.ndarray]:
