@@ -50,10 +50,10 @@ class ModelOptions:
                                      help="Allow the model's own Python code from the Hub.")
 
 
-def batch_size_option(default: int) -> Any:
-    """--batch-size of a model-running command that holds its own default (extract's and evaluate's are their
-    recipe sections')."""
-    return option("--batch-size", default=default, show_default=True, parse=parse_batch_size, type=str,
+def batch_size_option(default: int | None = None, *, recipe: str | None = None) -> Any:
+    """--batch-size of a model-running command: its own default, or (extract, evaluate) its recipe key's."""
+    where = {"recipe": recipe} if recipe else {"default": default}
+    return option("--batch-size", **where, show_default=True, parse=parse_batch_size, type=str,
                   help="Prompts per forward pass, or auto: on CUDA the largest that fits (found once by halving on "
                   "out-of-memory, cached per model); out of memory at any size halves it, with a note.")
 
@@ -84,10 +84,7 @@ class ExtractOptions:
                           help="Prompts per set for the difference of means.")
     n_val: int = option("--n-val", recipe="extract.n_val", show_default=True,
                         help="Prompts per set for scoring candidates.")
-    batch_size: int = option("--batch-size", recipe="extract.batch_size", show_default=True, parse=parse_batch_size,
-                             type=str, help="Prompts per forward pass, or auto: on CUDA the largest that fits (found "
-                             "once by halving on out-of-memory, cached per model); out of memory at any size halves "
-                             "it, with a note.")
+    batch_size: int = batch_size_option(recipe="extract.batch_size")
     positions: int | None = option("--positions", recipe="extract.positions", type=int,
                                    help="Use only the last N post-instruction positions (default: all of them).")
     screen_prompts: int = option("--screen-prompts", recipe="extract.screen_prompts", show_default=True,
@@ -228,10 +225,7 @@ class EvaluateOptions:
                                  "can come late).")
     kl_tokens: int = option("--kl-tokens", recipe="evaluate.kl_tokens", show_default=True,
                             help="Tokens of the baseline's continuation in the KL.")
-    batch_size: int = option("--batch-size", recipe="evaluate.batch_size", show_default=True, parse=parse_batch_size,
-                             type=str, help="Prompts per forward pass, or auto: on CUDA the largest that fits (found "
-                             "once by halving on out-of-memory, cached per model); out of memory at any size halves "
-                             "it, with a note.")
+    batch_size: int = batch_size_option(recipe="evaluate.batch_size")
     judge: str | None = option("--judge", help="A chat model asked, per reply, whether it refuses (yes/no), reported "
                                "next to the marker counts, with the replies where the two disagree.")
     judge_check: bool = option("--judge-check", is_flag=True, help="Instead of evaluating MODEL: print the markers' "
