@@ -14,6 +14,8 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
+from abliterate.gguf.kquants import KQUANT_TYPES, quantize_kquant
+
 NAMES = (
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"lm_head\.weight", "output.weight"),
@@ -69,8 +71,11 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, hidden:
             writer.add_tensor(name, value.astype(np.float16))
         elif value.dtype == np.uint8:  # raw blocks given as they are
             writer.add_tensor(name, value, raw_dtype=qtype)
-        elif type_name == "Q4_K":
-            writer.add_tensor(name, random_q4_k(value.shape), raw_dtype=qtype)
+        elif type_name in KQUANT_TYPES:  # the values quantised as llama.cpp's reference would
+            blocks = quantize_kquant(value.astype(np.float32), type_name)
+            writer.add_tensor(name, blocks.reshape(*value.shape[:-1], -1), raw_dtype=qtype)
+        elif type_name in RANDOM_HALVES:
+            writer.add_tensor(name, random_blocks(value.shape, type_name), raw_dtype=qtype)
         else:
             writer.add_tensor(name, gguf.quants.quantize(value.astype(np.float32), qtype), raw_dtype=qtype)
     writer.write_header_to_file()
@@ -80,12 +85,17 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, hidden:
     return path
 
 
-def random_q4_k(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """Valid Q4_K bytes of random values (the gguf library reads Q4_K but cannot write it): random
-    4-bit codes and sub-block scales, with each block's two float16 scales set to small numbers."""
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K]
+# types the tests write as random blocks (llama.cpp's quantisers for them need an importance matrix):
+# the byte offsets of their float16 scales, set to small numbers so that every block is finite
+RANDOM_HALVES = {"IQ4_XS": (0,), "IQ4_NL": (0,)}
+
+
+def random_blocks(shape: tuple[int, ...], type_name: str, seed: int = 0) -> np.ndarray:
+    """Valid blocks of a type of random values: random bytes, with each float16 scale small."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     blocks = np.random.default_rng(seed).integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
-    blocks[:, 0:4] = np.array([0.002, 0.001], np.float16).view(np.uint8)
+    for at in RANDOM_HALVES[type_name]:
+        blocks[:, at : at + 2] = np.array([0.002], np.float16).view(np.uint8)
     return blocks.reshape(*shape[:-1], shape[-1] // block * size)
 
 
@@ -102,3 +112,24 @@ def read_values(path: Path) -> dict[str, np.ndarray]:
 def raw_bytes(path: Path) -> dict[str, bytes]:
     reader = gguf.GGUFReader(path)
     return {t.name: bytes(np.array(t.data).view(np.uint8).reshape(-1)) for t in reader.tensors}
+
+
+def kquant_inputs(seed: int, blocks: int) -> np.ndarray:
+    """[blocks, 256] float32 test inputs for the K-quant quantisers, the kinds of block that steer their
+    searches differently: Gaussian weights of scales 1e-4..1e2, per-sub-block scales, one-signed
+    blocks, heavy tails and outliers, zero and constant sub-blocks and blocks, and values on a grid
+    (dequantised-like, so that rounding meets exact halves)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((blocks, 256)) * 10.0 ** rng.uniform(-4, 2, (blocks, 1))
+    kind = np.arange(blocks) % 8
+    sub = 10.0 ** rng.uniform(-2, 1, (blocks, 16, 1))
+    x[kind == 1] = (x.reshape(blocks, 16, 16) * sub).reshape(blocks, 256)[kind == 1]
+    x[kind == 2] = np.abs(x[kind == 2]) * np.where(rng.random((int((kind == 2).sum()), 1)) < 0.5, 1, -1)
+    x[kind == 3] = rng.standard_t(2, (int((kind == 3).sum()), 256)) * 0.01
+    x[kind == 3, rng.integers(0, 256)] *= 50
+    zero = (kind == 4)[:, None] & (rng.random((blocks, 16)) < 0.4).repeat(16, axis=1)
+    x[zero] = 0.0
+    x[kind == 5] = rng.choice([0.0, 0.5, -1.25, 3.0], (int((kind == 5).sum()), 1)) * np.ones(256)
+    grid = rng.integers(-8, 8, (blocks, 256)) * 10.0 ** rng.uniform(-3, 0, (blocks, 1))
+    x[kind >= 6] = (grid + (kind[:, None] == 7) * rng.integers(-3, 1, (blocks, 1)) * 0.5 * grid.std())[kind >= 6]
+    return x.astype(np.float32)

@@ -133,27 +133,60 @@ def test_a_gguf_that_has_an_output_tensor_keeps_every_offset(models):
     assert src.read_bytes()[: a.data_start] == out.read_bytes()[: b.data_start]  # the whole header
 
 
-@pytest.mark.parametrize("requant", ["Q8_0", "F16"])
-def test_types_gguf_cannot_write_are_requantised_to_the_chosen_type(models, requant):
+def _wide_llama(root: Path, folder: Path, name: str, types: dict[str, str]) -> Path:
+    """The tiny Llama with blk.0.ffn_down's rows made 256 long (tiled), so K-quant and IQ blocks fit."""
+    tensors = gguf_tensors(folder)
+    tensors["blk.0.ffn_down.weight"] = np.tile(tensors["blk.0.ffn_down.weight"], (1, 4))
+    return write_gguf(root / name, "llama", tensors, hidden=D, layers=LAYERS, types=types)
+
+
+@pytest.mark.parametrize("kquant", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"])
+def test_k_quants_are_written_back_as_the_same_k_quant(models, kquant):
+    from abliterate.gguf.kquants import dequantize_kquant, kquant_steps, quantize_kquant
+
     root, found = models
     folder, direction, vectors = found["llama"]
-    tensors = gguf_tensors(folder)
-    tensors["blk.0.ffn_down.weight"] = np.tile(tensors["blk.0.ffn_down.weight"], (1, 4))  # rows of 256: Q4_K
-    src = write_gguf(root / f"q4k-{requant}.gguf", "llama", tensors, hidden=D, layers=LAYERS,
-                     types={r"blk\.0\.ffn_down\.weight": "Q4_K"})
-    out = root / f"q4k-{requant}-edited.gguf"
-    printed = _apply(src, direction, out, "--requant", requant)
-    assert f"Q4_K->{requant}" in printed and "blk.0.ffn_down.weight" in printed
     name = "blk.0.ffn_down.weight"
-    assert read_gguf(out).by_name()[name].type_name == requant
+    src = _wide_llama(root, folder, f"{kquant}.gguf", {r"blk\.0\.ffn_down\.weight": kquant})
+    out = root / f"{kquant}-edited.gguf"
+    printed = _apply(src, direction, out)
+    assert "re-quantised as" not in printed, printed
+    assert read_gguf(out).by_name()[name].type_name == kquant
+    want = project(read_values(src)[name], vectors, -2)
+    got = raw_bytes(out)[name]
+    # the bytes llama.cpp's reference quantiser writes for the projection (kquants matches it bit for bit)
+    assert got == quantize_kquant(want, kquant).tobytes()
+    blocks = np.frombuffer(got, np.uint8).reshape(want.size // 256, -1)
+    steps, _ = kquant_steps(blocks, kquant)
+    error = np.abs(dequantize_kquant(blocks, kquant) - want.reshape(-1, 256)).max(axis=1)
+    assert (error <= steps.max(axis=1)).all()  # within the block's largest sub-block step
+    assert got != raw_bytes(src)[name]
+    code, printed = run_cli("verify", str(src), str(out))
+    assert code == 0 and "OK" in printed, printed
+
+
+@pytest.mark.parametrize(("iq", "requant", "written"), [("IQ4_XS", None, "Q4_K"), ("IQ4_NL", None, "Q4_1"),
+                                                        ("IQ4_XS", "Q8_0", "Q8_0"), ("IQ4_XS", "F16", "F16")])
+def test_types_that_cannot_be_written_go_to_the_nearest_or_the_chosen_type(models, iq, requant, written):
+    root, found = models
+    folder, direction, vectors = found["llama"]
+    src = _wide_llama(root, folder, f"{iq}-{requant}.gguf", {r"blk\.0\.ffn_down\.weight": iq})
+    out = root / f"{iq}-{requant}-edited.gguf"
+    printed = _apply(src, direction, out, *(["--requant", requant] if requant else []))
+    assert f"{iq}->{written}" in printed and "blk.0.ffn_down.weight" in printed
+    name = "blk.0.ffn_down.weight"
+    assert read_gguf(out).by_name()[name].type_name == written
     want = project(read_values(src)[name], vectors, -2)
     got = read_values(out)[name]
-    if requant == "F16":
+    if written == "F16":
         assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
-    else:
+    elif written == "Q8_0":
         step = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
         assert (np.abs(got.reshape(-1, 32) - want.reshape(-1, 32)) <= step).all()
+    assert not np.allclose(got, read_values(src)[name])
     assert raw_bytes(out)["blk.1.ffn_up.weight"] == raw_bytes(src)["blk.1.ffn_up.weight"]  # after the resized one
+    code, printed = run_cli("verify", str(src), str(out))
+    assert code == 0 and "OK" in printed, printed
 
 
 def _error(*args: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from abliterate.errors import AbliterateError, first_line
+from abliterate.gguf.kquants import KQUANT_TYPES, dequantize_kquant, quantize_kquant
 
 GGUF_MAGIC = b"GGUF"
 PREFIX = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
@@ -160,6 +161,8 @@ def block_layout(type_name: str) -> tuple[int, int]:
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes of whole rows -> float32 values of `shape`."""
+    if type_name in KQUANT_TYPES:
+        return dequantize_kquant(raw, type_name).reshape(shape)
     gguf = _gguf()
     values = gguf.quants.dequantize(raw.reshape(-1, raw.size // math.prod(shape[:-1] or (1,))),
                                     gguf.GGMLQuantizationType[type_name])
@@ -167,7 +170,10 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
 
 
 def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 rows -> raw bytes of the GGML type (blocks along the last axis, as GGUF stores them)."""
+    """float32 rows -> raw bytes of the GGML type (blocks along the last axis, as GGUF stores them).
+    K-quants are written by kquants.py as llama.cpp's reference quantisers write them."""
+    if type_name in KQUANT_TYPES:
+        return quantize_kquant(values, type_name).reshape(-1)
     gguf = _gguf()
     out = gguf.quants.quantize(values.reshape(-1, values.shape[-1]), gguf.GGMLQuantizationType[type_name])
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
@@ -180,8 +186,10 @@ def can_dequantize(type_name: str) -> bool:
 
 
 def can_quantize(type_name: str) -> bool:
-    """Whether the gguf library can write this type (it dequantises more types than it quantises)."""
-    return _library_handles(type_name, lambda block, _size: quantize(np.zeros((1, block), np.float32), type_name))
+    """Whether this type can be written: K-quants here, others where the gguf library can (it
+    dequantises more types than it quantises)."""
+    return type_name in KQUANT_TYPES or _library_handles(
+        type_name, lambda block, _size: quantize(np.zeros((1, block), np.float32), type_name))
 
 
 def _library_handles(type_name: str, attempt) -> bool:

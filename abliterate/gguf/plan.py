@@ -13,7 +13,13 @@ from abliterate.errors import AbliterateError
 from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING, GgufArch, gguf_arch, match_writer
 from abliterate.gguf.format import GgufFile, GgufTensor, align, can_dequantize, can_quantize, with_type
 
-REQUANT_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32")
+REQUANT_TYPES = ("auto", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16",
+                 "BF16", "F32")
+# --requant auto: the type written for one that cannot be written (the IQ types: llama.cpp's quantisers
+# for those need an importance matrix), the K-quant (or for IQ4_NL's blocks of 32, the legacy type) of
+# the nearest bits per weight at or above it; anything else as Q8_0
+NEAREST = {"IQ1_S": "Q2_K", "IQ1_M": "Q2_K", "IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "Q2_K",
+           "IQ3_XXS": "Q3_K", "IQ3_S": "Q3_K", "IQ4_XS": "Q4_K", "IQ4_NL": "Q4_1"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class GgufPlan:
         return last.offset + last.tensor.nbytes
 
 
-def plan_gguf(src: GgufFile, options: EditOptions, requant: str = "Q8_0") -> GgufPlan:
+def plan_gguf(src: GgufFile, options: EditOptions, requant: str = "auto") -> GgufPlan:
     if options.targets:
         raise AbliterateError("--targets is not supported for GGUF files; the GGUF table names the tensors "
                               "(--components and --layers choose among them)")
@@ -89,7 +95,7 @@ def plan_gguf(src: GgufFile, options: EditOptions, requant: str = "Q8_0") -> Ggu
     retyped = sorted({f"{e.tensor.type_name}->{e.out_type}" for e in edits.values()
                       if e.out_type != e.tensor.type_name})
     if retyped:
-        notes.append(f"the gguf library cannot write some quantised types: edited tensors re-quantised as "
+        notes.append(f"some quantised types cannot be written: edited tensors re-quantised as "
                      f"{', '.join(retyped)} (--requant chooses the type)")
     if arch.normalised_block_outputs:
         notes.append(f"{src.architecture} normalises attention and MLP outputs before the residual add: the edit "
@@ -108,7 +114,7 @@ def _out_type(t: GgufTensor, d: int, writer: Writer, requant: str) -> str:
     if not can_dequantize(t.type_name):
         raise AbliterateError(f"cannot edit {t.name}: the gguf library cannot read {t.type_name} values; use a GGUF "
                               "of this model in Q8_0, Q4_K or F16 (or another type llama.cpp's gguf-py reads)")
-    return requant
+    return NEAREST.get(t.type_name, "Q8_0") if requant == "auto" else requant
 
 
 def _untie(src: GgufFile, family: GgufArch, edits: dict[str, GgufEdit], options: EditOptions,

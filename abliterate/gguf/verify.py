@@ -5,7 +5,8 @@ step of their type plus what another order of summing r^T W can change, and (for
 keep at most 1e-6 |W| along r in F32, eps(type) |W| in F16/BF16: the checks `verify` makes on
 safetensors (for k directions the span's bound of edit/verify_span.py, and along the span). Re-quantised
 tensors must be within one quantisation step of the projection (of r or the span) of the original's
-dequantised values (per block of their written type). Every other tensor must be
+dequantised values (per block of their written type; for K-quants the block's largest sub-block
+step). Every other tensor must be
 byte-identical, the metadata too; an untied output.weight must hold the original token embedding.
 Memory: the edit's chunks (a quarter of the budget each) and cache-sized float64 blocks.
 """
@@ -28,6 +29,7 @@ from abliterate.errors import AbliterateError
 from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING
 from abliterate.gguf.edit import QUANT_BUDGET_DIVISOR, manifest_path, quantised_chunks
 from abliterate.gguf.format import FLOAT_TYPES, GgufFile, GgufTensor, block_layout, dequantize, read_gguf
+from abliterate.gguf.kquants import KQUANT_TYPES, kquant_steps
 from abliterate.gguf.plan import GgufEdit, GgufPlan, _place, plan_gguf
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import TensorInfo, pread_into
@@ -101,7 +103,7 @@ def _expected_plan(original: GgufFile, manifest: EditManifest | None, options: E
         return plan_gguf(original, options or EditOptions())
     requants = {e.written_type for e in manifest.edits.values() if e.written_type != e.type}
     untie = manifest.untie is not None
-    plan = plan_gguf(original, EditOptions(keep_tied=not untie), next(iter(requants), "Q8_0"))
+    plan = plan_gguf(original, EditOptions(keep_tied=not untie), next(iter(requants), "auto"))
     by_name = original.by_name()
     edits = {}
     for name, e in manifest.edits.items():
@@ -275,6 +277,16 @@ def _quant_step(values: np.ndarray, type_name: str) -> np.ndarray:
     return spread / levels * (1 + 2.0**-9) + TINY["F32"]  # the block scale is stored as float16
 
 
+def _kquant_step(raw: np.ndarray, values: np.ndarray, type_name: str) -> np.ndarray:
+    """One step of a written K-quant block: its largest sub-block step (d x the sub-block's scale), or
+    its values' range over the levels where that is larger (a block whose scales round to 0). The
+    reference quantiser keeps weights-like blocks within it (up to 0.9 of it on Gaussian blocks); blocks
+    spanning many orders of magnitude, whose float16 scales underflow, can exceed it."""
+    steps, top = kquant_steps(raw.reshape(values.shape[0], -1), type_name)
+    spread = (values.max(axis=1) - values.min(axis=1)) / top
+    return (np.maximum(steps.max(axis=1), spread) * (1 + 2.0**-9) + TINY["F32"])[:, None]
+
+
 def _check_quantised(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, direction: Direction, budget: int,
                      report: VerifyReport) -> None:
     """Within one quantisation step (per block of the written type) of the projected dequantised values."""
@@ -287,7 +299,9 @@ def _check_quantised(fds: tuple[int, int], edit: GgufEdit, got: GgufTensor, dire
                     scratch, 0)
         have = dequantize(raw, edit.out_type, chunk.shape).reshape(-1, block)
         want = want.reshape(-1, block)
-        if not (np.abs(have - want) <= _quant_step(want, edit.out_type)).all():
+        step = _kquant_step(raw, want, edit.out_type) if edit.out_type in KQUANT_TYPES else \
+            _quant_step(want, edit.out_type)
+        if not (np.abs(have - want) <= step).all():
             worst = float(np.abs(have - want).max())
             report.problems.append(f"{got.name} is more than one {edit.out_type} quantisation step from the projection "
                                    f"of the original's dequantised values (max abs diff {worst:.3g})")

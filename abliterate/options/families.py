@@ -194,9 +194,11 @@ class ApplyOptions:
     layer_scales: Path | None = option("--layer-scales", type=click.Path(path_type=Path), help="Per-layer, "
                                        "per-component multipliers of --scale from a YAML file (a recipe's "
                                        "apply.layer_scales or a bare {embed: [s], attn: [s0, s1, ...], mlp: [...]}).")
-    requant: str = option("--requant", default="Q8_0", show_default=True, help="GGUF input only: the type to write "
-                          "edited tensors whose quantisation the gguf library cannot write (K-quants, IQ types); "
-                          "Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, F16, BF16 or F32.")
+    requant: str = option("--requant", default="auto", show_default=True, help="GGUF input only: the type to write "
+                          "edited tensors whose own type cannot be written (the IQ types; K-quants and Q8_0 ... Q4_0 "
+                          "are written as they came): auto (the nearest K-quant: IQ4_XS as Q4_K, IQ3 as Q3_K, IQ2 "
+                          "and IQ1 as Q2_K, IQ4_NL as Q4_1, others Q8_0), Q8_0, Q6_K ... Q2_K, Q5_1, Q5_0, Q4_1, "
+                          "Q4_0, F16, BF16 or F32.")
 
 
 @dataclass(frozen=True)
