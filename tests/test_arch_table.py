@@ -19,6 +19,7 @@ from abliterate.arch.table import arch_for_config, supported_model_types
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.io.checkpoint import Checkpoint
 from tests.families import FAMILIES, FAMILY_NAMES, build_model, save_sharded
+from tests.vl_families import VL_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def test_families_that_normalise_block_outputs_carry_the_caveat(name, tmp_path):
 
 
 def test_every_model_type_in_the_table_has_a_tiny_model_in_the_exactness_tests():
-    assert set(supported_model_types()) == set(FAMILIES)
+    assert set(supported_model_types()) == set(FAMILIES) | set(VL_FAMILIES)
 
 
 def test_fused_expert_layouts_and_module_renames_are_family_data_for_the_moe_model_types_only():

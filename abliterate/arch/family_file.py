@@ -25,6 +25,9 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
         - {memory: "{p}.mlp.experts.down_proj", disk: "{p}.mlp.experts.{e}.w2.weight", transposed: false}
     module_renames:                       # optional: module-name parts transformers renames on loading
       - {memory: ".mlp.", disk: ".block_sparse_moe."}
+    checkpoint_prefixes:                  # optional, vision-language: the language model's in-memory prefix and
+      - {memory: model.language_model.,   # every on-disk prefix transformers loads into it (its conversion mapping);
+         disk: [language_model.model.]}   # writers are then written in memory form and match each form
     input_scalers:                        # optional: norm-preserving adapters (see writers.InputScaler)
       - {writer: "model.layers.{layer}.mlp.down_proj", module: "model.layers.{layer}.mlp.up_proj", via: gate,
          gate: "model.layers.{layer}.mlp.gate_proj"}
@@ -51,7 +54,7 @@ from abliterate.errors import AbliterateError
 KINDS = ("linear", "conv1d", "embedding", "tensor")
 _KEYS = {"name", "model_types", "decoder_layers", "output_embedding", "normalised_block_outputs",
          "residual_multiplier", "notes", "writers", "hooks", "fused_experts", "module_renames",
-         "input_scalers"}
+         "input_scalers", "checkpoint_prefixes"}
 _REQUIRED = ("name", "model_types", "writers", "hooks")
 _WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis"}
 _PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "n": r"\d+"}
@@ -84,10 +87,12 @@ def parse_family(data: Any, source: str) -> Arch:
     writers = data["writers"]
     if not isinstance(writers, list) or not writers:
         raise AbliterateError(f"{source}: writers must be a non-empty list of {{tensor, kind, component}} entries")
+    prefixes = _prefixes(data.get("checkpoint_prefixes"), source)
     return Arch(
         name=_string(data, "name", source),
         model_types=tuple(model_types),
-        writers=tuple(w for i, entry in enumerate(writers) for w in _writers(entry, f"{source}: writers[{i}]")),
+        writers=tuple(dict.fromkeys(w for i, entry in enumerate(writers) for form in _forms(entry, prefixes)
+                                    for w in _writers(form, f"{source}: writers[{i}]"))),
         hook_modules=_hooks(data["hooks"], source),
         decoder_layers=_string(data, "decoder_layers", source, "model.layers"),
         output_embedding=_string(data, "output_embedding", source, "lm_head.weight"),
@@ -97,7 +102,30 @@ def parse_family(data: Any, source: str) -> Arch:
         **_fused_experts(data.get("fused_experts"), tuple(model_types), source),
         module_renames=_renames(data.get("module_renames"), source),
         input_scalers=_input_scalers(data.get("input_scalers"), source),
+        checkpoint_prefixes=prefixes,
     )
+
+
+def _prefixes(entries: Any, source: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if entries is None:
+        return ()
+    ok = isinstance(entries, list) and all(
+        isinstance(e, dict) and set(e) == {"memory", "disk"} and _is_name(e["memory"]) and isinstance(e["disk"], list)
+        and e["disk"] and all(_is_name(d) and d.endswith(".") for d in e["disk"]) and e["memory"].endswith(".")
+        for e in entries)
+    if not ok:
+        raise AbliterateError(f"{source}: checkpoint_prefixes is a list of {{memory, disk}}: an in-memory prefix and "
+                              "the list of on-disk prefixes loaded into it, each ending with '.'")
+    return tuple((e["memory"], tuple(e["disk"])) for e in entries)
+
+
+def _forms(entry: Any, prefixes: tuple[tuple[str, tuple[str, ...]], ...]) -> list[Any]:
+    """A writer in memory form and, under a checkpoint prefix, in each on-disk form."""
+    tensor = entry.get("tensor") if isinstance(entry, dict) else None
+    for memory, disks in prefixes:
+        if isinstance(tensor, str) and tensor.startswith(memory):
+            return [entry] + [dict(entry, tensor=disk + tensor[len(memory):]) for disk in disks]
+    return [entry]
 
 
 def _is_name(value: Any) -> bool:

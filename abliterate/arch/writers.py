@@ -127,6 +127,25 @@ class Arch:
     module_renames: tuple[tuple[str, str], ...] = ()
     # For norm-preserving adapters: which module's output rows carry each writer's input features (first match)
     input_scalers: tuple[InputScaler, ...] = ()
+    # Vision-language checkpoints: (in-memory prefix, its on-disk prefixes) of the language model (and lm_head), as
+    # transformers' conversion mapping renames them on loading; writers are written in memory form and match every form
+    checkpoint_prefixes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def memory_name(self, disk_name: str) -> str:
+        """The in-memory name transformers loads an on-disk tensor or module into (the longest disk prefix first)."""
+        pairs = [(memory, disk) for memory, disks in self.checkpoint_prefixes for disk in (memory, *disks)]
+        for memory, disk in sorted(pairs, key=lambda p: -len(p[1])):
+            if disk_name.startswith(disk):
+                return memory + disk_name[len(disk):]
+        return disk_name
+
+    def disk_names(self, memory_name: str) -> list[str]:
+        """Every on-disk form of an in-memory tensor or module name (itself first)."""
+        names = [memory_name]
+        for memory, disks in self.checkpoint_prefixes:
+            if memory_name.startswith(memory):
+                names += [disk + memory_name[len(memory):] for disk in disks]
+        return list(dict.fromkeys(names))
 
     def experts_for(self, model_type: str | None) -> tuple[ExpertParam, ...]:
         """The fused expert parameters of `model_type` (none for a dense model type of the family)."""

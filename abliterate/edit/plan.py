@@ -242,8 +242,7 @@ def plan_tied_embeddings(
     notes: list[str] = []
     if arch is None:
         return None, {}, notes
-    text = ckpt.text_config
-    tied_flag = text.get(TIE_KEY, ckpt.config.get(TIE_KEY))
+    tied_flag = ckpt.tied_flag
     output_name = arch.output_embedding
     tied = bool(tied_flag) if tied_flag is not None else output_name not in ckpt.tensors
     embed = next((e for e in edits.values() if e.component == "embed" and _is_token_embedding(e.name)), None)

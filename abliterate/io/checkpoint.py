@@ -63,6 +63,14 @@ class Checkpoint:
         return self.config.get("text_config") or self.config
 
     @property
+    def tied_flag(self) -> bool | None:
+        """tie_word_embeddings as transformers reads it: a multimodal model's own (outer) flag, which governs its
+        lm_head, else its language model's; None when neither config states it."""
+        if "tie_word_embeddings" in self.config:
+            return self.config["tie_word_embeddings"]
+        return self.text_config.get("tie_word_embeddings")
+
+    @property
     def hidden_size(self) -> int:
         return _first_int(self.text_config, HIDDEN_SIZE_KEYS, self.root, "hidden size")
 

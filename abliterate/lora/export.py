@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from abliterate.edit.plan import TIE_KEY, EditPlan, TensorEdit
+from abliterate.edit.plan import EditPlan, TensorEdit
 from abliterate.edit.projection import (
     BLOCK_ELEMENTS,
     NonFiniteError,
@@ -118,8 +119,9 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
     scalers = plan_scalers(ckpt, plan, edits) if plan.norm_preserve else {}
-    experts = _expert_counts(ckpt, model_type)
-    targets = {e.name: _target_for(model_type, e, experts) for e in edits}
+    memory = plan.arch.memory_name if plan.arch is not None else str
+    experts = _expert_counts(ckpt, model_type, memory)
+    targets = {e.name: _target_for(model_type, e, experts, memory) for e in edits}
     _check_biases_have_their_layer(edits, targets)
     export = _Export()
     total = sum(e.info.nbytes for e in edits)
@@ -172,19 +174,21 @@ def _is_bias(edit: TensorEdit) -> bool:
     return edit.name.endswith((".bias", "_bias"))
 
 
-def _expert_counts(ckpt: Checkpoint, model_type: str | None) -> dict[str, int]:
+def _expert_counts(ckpt: Checkpoint, model_type: str | None, memory: Callable[[str], str]) -> dict[str, int]:
     """In-memory fused parameter -> number of experts, for experts stored one tensor each on disk."""
     counts: dict[str, int] = {}
     for name in ckpt.tensors:
-        found = expert_param_for_disk(model_type, name)
+        found = expert_param_for_disk(model_type, memory(name))
         if found is not None and found[2] is not None:
             counts[found[1]] = max(counts.get(found[1], 0), found[2] + 1)
     return counts
 
 
-def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int]) -> _Target:
-    """Map an on-disk tensor to the peft module or parameter of the transformers 5 model that holds it."""
-    name, shape = edit.name, edit.info.shape
+def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int],
+                memory: Callable[[str], str] = str) -> _Target:
+    """Map an on-disk tensor to the peft module or parameter of the transformers 5 model that holds it (`memory`:
+    the family's on-disk -> in-memory name, a vision-language checkpoint's language-model prefix)."""
+    name, shape = memory(edit.name), edit.info.shape
     found = expert_param_for_disk(model_type, name)
     if found is not None:
         param, memory, expert, _ = found
@@ -219,7 +223,7 @@ def _check_output_embedding_kept(ckpt: Checkpoint, plan: EditPlan) -> None:
     embed = [e for e in plan.edits.values() if e.component == "embed" and "wpe" not in e.name]
     if not embed or plan.untie is not None:
         return
-    flag = ckpt.text_config.get(TIE_KEY, ckpt.config.get(TIE_KEY))
+    flag = ckpt.tied_flag
     output = plan.arch.output_embedding if plan.arch is not None else None
     tied = bool(flag) if flag is not None else output is not None and output not in ckpt.tensors
     if tied:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from abliterate.arch.table import arch_for_config
 from abliterate.edit.manifest import read_manifest
-from abliterate.edit.plan import TIE_KEY, EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
+from abliterate.edit.plan import EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
 from abliterate.edit.projection import BLOCK_ELEMENTS, STORAGE, narrow_into, plan_chunks, read_stored, widen
 from abliterate.edit.shard_writer import Target as StreamTarget
 from abliterate.edit.shard_writer import copy_other_files, output_size, write_config, write_index, write_shards
@@ -76,7 +76,7 @@ def _merge_plan(ckpt: Checkpoint, targets: dict[str, MergeTarget]) -> EditPlan:
         component = "embed" if target.embedding else "merge"
         edits[name] = TensorEdit(name, shard, info, component, None, -1, 1.0)
     if arch is None:
-        tied = ckpt.text_config.get(TIE_KEY, ckpt.config.get(TIE_KEY))
+        tied = ckpt.tied_flag
         if tied and any(t.embedding for t in targets.values()):
             raise AbliterateError(f"{ckpt.root} ties its input and output embeddings and abliterate does not know this "
                                   "family's output layer, so it cannot keep the output layer as peft does; add the "

@@ -81,7 +81,7 @@ def cpu_computes(dtype: torch.dtype) -> bool:
 
 def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -94,8 +94,9 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise AbliterateError(f"cannot load the config of {name}: {first_line(e)}") from None
+    auto_class = model_class(config)
     if not trust_remote_code:
-        _check_causal_lm(name, config, AutoModelForCausalLM)
+        _check_causal_lm(name, config, auto_class)
     arch = arch_for_config(config.to_dict())
     tokenizer = load_tokenizer(name, trust_remote_code)  # first: it fails in a second where weights take minutes
     target = resolve_device(device)
@@ -103,7 +104,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
     if dispatch and target == "cpu" and not placement.current().max_memory:
         dispatch["max_memory"] = {"cpu": _available_ram()}
     try:  # straight onto the device (no staging copy in RAM); mmap-backed tensors when the dtype is kept
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             name, dtype=compute_dtype(config, dtype, target), use_safetensors=True,
             trust_remote_code=trust_remote_code, **(dispatch or {"device_map": None if target == "cpu" else target}),
         )
@@ -168,6 +169,17 @@ def check_arch_modules(model: torch.nn.Module, arch: Arch, name: str) -> None:
     if missing:
         raise AbliterateError(f"the {arch.name!r} family names module(s) {', '.join(missing)} that {name} does not "
                               "have; fix decoder_layers or hooks in its family file (--arch)")
+
+
+def model_class(config):
+    """The auto class transformers loads this checkpoint with: the causal LM's, or for a vision-language model whose
+    type has none the image-text-to-text one (its ForConditionalGeneration; abliterate feeds it text only)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in \
+            AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _check_causal_lm(name: str, config, auto_class) -> None:

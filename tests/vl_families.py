@@ -1,0 +1,81 @@
+"""Tiny random vision-language models (a tiny vision tower and projector too), one per vision-language type the
+table edits, saved as sharded float32 safetensors in the layout transformers 5 writes (its older tensor names).
+
+As in families.py, each lists independently of abliterate's table the in-memory modules an edit must equal
+ablating, here the language model's; everything else (vision tower, projector) must stay byte-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)
+LM = "model.language_model"
+LM_HOOKS = (f"{LM}.embed_tokens", f"{LM}.layers.{{L}}.self_attn.o_proj", f"{LM}.layers.{{L}}.mlp")
+# Text-only inputs: token ids below 90, the image/video/vision-marker ids the configs below set are 90..95.
+IDS = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(2))
+MARKERS = dict(image_token_id=95, video_token_id=94, vision_start_token_id=93, vision_end_token_id=92)
+QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32)
+
+
+@dataclass(frozen=True)
+class VLFamily:
+    model_type: str
+    text: dict
+    vision: dict
+    top: dict = field(default_factory=dict)  # the outer config's own keys
+    hooks: tuple[str, ...] = LM_HOOKS
+    tied: bool = False
+    # on-disk prefixes of the vision tower and projector: every tensor under them must stay byte-identical
+    vision_prefixes: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.")
+
+
+VL_FAMILIES: dict[str, VLFamily] = {f.model_type: f for f in [
+    VLFamily("gemma3", dict(TEXT), dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14),
+             dict(mm_tokens_per_image=4, image_token_index=95, boi_token_index=94, eoi_token_index=93,
+                  tie_word_embeddings=True), tied=True),
+    VLFamily("mistral3", dict(TEXT, tie_word_embeddings=False),
+             dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=28, patch_size=14),
+             dict(image_token_index=95, tie_word_embeddings=False)),
+    VLFamily("qwen2_5_vl", dict(TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                           mrope_section=[1, 1, 2])),
+             dict(QWEN_VISION, fullatt_block_indexes=[0]), dict(MARKERS, tie_word_embeddings=False),
+             vision_prefixes=("visual.",)),
+    VLFamily("qwen3_vl", dict(TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                         mrope_section=[1, 1, 2], mrope_interleaved=True)),
+             dict(QWEN_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16),
+             dict(MARKERS, tie_word_embeddings=False), vision_prefixes=("model.visual.",)),
+]}
+VL_NAMES = sorted(VL_FAMILIES)
+
+
+def build_vl_model(family: VLFamily, seed: int = 0) -> torch.nn.Module:
+    """A random vision-language model whose every parameter (biases and norm gains included) is non-trivial."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family.model_type, text_config=family.text, vision_config=family.vision,
+                                  **family.top)
+    model = AutoModelForImageTextToText.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def load_vl(folder) -> torch.nn.Module:
+    return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def vl_written_direction(model: torch.nn.Module) -> torch.Tensor:
+    """The top right singular vector of the language model's residual stream (families.written_direction)."""
+    with torch.no_grad():
+        states = model(IDS, output_hidden_states=True).hidden_states
+    d = states[0].shape[-1]
+    stacked = torch.cat([h.reshape(-1, d) for h in states[1:-1]]).double()
+    return torch.linalg.svd(stacked, full_matrices=False).Vh[0].float()
