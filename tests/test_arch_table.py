@@ -1,4 +1,4 @@
-"""The architecture table says what each family's code does, and the README's family list is what the tests cover.
+"""The architecture table says what each family's code does, and docs/families.md's lists are what the tests cover.
 
 Each family's block outputs are classified from behaviour, not from the table: in layer 0, one residual
 writer's output y is doubled while the layer's other writers are held at their recorded outputs. If the
@@ -18,6 +18,7 @@ import torch
 from abliterate.arch.table import arch_for_config, supported_model_types
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.io.checkpoint import Checkpoint
+from tests.docs import text
 from tests.families import FAMILIES, FAMILY_NAMES, build_model, save_sharded
 from tests.vl_families import VL_FAMILIES
 
@@ -121,21 +122,14 @@ def test_model_type_tables_outside_the_architecture_table_name_only_its_model_ty
     assert recipes <= set(supported_model_types())
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"### {title}")
-    end = text.find("\n#", start + 4)
-    return text[start:end]
-
-
 def listed_after(section: str, label: str) -> list[str]:
     """The `names` of the paragraph starting with **label**, after its "(...):" introduction."""
     paragraph = section.split(f"**{label}**", 1)[1].split("\n\n", 1)[0]
     return re.findall(r"`([a-z0-9_]+)`", paragraph.split("):", 1)[1])
 
 
-def test_readme_family_lists_are_the_tested_model_types():
-    section = readme_section("Supported families")
+def test_docs_family_lists_are_the_tested_model_types():
+    section = text("families")
     assert sorted(listed_after(section, "Tested")) == sorted(FAMILIES)
     caveat = listed_after(section, "Normalised block outputs")
     assert sorted(caveat) == NORMALISING

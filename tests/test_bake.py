@@ -195,8 +195,8 @@ def test_apply_add_at_scale_2_makes_most_held_out_harmless_requests_refused(refu
     harmless, harmful = refused_after_add(refusing_model, refusal_direction, tmp_path / "added", "--scale", "2")
     assert harmless >= 0.8
     assert harmful >= 0.9  # harmful requests stay refused
-    _, at_2, stays = readme_add_rates()
-    assert f"{100 * harmless:.1f}" == at_2 and f"{100 * harmful:.1f}" == stays  # what the README states
+    _, at_2, stays = stated_add_rates()
+    assert f"{100 * harmless:.1f}" == at_2 and f"{100 * harmful:.1f}" == stays  # what docs/steer.md states
 
 
 def test_apply_add_means_a_negative_scale_and_already_raises_refusals_at_scale_1(refusing_model, refusal_direction,
@@ -208,19 +208,20 @@ def test_apply_add_means_a_negative_scale_and_already_raises_refusals_at_scale_1
     added, negative = all_tensors(tmp_path / "added"), all_tensors(tmp_path / "negative")
     assert added.keys() == negative.keys() and all(torch.equal(added[k], negative[k]) for k in added)
     assert harmless >= 0.3  # the unedited toy refuses at most 10 % of them (tests/test_extract.py)
-    assert f"{100 * harmless:.1f}" == readme_add_rates()[0]
+    assert f"{100 * harmless:.1f}" == stated_add_rates()[0]
 
 
-def readme_add_rates() -> tuple[str, str, str]:
-    """The README's `apply --add` refusal rates on the toy (printed by benchmarks/toy_numbers.py): harmless at
+def stated_add_rates() -> tuple[str, str, str]:
+    """docs/steer.md's `apply --add` refusal rates on the toy (printed by benchmarks/toy_numbers.py): harmless at
     scale 1, harmless at scale 1.5 and 2, harmful."""
     import re
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    from tests.docs import flat
+
     stated = re.search(r"`--add` at scale 1 makes ([\d.]+) % of the 72 held-out harmless requests refused \(0.0 % "
                        r"unedited\), `--add --scale 1.5` or `2` ([\d.]+) % \(harmful ones stay refused: ([\d.]+) %\)",
-                       readme)
-    assert stated, "the README no longer states the --add rates"
+                       flat("steer"))
+    assert stated, "docs/steer.md no longer states the --add rates"
     return stated.group(1), stated.group(2), stated.group(3)
 
 

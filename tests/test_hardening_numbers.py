@@ -1,4 +1,4 @@
-"""The README's hardening table is what benchmarks/hardening.py prints: its unhardened and coefficient-1 rows
+"""docs/jailbreak.md's hardening table is what benchmarks/hardening.py prints: its unhardened and coefficient-1 rows
 are measured again here on the toy trained with its jailbreak behaviour (the session's `jailbreak_model`)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from abliterate.demo.toy import jailbreak_wrappers, toy_prompts
+from tests.docs import text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def _script():
     return module
 
 
-def test_readme_hardening_rows_are_what_the_script_measures(jailbreak_model, tmp_path):
+def test_stated_hardening_rows_are_what_the_script_measures(jailbreak_model, tmp_path):
     script = _script()
     prompts = toy_prompts()
     rows = script.hardening_rows(jailbreak_model, script.load_wrappers_records(jailbreak_wrappers()),
@@ -28,6 +29,6 @@ def test_readme_hardening_rows_are_what_the_script_measures(jailbreak_model, tmp
                                  source="role_play", layer=1, coeffs=[1.0])
     assert [(r.way, r.coeff) for r in rows] == [("none", 0.0), ("hook", 1.0), ("bake", 1.0), ("adapter", 1.0)]
     assert rows[2].refused == rows[3].refused  # the baked bias and its adapter compute the same thing
-    readme = (ROOT / "README.md").read_text()
+    stated = text("jailbreak")
     for line in script.table(rows, "role_play").splitlines():
-        assert line in readme, f"README's hardening table lacks {line!r}: rerun benchmarks/hardening.py and paste it"
+        assert line in stated, f"docs/jailbreak.md's table lacks {line!r}: rerun benchmarks/hardening.py, paste it"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 from click.testing import CliRunner
@@ -15,9 +14,8 @@ from abliterate.evaluate.evaluation import JUDGE_QUESTION, evaluate
 from abliterate.evaluate.judge_check import check, load_labelled, marker_verdicts
 from abliterate.evaluate.markers import strip_reasoning
 from abliterate.measure.loading import LoadedModel
+from tests.docs import text
 from tests.test_evaluate import keyword_judge, prompt_files, quick, toy_pair  # noqa: F401 (fixtures)
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def contrary_judge() -> LoadedModel:
@@ -40,11 +38,11 @@ def test_labelled_set_covers_the_ways_detectors_fail():
     assert len({i.reply for i in items}) == len(items)
 
 
-def test_readme_states_the_markers_accuracy_the_script_prints():
+def test_docs_state_the_markers_accuracy_the_script_prints():
     (markers,) = check(load_labelled())
     stated = re.search(r"markers do badly on it: ([\d.]+) %\s+right \((\d+)/(\d+) refusals found, (\d+)/(\d+) "
-                       r"non-refusals kept\)", README.read_text())
-    assert stated, "README no longer states the markers' accuracy"
+                       r"non-refusals kept\)", text("evaluate"))
+    assert stated, "docs/evaluate.md no longer states the markers' accuracy"
     assert float(stated.group(1)) == round(100 * markers.accuracy, 1)
     assert tuple(map(int, stated.groups()[1:])) == (markers.refusals_found, markers.refusals,
                                                      markers.compliance_kept, markers.compliance)

@@ -19,7 +19,7 @@ from abliterate.measure.preserving_hooks import ablate_preserving, supports_pres
 from tests.families import FAMILIES, FAMILY_NAMES, IDS, build_model, save_sharded, written_direction
 from tests.test_apply import run_cli
 
-# The README's bound for norm-preserving logits against the formula applied in memory (float32); the edit must move
+# docs/apply.md's bound for norm-preserving logits against the formula applied in memory (float32); the edit must move
 # some logit by a thousand times that for the comparison to mean something.
 PRESERVE_TOLERANCE = 1e-5
 PRESERVE_FLOOR = 1000 * PRESERVE_TOLERANCE

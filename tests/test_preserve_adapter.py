@@ -1,6 +1,7 @@
 """The norm-preserving adapter (`apply --norm-preserve --adapter`): peft DoRA magnitudes on the modules that produce
 each writer's input features, exact where the family file says a module can carry D (logits of the loaded
-PeftModel against the norm-preserving weights within the README's 1e-5 in float32), one clear refusal elsewhere."""
+PeftModel against the norm-preserving weights within docs/adapters.md's 1e-5 in float32),
+one clear refusal elsewhere."""
 
 from __future__ import annotations
 

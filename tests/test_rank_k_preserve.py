@@ -1,5 +1,5 @@
 """Norm-preserving edits with several directions: W' = (I - s Q^T Q) W D, per family exactly as the formula says
-(logits within the README's 1e-5 in float32, also under the search's hooks), checked by `verify` with its rank-k
+(logits within docs/apply.md's 1e-5 in float32, also under the search's hooks), checked by `verify` with its rank-k
 bound, and carried by the norm-preserving (DoRA) adapter at rank k."""
 
 from __future__ import annotations

@@ -141,14 +141,15 @@ def test_caa_vector_moves_the_matching_answer_probability_monotonically(choice_m
     assert monotonic, result.output
 
 
-def test_readme_states_the_sweep_the_toy_gives_at_layer_2(choice_model, vectors_file, pair_files):
-    """The README's sweep numbers (printed by benchmarks/toy_numbers.py) are what the sweep prints here."""
+def test_docs_state_the_sweep_the_toy_gives_at_layer_2(choice_model, vectors_file, pair_files):
+    """docs/steer.md's sweep numbers (printed by benchmarks/toy_numbers.py) are what the sweep prints here."""
     import re
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    from tests.docs import flat
+
     stated = re.search(r"at layer 2, ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) for coefficients "
-                       r"-2 / -1 / 0 / 1 / 2", readme)
-    assert stated, "the README no longer states the sweep"
+                       r"-2 / -1 / 0 / 1 / 2", flat("steer"))
+    assert stated, "docs/steer.md no longer states the sweep"
     result = CliRunner().invoke(cli, ["steer", "sweep", str(choice_model), "--vectors", str(vectors_file), "--pairs",
                                       str(pair_files[1]), "--layers", "2:3", "--coeffs", ",".join(map(str, COEFFS)),
                                       "--device", "cpu", "-q"])

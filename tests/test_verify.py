@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from abliterate.cli.main import cli
 from abliterate.edit.verify import verify
 from abliterate.io.direction_file import load_direction, save_direction
+from tests.docs import flat
 from tests.families import COMMON, FAMILIES, Family, build_model, save_sharded
 from tests.test_apply import run_cli
 
@@ -196,13 +197,13 @@ def test_verify_reads_each_byte_once_within_the_memory_budget(tmp_path, monkeypa
     assert peak <= (256 << 10) + (1 << 20), peak
 
 
-def test_readme_and_help_state_the_bound_the_code_enforces():
+def test_docs_and_help_state_the_bound_the_code_enforces():
     bound = "rho |W'_i| + 3u |r_i T| + |r_i| D + tiny"
     coefficient = "s gamma_d sum_k |r_k W_k| + u |T| + D"
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    stated = flat("verify")
     help_text = " ".join(CliRunner().invoke(cli, ["verify", "--help"]).output.split())
     preserved = "rho_2 |W'_i| + 3u |F r_i T| + E_F |W_i - r_i T| + (F + E_F) |r_i| E_T + tiny"
-    for text in (readme, help_text):
+    for text in (stated, help_text):
         assert bound in text and coefficient in text and preserved in text and "rho_2 = (2u + e) / (1 - 2u - e)" in text
     source = (ROOT / "abliterate" / "edit" / "verify_tensor.py").read_text()
     assert "3 * self.u * np.abs(rt)" in source and "abs(self.scale) * self.gamma * g.a" in source

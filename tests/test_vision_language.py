@@ -16,9 +16,10 @@ from safetensors import safe_open
 
 from abliterate.arch.table import arch_for_config
 from abliterate.io.direction_file import save_direction
+from tests.docs import text
 from tests.families import EFFECT_FLOOR, LOGIT_TOLERANCE, ablation_hooks, save_sharded
 from tests.test_apply import folder_hashes, run_cli
-from tests.test_arch_table import listed_after, readme_section, residual_response
+from tests.test_arch_table import listed_after, residual_response
 from tests.test_merge import merge, same_files
 from tests.vl_families import IDS, VL_FAMILIES, VL_NAMES, build_vl_model, load_vl, vl_written_direction
 
@@ -152,6 +153,6 @@ def test_table_classifies_the_language_models_block_outputs_as_its_code_computes
     assert linear == [not arch.normalised_block_outputs] * len(writers)
 
 
-def test_readme_lists_the_tested_vision_language_types():
-    section = readme_section("Supported families")
+def test_docs_list_the_tested_vision_language_types():
+    section = text("families")
     assert sorted(listed_after(section, "Vision-language")) == VL_NAMES
