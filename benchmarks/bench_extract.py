@@ -41,8 +41,8 @@ from abliterate.measure.activations import decoder
 from abliterate.measure.extract import PromptSets, extract, split_prompts
 from abliterate.measure.loading import LoadedModel, load_model
 from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids
-from abliterate.measure.selection import SelectionSettings
 from abliterate.measure.templates import render
+from abliterate.options.recipe import SelectionSettings
 from abliterate.prompts import builtin
 
 TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} <|end|>{% endfor %}"
@@ -139,7 +139,8 @@ def timed_extract(lm: LoadedModel, prompts: PromptSets, settings: SelectionSetti
 
 
 def held_out_refusal(lm: LoadedModel, direction: torch.Tensor, prompts: list[str]) -> float:
-    from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+    from abliterate.evaluate.evaluation import refusal_stats
+    from abliterate.evaluate.records import EvalSettings
     from abliterate.measure.hooks import ablate
 
     view = replace(lm, hooks=lambda: ablate(lm.model, lm.arch, direction))
@@ -199,7 +200,8 @@ def main() -> None:
         if args.model == "toy":
             exhaustive, ex_total, *_ = timed_extract(lm, prompts, replace(settings, finalists=0))
             held_out = toy_prompts().harmful_test
-            from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+            from abliterate.evaluate.evaluation import refusal_stats
+            from abliterate.evaluate.records import EvalSettings
 
             unedited = refusal_stats(lm, held_out, "harmful", EvalSettings(max_new_tokens=24), quiet=True).rate
             ours = held_out_refusal(lm, result.direction, held_out)

@@ -32,7 +32,8 @@ from bench_search import toy_extraction
 from abliterate.demo import toy
 from abliterate.edit.plan import EditOptions
 from abliterate.io.direction_file import load_direction
-from abliterate.search.study import Scorer, SearchSettings, load_candidates, search
+from abliterate.search.space import load_candidates
+from abliterate.search.study import Scorer, SearchSettings, search
 
 
 def best_kl(trials, refusals: int) -> float:

@@ -26,7 +26,8 @@ from pathlib import Path
 from abliterate.demo import toy
 from abliterate.measure.extract import PromptSets, extract, save_extraction
 from abliterate.measure.loading import load_model
-from abliterate.search.study import Scorer, SearchSettings, direction_for, load_candidates, search, selected_point
+from abliterate.search.space import direction_for, load_candidates, selected_point
+from abliterate.search.study import Scorer, SearchSettings, search
 
 
 def first_reaching(trials, refusals: int, kl: float) -> int | None:

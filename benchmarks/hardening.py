@@ -31,8 +31,9 @@ import numpy as np
 from click.testing import CliRunner
 
 from abliterate.cli.main import cli
-from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.generation import generate
 from abliterate.evaluate.markers import find_refusal
+from abliterate.evaluate.records import EvalSettings
 from abliterate.jailbreak.wrappers import Wrapper, by_class, load_wrappers, wrapped
 from abliterate.measure.loading import LoadedModel, load_model
 from abliterate.measure.probe import post_positions

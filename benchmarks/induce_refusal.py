@@ -23,8 +23,9 @@ from safetensors import safe_open
 
 from abliterate.cli.main import cli
 from abliterate.demo.toy import toy_prompts, train_toy_model
-from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.generation import generate
 from abliterate.evaluate.markers import find_refusal
+from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.loading import load_model
 from abliterate.steer.steering import generate_steered, load_vectors
 

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import load_direction, save_direction
-from abliterate.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterOptions, export_adapter
+from abliterate.lora.export import AdapterOptions, export_adapter
+from abliterate.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.families import (
     EFFECT_FLOOR,
     FAMILIES,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.evaluation import EvalSettings
 from abliterate.evaluate.generation import generate
+from abliterate.evaluate.records import EvalSettings
 from abliterate.measure import batching
 from abliterate.measure.activations import mean_residuals
 from abliterate.measure.directions import activations_at

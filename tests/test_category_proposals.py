@@ -17,8 +17,8 @@ from abliterate.io.direction_file import load_direction
 from abliterate.measure.directions import activations_at, category_directions, check_categories
 from abliterate.measure.extract import PromptSets, extract, harmful_categories, save_extraction
 from abliterate.measure.loading import load_model
-from abliterate.measure.selection import SelectionSettings
 from abliterate.measure.templates import render
+from abliterate.options.recipe import SelectionSettings
 from abliterate.prompts import prompt_categories
 from tests.test_apply import run_cli
 

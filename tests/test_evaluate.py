@@ -12,7 +12,9 @@ from click.testing import CliRunner
 import abliterate.evaluate.evaluation as ev
 from abliterate.cli.main import cli
 from abliterate.demo.toy import CHAT_TEMPLATE, toy_prompts
-from abliterate.evaluate.evaluation import EvalSettings, evaluate, judge_refusals, select
+from abliterate.evaluate.evaluation import evaluate, select
+from abliterate.evaluate.judge import judge_refusals
+from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import LoadedModel, load_model
 

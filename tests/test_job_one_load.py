@@ -55,7 +55,8 @@ class Counted:
 
 
 def _job(refusing_model: Path, prompt_files: dict[str, str], out: Path, **extra):
-    from abliterate.jobs.whole_job import RunOptions, run
+    from abliterate.jobs.run_options import RunOptions
+    from abliterate.jobs.whole_job import run
 
     return run(RunOptions(model=str(refusing_model), out=out, harmful=prompt_files["harmful_train"],
                           harmless=prompt_files["harmless_train"], eval_harmful=prompt_files["harmful_test"],

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from abliterate.search.objectives import borderline_prompts
-from abliterate.search.study import Point, TrialResult, pareto_front, pick, table
+from abliterate.search.borderline import borderline_prompts
+from abliterate.search.front import TrialResult, pareto_front, pick, table
+from abliterate.search.space import Point
 from tests.test_apply import run_cli
 from tests.test_pipeline import job_args, prompt_files  # noqa: F401  (fixture)
 
@@ -35,7 +36,7 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
 
 def test_reproduce_command_names_the_uploaded_direction_and_no_local_path(refusing_model, prompt_files,  # noqa: F811
                                                                           tmp_path):
-    from abliterate.jobs.whole_job import RunOptions, regenerate_command
+    from abliterate.jobs.run_options import RunOptions, regenerate_command
 
     direction = tmp_path / "my-direction.safetensors"
     direction.write_bytes(b"")
@@ -75,7 +76,8 @@ def test_time_budget_stops_the_search_before_its_trials(refusing_model, tmp_path
     from abliterate.demo import toy
     from abliterate.measure.extract import PromptSets, extract, save_extraction
     from abliterate.measure.loading import load_model
-    from abliterate.search.study import SearchSettings, load_candidates, search
+    from abliterate.search.space import load_candidates
+    from abliterate.search.study import SearchSettings, search
 
     lm = load_model(refusing_model, dtype="float32", device="cpu")
     p = toy.toy_prompts()

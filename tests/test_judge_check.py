@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 import abliterate.evaluate.evaluation as ev
 from abliterate.cli.main import cli
-from abliterate.evaluate.evaluation import JUDGE_QUESTION, evaluate
+from abliterate.evaluate.evaluation import evaluate
+from abliterate.evaluate.judge import JUDGE_QUESTION
 from abliterate.evaluate.judge_check import check, load_labelled, marker_verdicts
 from abliterate.evaluate.markers import strip_reasoning
 from abliterate.measure.loading import LoadedModel

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from abliterate.lora.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from abliterate.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.test_adapter import ALL_FAMILIES, Built, build_family, load, logits
 from tests.test_apply import folder_hashes, run_cli
 

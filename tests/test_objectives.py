@@ -7,8 +7,10 @@ import torch
 
 from abliterate.demo.toy import toy_prompts
 from abliterate.edit.plan import EditOptions
-from abliterate.evaluate.evaluation import EvalSettings, kl_to_baseline, refusal_stats
+from abliterate.evaluate.distance import kl_to_baseline
+from abliterate.evaluate.evaluation import refusal_stats
 from abliterate.evaluate.objectives import ContinuationKL, RefusalCount
+from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import load_model
 from abliterate.search.study import Scorer, SearchSettings

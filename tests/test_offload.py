@@ -8,11 +8,12 @@ import torch
 
 from abliterate.demo.toy import toy_prompts
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+from abliterate.evaluate.evaluation import refusal_stats
+from abliterate.evaluate.records import EvalSettings
 from abliterate.measure.extract import PromptSets, extract
 from abliterate.measure.loading import load_model
 from abliterate.measure.placement import Placement, from_options, parse_max_memory, placed
-from abliterate.measure.selection import SelectionSettings
+from abliterate.options.recipe import SelectionSettings
 from tests.test_apply import run_cli
 
 pytest.importorskip("accelerate")

@@ -14,16 +14,8 @@ from pathlib import Path
 import pytest
 
 from abliterate.errors import AbliterateError
-from abliterate.prompts import (
-    BUILTIN_NAMES,
-    COMMON_FIELDS,
-    PromptError,
-    builtin,
-    builtin_records,
-    general_text,
-    load_prompts,
-    supported_suffixes,
-)
+from abliterate.prompts import BUILTIN_NAMES, builtin, builtin_records, general_text, load_prompts, supported_suffixes
+from abliterate.prompts.loaders import COMMON_FIELDS, PromptError
 
 SPLIT_SETS = ("harmful", "harmless")
 

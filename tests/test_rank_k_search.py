@@ -17,9 +17,10 @@ from abliterate.measure.directions import principal_directions
 from abliterate.measure.extract import PromptSets, extract, save_extraction
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import load_model
-from abliterate.measure.selection import SelectionSettings
-from abliterate.options.recipe import load_recipe
-from abliterate.search.study import Scorer, SearchSettings, direction_for, load_candidates, save_choice, search
+from abliterate.options.recipe import SelectionSettings, load_recipe
+from abliterate.search.front import save_choice
+from abliterate.search.space import direction_for, load_candidates
+from abliterate.search.study import Scorer, SearchSettings, search
 from tests.test_apply import run_cli
 
 K = 3

@@ -18,8 +18,9 @@ from abliterate.demo import toy
 from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.edit.strengths import Profile, layer_scales, uniform
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.generation import generate
 from abliterate.evaluate.markers import find_refusal
+from abliterate.evaluate.records import EvalSettings
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import load_direction, save_direction
 from abliterate.measure.extract import PromptSets, extract, save_extraction
@@ -27,18 +28,9 @@ from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import load_model
 from abliterate.measure.scores import first_token_logprobs, kl_divergence
 from abliterate.options.recipe import load_recipe
-from abliterate.search.study import (
-    Point,
-    Scorer,
-    SearchSettings,
-    TrialResult,
-    direction_for,
-    load_candidates,
-    pareto_front,
-    pick,
-    search,
-    selected_point,
-)
+from abliterate.search.front import TrialResult, pareto_front, pick
+from abliterate.search.space import Point, direction_for, load_candidates, selected_point
+from abliterate.search.study import Scorer, SearchSettings, search
 from tests.families import FAMILIES, build_model, save_sharded
 from tests.test_apply import run_cli
 

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from abliterate.errors import AbliterateError
-from abliterate.measure.selection import CandidateScore, SelectionSettings, choose, scores_from_json, scores_json
+from abliterate.measure.selection import CandidateScore, choose, scores_from_json, scores_json
+from abliterate.options.recipe import SelectionSettings
 from tests.test_apply import run_cli
 from tests.test_extract import extracted  # noqa: F401  (module-scoped fixture: the exhaustive extraction)
 

@@ -16,7 +16,8 @@ from abliterate.demo.toy import toy_prompts
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.objectives import RefusalCount
 from abliterate.measure.hooks import ablate
-from abliterate.measure.selection import CandidateScore, SelectionSettings, choose, scores_from_json
+from abliterate.measure.selection import CandidateScore, choose, scores_from_json
+from abliterate.options.recipe import SelectionSettings
 from tests.test_apply import run_cli
 from tests.test_extract import extracted, toy  # noqa: F401  (module-scoped fixtures)
 

@@ -26,11 +26,12 @@ def parse_layers(value: str | None) -> range | None:
         raise click.BadParameter(str(e), param_hint="'--layers'") from None
 
 
-def loaded_model(name: str, m: ModelOptions) -> LoadedModel:
+def loaded_model(name: str, model_opts: ModelOptions) -> LoadedModel:
     """MODEL loaded as the command's model options say (device, dtype, remote code)."""
     from abliterate.measure.loading import load_model
 
-    return load_model(name, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+    return load_model(name, dtype=model_opts.dtype, device=model_opts.device,
+                      trust_remote_code=model_opts.trust_remote_code)
 
 
 def plotted(draw: Callable[[Path], bool], path: Path | None) -> None:
@@ -47,6 +48,14 @@ def given_on_command_line() -> set[str]:
     """The parameters of the running command that were set on the command line (not defaults)."""
     ctx = click.get_current_context()
     return {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
+# Why --device-map, --max-memory, --offload-folder and --arch are declared here and not in the options model
+# (options/declared.py): they are not values a command's function reads, but a context the whole command runs in
+# (every model any step loads is placed by accelerate; the family table gains the --arch family). As wrappers they
+# set that context once around the command, where fields of every family would have to be passed down to each
+# loader and table lookup. They are still recorded like the rest: options/command.given_command reads every
+# parameter of the running command, these included, and --help lists them with the others.
 
 
 def placement_options(fn):

@@ -55,32 +55,34 @@ def apply(**params) -> None:
     from abliterate.options.declared import recipe_overrides
     from abliterate.options.recipe import apply_settings
 
-    o = from_params(ApplyOptions, params)
-    if not o.adapter and (o.ignore_biases or o.base_model):
+    opts = from_params(ApplyOptions, params)
+    if not opts.adapter and (opts.ignore_biases or opts.base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
-    gguf = o.checkpoint.suffix.lower() == ".gguf"
-    if gguf and (o.adapter or o.targets or o.recipe or o.norm_preserve or o.biproject):
+    gguf = opts.checkpoint.suffix.lower() == ".gguf"
+    if gguf and (opts.adapter or opts.targets or opts.recipe or opts.norm_preserve or opts.biproject):
         raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
                               "for GGUF input; pass the edit's options (--scale, --layers, --components, "
                               "--layer-scales) directly")
-    ckpt = None if gguf else Checkpoint.open(o.checkpoint)
-    settings = apply_settings(ckpt.config.get("model_type") if ckpt else None, o.recipe,
-                              recipe_overrides(o, "apply"), given_on_command_line(), o.layer_scales)
-    options = edit_options(settings, add=o.add)
+    ckpt = None if gguf else Checkpoint.open(opts.checkpoint)
+    settings = apply_settings(ckpt.config.get("model_type") if ckpt else None, opts.recipe,
+                              recipe_overrides(opts, "apply"), given_on_command_line(), opts.layer_scales)
+    options = edit_options(settings, add=opts.add)
     direction = Path(settings.direction) if settings.direction else None
     if ckpt is None:
-        return _apply_gguf(o.checkpoint, direction, o.out, options, o.requant, o.max_memory, o.overwrite, o.quiet)
+        return _apply_gguf(opts.checkpoint, direction, opts.out, options, opts.requant, opts.max_memory,
+                           opts.overwrite, opts.quiet)
     if direction is None:
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
-    if o.adapter:
+    if opts.adapter:
         from abliterate.lora.export import AdapterOptions
 
-        _apply_adapter(ckpt, direction, settings.biprojected, o.out, options, AdapterOptions(
-            ignore_biases=o.ignore_biases, base_model=o.base_model, max_memory=o.max_memory, overwrite=o.overwrite,
-            quiet=o.quiet))
+        _apply_adapter(ckpt, direction, settings.biprojected, opts.out, options, AdapterOptions(
+            ignore_biases=opts.ignore_biases, base_model=opts.base_model, max_memory=opts.max_memory,
+            overwrite=opts.overwrite, quiet=opts.quiet))
     else:
-        _apply_weights(ckpt, direction, settings.biprojected, o.out, options, o.max_memory, o.overwrite, o.quiet)
+        _apply_weights(ckpt, direction, settings.biprojected, opts.out, options, opts.max_memory, opts.overwrite,
+                       opts.quiet)
 
 
 def _load(ckpt: Checkpoint, path: Path, biproject: bool) -> Direction:
@@ -154,9 +156,9 @@ def merge(**params) -> None:
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.lora.merge import merge_adapter
 
-    o = from_params(MergeOptions, params)
-    result = merge_adapter(Checkpoint.open(o.base), o.adapter_dir, o.out, overwrite=o.overwrite,
-                           max_memory=o.max_memory, quiet=o.quiet)
+    opts = from_params(MergeOptions, params)
+    result = merge_adapter(Checkpoint.open(opts.base), opts.adapter_dir, opts.out, overwrite=opts.overwrite,
+                           max_memory=opts.max_memory, quiet=opts.quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
@@ -190,9 +192,9 @@ def verify(**params) -> None:
     """
     from abliterate.publish.card import check_checksums
 
-    o = from_params(VerifyOptions, params)
-    if o.edited is None:
-        problems = check_checksums(o.original)
+    opts = from_params(VerifyOptions, params)
+    if opts.edited is None:
+        problems = check_checksums(opts.original)
         for problem in problems:
             click.echo(f"FAIL {problem}", err=True)
         click.echo("all files match SHA256SUMS" if not problems else f"{len(problems)} problem(s)")
@@ -200,17 +202,18 @@ def verify(**params) -> None:
 
     from abliterate.edit.plan import EditOptions
 
-    options = EditOptions(scale=o.scale, layers=parse_layers(o.layers), components=o.components) \
-        if o.from_options else None
-    if o.original.suffix.lower() == ".gguf":
+    options = EditOptions(scale=opts.scale, layers=parse_layers(opts.layers), components=opts.components) \
+        if opts.from_options else None
+    if opts.original.suffix.lower() == ".gguf":
         from abliterate.gguf.verify import verify_gguf
 
-        return _print_report(verify_gguf(o.original, o.edited, _gguf_direction(o.edited, o.direction_path), options,
-                                         max_memory=o.max_memory))
-    _print_report(_verify_folders(o, options))
+        return _print_report(verify_gguf(opts.original, opts.edited, _gguf_direction(opts.edited,
+                                                                                     opts.direction_path), options,
+                                         max_memory=opts.max_memory))
+    _print_report(_verify_folders(opts, options))
 
 
-def _verify_folders(o: VerifyOptions, options: EditOptions | None) -> VerifyReport:
+def _verify_folders(opts: VerifyOptions, options: EditOptions | None) -> VerifyReport:
     """`verify` on two safetensors folders, with the direction given or the copy `apply` wrote into EDITED."""
     from abliterate.edit.verify import verify as run_verify
     from abliterate.edit.weights import DIRECTION_NAME
@@ -218,13 +221,13 @@ def _verify_folders(o: VerifyOptions, options: EditOptions | None) -> VerifyRepo
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.io.direction_file import load_direction
 
-    ckpt = Checkpoint.open(o.original)
-    if o.direction_path is None and not (o.edited / DIRECTION_NAME).is_file():
-        raise AbliterateError(f"{o.edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); pass "
-                              "--direction FILE with the direction the edit used")
-    direction = load_direction(o.direction_path or o.edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
+    ckpt = Checkpoint.open(opts.original)
+    if opts.direction_path is None and not (opts.edited / DIRECTION_NAME).is_file():
+        raise AbliterateError(f"{opts.edited} holds no {DIRECTION_NAME} (abliterate writes one beside every edit); "
+                              "pass --direction FILE with the direction the edit used")
+    direction = load_direction(opts.direction_path or opts.edited / DIRECTION_NAME, hidden_size=ckpt.hidden_size,
                                num_layers=ckpt.num_layers)
-    return run_verify(o.original, o.edited, direction, options, max_memory=o.max_memory)
+    return run_verify(opts.original, opts.edited, direction, options, max_memory=opts.max_memory)
 
 
 def _gguf_direction(edited: Path, direction_path: Path | None) -> Direction:

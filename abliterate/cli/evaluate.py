@@ -8,7 +8,7 @@ import click
 
 from abliterate.cli.common import arch_option, loaded_model, placement_options
 from abliterate.options.declared import click_options, from_params
-from abliterate.options.families import EvaluateOptions
+from abliterate.options.families import EvaluateOptions, ModelOptions
 
 
 def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, device: str) -> None:
@@ -37,49 +37,59 @@ def evaluate(**params) -> None:
     """
     from abliterate.errors import AbliterateError
     from abliterate.evaluate import tasks as evaluate_tasks
-    from abliterate.evaluate.evaluation import EvalSettings, same_vocabulary
     from abliterate.evaluate.evaluation import evaluate as run_evaluate
+    from abliterate.evaluate.evaluation import same_vocabulary
+    from abliterate.evaluate.records import EvalSettings
     from abliterate.lora.adapter_file import weights_path
-    from abliterate.measure.loading import load_tokenizer
     from abliterate.measure.templates import load_template
 
-    o = from_params(EvaluateOptions, params)
-    m = o.model_options
-    settings = EvalSettings(limit=o.limit or None, max_new_tokens=o.max_new_tokens, kl_tokens=o.kl_tokens,
-                            batch_size=o.batch_size, harmful=o.harmful, judge=o.judge, harmless=o.harmless,
-                            overrefusal=o.overrefusal, field=o.field, template=load_template(m.template),
-                            thinking=m.thinking)
-    if o.judge_set and not o.judge_check:
+    opts = from_params(EvaluateOptions, params)
+    model_opts = opts.model_options
+    settings = EvalSettings(limit=opts.limit or None, max_new_tokens=opts.max_new_tokens, kl_tokens=opts.kl_tokens,
+                            batch_size=opts.batch_size, harmful=opts.harmful, judge=opts.judge, harmless=opts.harmless,
+                            overrefusal=opts.overrefusal, field=opts.field, template=load_template(model_opts.template),
+                            thinking=model_opts.thinking)
+    if opts.judge_set and not opts.judge_check:
         raise AbliterateError("--judge-set is the labelled set of --judge-check; add --judge-check")
-    if o.judge_check:
-        return run_judge_check(o.judge, o.judge_set, o.batch_size, m.device)
-    if o.model is None or o.limit < 0:
+    if opts.judge_check:
+        return run_judge_check(opts.judge, opts.judge_set, opts.batch_size, model_opts.device)
+    if opts.model is None or opts.limit < 0:
         raise AbliterateError("missing MODEL: give the model folder or Hub id to evaluate (or --judge-check)"
-                              if o.model is None else "--limit must be 0 (every prompt) or more")
-    task_settings = evaluate_tasks.task_settings(o.tasks, o.batch_size, m.thinking, settings.template)
-    if o.adapter is not None:  # before loading anything; and never let peft fall back to a pickled .bin
-        weights_path(o.adapter)
-    model = lambda: (with_adapter(loaded_model(o.model, m), o.adapter, o.model) if o.adapter is not None  # noqa: E731
-                     else loaded_model(o.model, m))
-    if o.baseline:  # the tokenizers now, before the baseline is measured: the model loads only after it
-        vocab = lambda name: load_tokenizer(name, m.trust_remote_code).get_vocab()  # noqa: E731
-        same_vocabulary(o.baseline, vocab(o.baseline), o.model, vocab(o.model))
-    report = run_evaluate(model, (lambda: loaded_model(o.baseline, m)) if o.baseline else None, settings, quiet=o.quiet,
-                          tasks=task_settings)
-    _report(report, o)
+                              if opts.model is None else "--limit must be 0 (every prompt) or more")
+    task_settings = evaluate_tasks.task_settings(opts.tasks, opts.batch_size, model_opts.thinking, settings.template)
+    if opts.adapter is not None:  # before loading anything; and never let peft fall back to a pickled .bin
+        weights_path(opts.adapter)
+
+    def model():
+        return (with_adapter(loaded_model(opts.model, model_opts), opts.adapter, opts.model) if opts.adapter is not None
+                else loaded_model(opts.model, model_opts))
+
+    if opts.baseline:  # the tokenizers now, before the baseline is measured: the model loads only after it
+        same_vocabulary(opts.baseline, _vocabulary(opts.baseline, model_opts), opts.model,
+                        _vocabulary(opts.model, model_opts))
+    report = run_evaluate(model, (lambda: loaded_model(opts.baseline, model_opts)) if opts.baseline else None,
+                          settings, quiet=opts.quiet, tasks=task_settings)
+    _report(report, opts)
 
 
-def _report(report, o: EvaluateOptions) -> None:
+def _vocabulary(name: str, model_opts: ModelOptions) -> dict[str, int]:
+    """The tokenizer's vocabulary of a model, without loading the model."""
+    from abliterate.measure.loading import load_tokenizer
+
+    return load_tokenizer(name, model_opts.trust_remote_code).get_vocab()
+
+
+def _report(report, opts: EvaluateOptions) -> None:
     """The tables, the judge's disagreements, a note on unfinished reasoning, the JSON report."""
     click.echo(report.table())
-    if o.judge:
+    if opts.judge:
         click.echo(f"\njudge and markers disagree on {len(report.disagreements())} replies:\n\n"
                    f"{report.disagreement_table()}" if report.disagreements() else "\njudge and markers agree")
     if report.counts["reasoning_unfinished"]:
         click.echo(f"note: {report.counts['reasoning_unfinished']} replies were still reasoning when --max-new-tokens "
                    "ran out (counted as not refused); raise --max-new-tokens", err=True)
-    if o.out is not None:
-        click.echo(f"wrote {report.save_json(o.out)}")
+    if opts.out is not None:
+        click.echo(f"wrote {report.save_json(opts.out)}")
 
 
 def with_adapter(lm, adapter_dir: Path, model: str):

@@ -34,55 +34,43 @@ def extract(**params) -> None:
     from abliterate.measure.extract import reselect as run_reselect
     from abliterate.measure.extract import save_extraction
 
-    o = from_params(ExtractOptions, params)
-    m = o.model_options
-    check_output_file(o.out)
-    if (o.model is None) == (o.reselect is None):
+    opts = from_params(ExtractOptions, params)
+    model_opts = opts.model_options
+    check_output_file(opts.out)
+    if (opts.model is None) == (opts.reselect is None):
         raise AbliterateError("give MODEL to extract, or --reselect FILE to choose again among saved candidates "
                               "(not both)")
     command = recorded_command()
-    if o.directions > 1 and (o.reselect or o.kind == "harmfulness"):
+    if opts.directions > 1 and (opts.reselect or opts.kind == "harmfulness"):
         raise AbliterateError("--directions needs MODEL and --kind refusal: the extra directions are measured on the "
                               "model at the chosen layer (--reselect loads no model)")
-    if o.proposals == "categories" and o.directions < 2:
+    if opts.proposals == "categories" and opts.directions < 2:
         raise AbliterateError("--proposals categories chooses the directions beside the chosen one: add --directions K "
                               "(K >= 2)")
-    if o.kind == "harmfulness":
-        return _harmfulness(o, m, command)
-    result = run_reselect(o.reselect, o.selection()) if o.reselect else _extract(o, m, command)
-    save_extraction(result, o.out, {"command": command})
-    if not o.reselect:
+    if opts.kind == "harmfulness":
+        return _harmfulness(opts, model_opts, command)
+    result = run_reselect(opts.reselect, opts.selection()) if opts.reselect else _extract(opts, model_opts, command)
+    save_extraction(result, opts.out, {"command": command})
+    if not opts.reselect:
         from abliterate.measure.extract import pending_path
 
-        pending_path(o.out).unlink(missing_ok=True)
-    report(result, o.out)
+        pending_path(opts.out).unlink(missing_ok=True)
+    report(result, opts.out)
 
 
-def _extract(o: ExtractOptions, m: ModelOptions, command: str):
-    from abliterate.measure.extract import PromptSets, extract, harmful_categories, pending_path, split_prompts
+def _extract(opts: ExtractOptions, model_opts: ModelOptions, command: str):
+    from abliterate.jobs.extraction import extraction, proposal_categories, split_sets
+    from abliterate.measure.extract import pending_path
     from abliterate.measure.templates import load_template
 
-    harmful_train, harmful_val = split_prompts(o.harmful, n_train=o.n_train, n_val=o.n_val, field=o.field,
-                                               kind="harmful")
-    harmless_train, harmless_val = split_prompts(o.harmless, n_train=o.n_train, n_val=o.n_val, field=o.field,
-                                                 kind="harmless")
-    from abliterate.search.finalists import by_generation, finalist_measure
-
-    categories = None
-    if o.proposals == "categories":
-        from abliterate.measure.directions import check_categories
-
-        categories = harmful_categories(o.harmful, harmful_train, o.field)
-        check_categories(categories, o.directions - 1)  # before the model loads
-    lm = loaded_model(o.model, m)
-    template, settings = load_template(m.template), o.selection()
-    measure = finalist_measure(lm, harmful_val, harmless_val, settings, template=template, thinking=m.thinking,
-                               quiet=o.quiet) if by_generation(settings) else None
-    return extract(lm, PromptSets(harmful_train, harmless_train, harmful_val, harmless_val),
-                   template=template, positions=o.positions, settings=settings,
-                   template_kwargs={} if m.thinking else {"enable_thinking": False}, quiet=o.quiet,
-                   pending=pending_path(o.out), metadata={"command": command}, measure_finalists=measure,
-                   directions=o.directions, categories=categories)
+    sets = split_sets(opts.harmful, opts.harmless, n_train=opts.n_train, n_val=opts.n_val, field=opts.field)
+    categories = proposal_categories(opts.harmful, sets, opts.field, opts.proposals,
+                                     opts.directions)  # before the model loads
+    lm = loaded_model(opts.model, model_opts)
+    return extraction(lm, sets, opts.selection(), template=load_template(model_opts.template),
+                      thinking=model_opts.thinking,
+                      positions=opts.positions, directions=opts.directions, categories=categories, quiet=opts.quiet,
+                      pending=pending_path(opts.out), metadata={"command": command})
 
 
 def report(result, out: Path) -> None:
@@ -116,24 +104,24 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _harmfulness(o: ExtractOptions, m: ModelOptions, command: str) -> None:
+def _harmfulness(opts: ExtractOptions, model_opts: ModelOptions, command: str) -> None:
     """--kind harmfulness: the per-layer difference at the instruction's last token, and its table."""
     from abliterate.errors import AbliterateError
     from abliterate.measure.extract import split_prompts
     from abliterate.measure.harmfulness import harmfulness_direction, save_harmfulness
     from abliterate.measure.templates import load_template
 
-    if o.reselect is not None:
+    if opts.reselect is not None:
         raise AbliterateError("--reselect chooses among refusal candidates; --kind harmfulness has none to choose")
-    harmful_train, _ = split_prompts(o.harmful, n_train=o.n_train, n_val=0, field=o.field, kind="harmful")
-    harmless_train, _ = split_prompts(o.harmless, n_train=o.n_train, n_val=0, field=o.field, kind="harmless")
-    lm = loaded_model(o.model, m)
-    kwargs = {} if m.thinking else {"enable_thinking": False}
-    result = harmfulness_direction(lm, harmful_train, harmless_train, template=load_template(m.template),
-                                   batch_size=o.batch_size, quiet=o.quiet, **kwargs)
-    save_harmfulness(result, o.out, lm, {"command": command})
+    harmful_train, _ = split_prompts(opts.harmful, n_train=opts.n_train, n_val=0, field=opts.field, kind="harmful")
+    harmless_train, _ = split_prompts(opts.harmless, n_train=opts.n_train, n_val=0, field=opts.field, kind="harmless")
+    lm = loaded_model(opts.model, model_opts)
+    kwargs = {} if model_opts.thinking else {"enable_thinking": False}
+    result = harmfulness_direction(lm, harmful_train, harmless_train, template=load_template(model_opts.template),
+                                   batch_size=opts.batch_size, quiet=opts.quiet, **kwargs)
+    save_harmfulness(result, opts.out, lm, {"command": command})
     click.echo(f"{'resid':>5} {'|mean diff|':>12} {'cos to refusal':>15}")
     for i, (norm, cos) in enumerate(zip(result.direction.norm(dim=-1).tolist(), result.cosine.tolist(), strict=True)):
         click.echo(f"{i:>5} {norm:>12.4g} {cos:>15.3f}")
-    click.echo(f"wrote {o.out}: the harmfulness direction at every layer ({len(harmful_train)} harmful, "
+    click.echo(f"wrote {opts.out}: the harmfulness direction at every layer ({len(harmful_train)} harmful, "
                f"{len(harmless_train)} harmless prompts)")

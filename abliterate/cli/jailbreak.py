@@ -31,7 +31,8 @@ def _classes(value: str | None) -> list[str] | None:
 def _prompts(source: str, field: str | None, limit: int, option: str) -> list[str]:
     from abliterate.errors import AbliterateError
     from abliterate.evaluate.evaluation import select
-    from abliterate.prompts import PromptError, load_prompts
+    from abliterate.prompts import load_prompts
+    from abliterate.prompts.loaders import PromptError
 
     if limit < 0:
         raise AbliterateError(f"--limit {limit} is negative; give a number of prompts, or 0 for all")
@@ -58,20 +59,22 @@ def jailbreak_vectors(**params) -> None:
     from abliterate.measure.templates import load_template
     from abliterate.steer.steering import check_layer
 
-    o = from_params(JailbreakVectorsOptions, params)
-    m = o.model_options
-    check_output_file(o.out, "vectors.safetensors")
-    chosen = load_wrappers(o.wrappers, _classes(o.classes))
-    requests = _prompts(o.harmful, o.field, o.limit, "--harmful")
-    lm = loaded_model(o.model, m)
-    layer = lm.num_layers // 2 if o.layer is None else o.layer
+    opts = from_params(JailbreakVectorsOptions, params)
+    model_opts = opts.model_options
+    check_output_file(opts.out, "vectors.safetensors")
+    chosen = load_wrappers(opts.wrappers, _classes(opts.classes))
+    requests = _prompts(opts.harmful, opts.field, opts.limit, "--harmful")
+    lm = loaded_model(opts.model, model_opts)
+    layer = lm.num_layers // 2 if opts.layer is None else opts.layer
     check_layer(layer, lm.num_layers)
-    vectors = jailbreak_vectors(lm, requests, chosen, template=load_template(m.template), batch_size=o.batch_size,
-                                quiet=o.quiet, **({} if m.thinking else {"enable_thinking": False}))
-    save_jailbreak_vectors(o.out, vectors, lm, {"wrappers": o.wrappers, "harmful": o.harmful, "prompts": len(requests),
+    vectors = jailbreak_vectors(lm, requests, chosen, template=load_template(model_opts.template),
+                                batch_size=opts.batch_size,
+                                quiet=opts.quiet, **({} if model_opts.thinking else {"enable_thinking": False}))
+    save_jailbreak_vectors(opts.out, vectors, lm, {"wrappers": opts.wrappers, "harmful": opts.harmful,
+                                                   "prompts": len(requests),
                                                 "command": recorded_command()})
-    _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, o.plot_path)
-    click.echo(f"wrote {o.out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
+    _show_cosines(class_names(chosen), vectors, layer, lm.hidden_size, opts.plot_path)
+    click.echo(f"wrote {opts.out}: {len(vectors)} classes x {lm.num_layers + 1} rows from {len(requests)} requests")
 
 
 def _show_cosines(names: list[str], vectors, layer: int, hidden_size: int, plot_path: Path | None) -> None:
@@ -94,15 +97,16 @@ def jailbreak_evaluate(**params) -> None:
     wrapper lowers the projection on the harmfulness direction at the instruction's last token."""
     from abliterate.jailbreak.run import run_evaluate
 
-    o = from_params(JailbreakEvaluateOptions, params)
-    sets = {name: _prompts(getattr(o, name), o.field, o.limit, f"--{name}") for name in
+    opts = from_params(JailbreakEvaluateOptions, params)
+    sets = {name: _prompts(getattr(opts, name), opts.field, opts.limit, f"--{name}") for name in
             ("harmful", "harmless", "overrefusal")}
-    report, table = run_evaluate(o.model, o.wrappers, _classes(o.classes), sets, vectors_path=o.vectors_path,
-                                 source=o.source, coeff=o.coeff, layer=o.layer, harmfulness_path=o.harmfulness_path,
-                                 max_new_tokens=o.max_new_tokens, model_options=o.model_options,
-                                 batch_size=o.batch_size, quiet=o.quiet)
+    report, table = run_evaluate(opts.model, opts.wrappers, _classes(opts.classes), sets,
+                                 vectors_path=opts.vectors_path, source=opts.source, coeff=opts.coeff, layer=opts.layer,
+                                 harmfulness_path=opts.harmfulness_path,
+                                 max_new_tokens=opts.max_new_tokens, model_options=opts.model_options,
+                                 batch_size=opts.batch_size, quiet=opts.quiet)
     click.echo(table)
-    if o.out is not None:
+    if opts.out is not None:
         report.settings["command"] = recorded_command()
-        report.save_json(o.out)
-        click.echo(f"wrote {o.out}")
+        report.save_json(opts.out)
+        click.echo(f"wrote {opts.out}")

@@ -27,28 +27,30 @@ def probe(**params) -> None:
     from abliterate.measure.probe import format_table, load_probe_direction, plot, project, to_json
     from abliterate.measure.templates import load_template
 
-    o = from_params(ProbeOptions, params)
-    m = o.model_options
-    sets = _load_sets(o.sources, o.field, o.limit)
-    lm = loaded_model(o.model, m)
-    units = load_probe_direction(o.direction_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers,
-                                 name=o.class_name)
-    kwargs = {} if m.thinking else {"enable_thinking": False}
-    results = {name: project(lm, prompts, units, template=load_template(m.template), batch_size=o.batch_size,
-                             desc=name, quiet=o.quiet, **kwargs) for name, prompts in sets.items()}
+    opts = from_params(ProbeOptions, params)
+    model_opts = opts.model_options
+    sets = _load_sets(opts.sources, opts.field, opts.limit)
+    lm = loaded_model(opts.model, model_opts)
+    units = load_probe_direction(opts.direction_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers,
+                                 name=opts.class_name)
+    kwargs = {} if model_opts.thinking else {"enable_thinking": False}
+    results = {name: project(lm, prompts, units, template=load_template(model_opts.template),
+                             batch_size=opts.batch_size,
+                             desc=name, quiet=opts.quiet, **kwargs) for name, prompts in sets.items()}
     click.echo(format_table(results))
-    if o.out is not None:
-        _write_text(o.out, to_json(results, {"model": o.model, "direction": str(o.direction_path),
-                                             "class": o.class_name, "command": recorded_command()}))
-        click.echo(f"wrote {o.out}")
-    plotted(lambda path: plot(results, path), o.plot_path)
+    if opts.out is not None:
+        _write_text(opts.out, to_json(results, {"model": opts.model, "direction": str(opts.direction_path),
+                                             "class": opts.class_name, "command": recorded_command()}))
+        click.echo(f"wrote {opts.out}")
+    plotted(lambda path: plot(results, path), opts.plot_path)
 
 
 def _load_sets(sources: tuple[str, ...], field: str | None, limit: int) -> dict[str, list[str]]:
     """Every set read before the model loads, named by its source (files by their name)."""
     from abliterate.errors import AbliterateError
     from abliterate.evaluate.evaluation import select
-    from abliterate.prompts import PromptError, load_prompts
+    from abliterate.prompts import load_prompts
+    from abliterate.prompts.loaders import PromptError
 
     if limit < 0:
         raise AbliterateError(f"--limit {limit} is negative; give a number of prompts per set, or 0 for all")

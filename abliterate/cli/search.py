@@ -26,27 +26,29 @@ def search(**params) -> None:
     """
     from abliterate.measure.extract import split_prompts
     from abliterate.measure.templates import load_template
-    from abliterate.search.objectives import borderline_prompts
-    from abliterate.search.study import SearchSettings, default_study_path, load_candidates, pick, save_choice, table
+    from abliterate.search.borderline import borderline_prompts
+    from abliterate.search.front import pick, save_choice, table
+    from abliterate.search.space import load_candidates
+    from abliterate.search.study import SearchSettings, default_study_path
     from abliterate.search.study import search as run_search
 
-    o = from_params(SearchOptions, params)
-    m = o.model_options
-    _, harmful_val = split_prompts(o.harmful, n_train=0, n_val=o.n_val, field=o.field, kind="harmful")
-    _, harmless_val = split_prompts(o.harmless, n_train=0, n_val=o.n_val, field=o.field, kind="harmless")
-    borderline = borderline_prompts(o.overrefusal, o.n_val, field=o.field)
-    lm = loaded_model(o.model, m)
-    cands = load_candidates(o.direction_path, lm)
-    settings = SearchSettings(**o.settings(), template=load_template(m.template))
-    study = o.study_path or default_study_path(o.out)
-    result = run_search(lm, cands, harmful_val, harmless_val, settings, study, o.study_name, quiet=o.quiet,
+    opts = from_params(SearchOptions, params)
+    model_opts = opts.model_options
+    _, harmful_val = split_prompts(opts.harmful, n_train=0, n_val=opts.n_val, field=opts.field, kind="harmful")
+    _, harmless_val = split_prompts(opts.harmless, n_train=0, n_val=opts.n_val, field=opts.field, kind="harmless")
+    borderline = borderline_prompts(opts.overrefusal, opts.n_val, field=opts.field)
+    lm = loaded_model(opts.model, model_opts)
+    cands = load_candidates(opts.direction_path, lm)
+    settings = SearchSettings(**opts.settings(), template=load_template(model_opts.template))
+    study = opts.study_path or default_study_path(opts.out)
+    result = run_search(lm, cands, harmful_val, harmless_val, settings, study, opts.study_name, quiet=opts.quiet,
                         borderline=borderline)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    choice = pick(result.front, result.prompts, max_kl=o.max_kl, max_refusals=o.max_refusals)
+    choice = pick(result.front, result.prompts, max_kl=opts.max_kl, max_refusals=opts.max_refusals)
     click.echo(table(result.front, result.prompts, choice, result.borderline))
     rate = f"{result.seconds / result.ran:.2f} s/trial" if result.ran else "no new trials"
     click.echo(f"{len(result.trials)} trials in the study ({result.ran} run now, {rate}); study: {study}")
-    recipe, direction = save_choice(choice, cands, lm, o.out, prompts=result.prompts, study=study,
-                                    study_name=o.study_name, borderline=result.borderline)
+    recipe, direction = save_choice(choice, cands, lm, opts.out, prompts=result.prompts, study=study,
+                                    study_name=opts.study_name, borderline=result.borderline)
     click.echo(f"wrote {recipe} and {direction}; apply it with: abliterate apply MODEL --recipe {recipe} --out DIR")

@@ -44,15 +44,16 @@ def steer_vectors(**params) -> None:
     from abliterate.measure.templates import load_template
     from abliterate.steer.steering import load_pairs, save_vectors, steering_vectors
 
-    o = from_params(SteerVectorsOptions, params)
-    m = o.model_options
-    check_output_file(o.out, "vectors.safetensors")
-    pairs = load_pairs(o.pairs_path)
-    lm = loaded_model(o.model, m)
-    vectors = steering_vectors(lm, pairs, template=load_template(m.template), batch_size=o.batch_size, quiet=o.quiet)
-    save_vectors(o.out, vectors, lm, o.pairs_path, pairs)
+    opts = from_params(SteerVectorsOptions, params)
+    model_opts = opts.model_options
+    check_output_file(opts.out, "vectors.safetensors")
+    pairs = load_pairs(opts.pairs_path)
+    lm = loaded_model(opts.model, model_opts)
+    vectors = steering_vectors(lm, pairs, template=load_template(model_opts.template), batch_size=opts.batch_size,
+                               quiet=opts.quiet)
+    save_vectors(opts.out, vectors, lm, opts.pairs_path, pairs)
     norms = ", ".join(f"{n:.3g}" for n in vectors.norm(dim=-1).tolist()[1:])
-    click.echo(f"wrote {o.out}: {vectors.shape[0]} x {vectors.shape[1]} from {len(pairs)} pairs; norm per layer: "
+    click.echo(f"wrote {opts.out}: {vectors.shape[0]} x {vectors.shape[1]} from {len(pairs)} pairs; norm per layer: "
                f"{norms}")
 
 
@@ -67,17 +68,17 @@ def steer_chat(**params) -> None:
     from abliterate.measure.templates import load_template
     from abliterate.steer.steering import generate_steered, load_vectors
 
-    o = from_params(SteerChatOptions, params)
-    m = o.model_options
-    if not o.prompts and sys.stdin.isatty():
+    opts = from_params(SteerChatOptions, params)
+    model_opts = opts.model_options
+    if not opts.prompts and sys.stdin.isatty():
         click.echo("type one prompt per line; end with Ctrl-D", err=True)
-    messages = list(o.prompts) or [line.strip() for line in sys.stdin if line.strip()]
+    messages = list(opts.prompts) or [line.strip() for line in sys.stdin if line.strip()]
     if not messages:
         raise AbliterateError("no prompts: pass --prompt TEXT or write one prompt per line on stdin")
-    lm = loaded_model(o.model, m)
-    vectors = load_vectors(o.vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers, cls=o.cls)
-    replies = generate_steered(lm, messages, vectors, o.layer, o.coeff, max_new_tokens=o.max_new_tokens,
-                               template=load_template(m.template), batch_size=o.batch_size)
+    lm = loaded_model(opts.model, model_opts)
+    vectors = load_vectors(opts.vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers, cls=opts.cls)
+    replies = generate_steered(lm, messages, vectors, opts.layer, opts.coeff, max_new_tokens=opts.max_new_tokens,
+                               template=load_template(model_opts.template), batch_size=opts.batch_size)
     for message, reply in zip(messages, replies, strict=True):
         click.echo(f"> {message}\n{reply}\n")
 
@@ -91,22 +92,22 @@ def steer_sweep(**params) -> None:
     from abliterate.measure.templates import load_template
     from abliterate.steer.steering import format_table, load_pairs, load_vectors, plot_table, sweep
 
-    o = from_params(SteerSweepOptions, params)
-    m = o.model_options
-    pairs = load_pairs(o.pairs_path)
-    lm = loaded_model(o.model, m)
-    vectors = load_vectors(o.vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
-    parsed = parse_layers(o.layers)
+    opts = from_params(SteerSweepOptions, params)
+    model_opts = opts.model_options
+    pairs = load_pairs(opts.pairs_path)
+    lm = loaded_model(opts.model, model_opts)
+    vectors = load_vectors(opts.vectors_path, hidden_size=lm.hidden_size, num_layers=lm.num_layers)
+    parsed = parse_layers(opts.layers)
     chosen = range(lm.num_layers) if parsed is None else range(lm.num_layers)[parsed.start:parsed.stop]
     if not chosen:
         from abliterate.errors import AbliterateError
 
-        raise AbliterateError(f"--layers {o.layers} selects no layer of this model; it has layers 0 to "
+        raise AbliterateError(f"--layers {opts.layers} selects no layer of this model; it has layers 0 to "
                               f"{lm.num_layers - 1}")
-    table = sweep(lm, pairs, vectors, list(chosen), list(o.coeffs), template=load_template(m.template),
-                  batch_size=o.batch_size, quiet=o.quiet)
+    table = sweep(lm, pairs, vectors, list(chosen), list(opts.coeffs), template=load_template(model_opts.template),
+                  batch_size=opts.batch_size, quiet=opts.quiet)
     click.echo(format_table(table))
-    plotted(lambda path: plot_table(table, path), o.plot_path)
+    plotted(lambda path: plot_table(table, path), opts.plot_path)
 
 
 @steer.command("bake")
@@ -125,20 +126,20 @@ def steer_bake(**params) -> None:
     from abliterate.steer.adapter import write_steering_adapter
     from abliterate.steer.bake import bake
 
-    o = from_params(SteerBakeOptions, params)
-    if o.adapter:
-        module = write_steering_adapter(o.checkpoint, o.vectors_path, o.layer, o.coeff, o.out, cls=o.cls,
-                                        overwrite=o.overwrite)
-        click.echo(f"wrote {o.out}: a peft adapter adding {o.coeff:g} x vector through the bias of {module} (load it "
-                   "with PeftModel.from_pretrained)")
+    opts = from_params(SteerBakeOptions, params)
+    if opts.adapter:
+        module = write_steering_adapter(opts.checkpoint, opts.vectors_path, opts.layer, opts.coeff, opts.out,
+                                        cls=opts.cls, overwrite=opts.overwrite)
+        click.echo(f"wrote {opts.out}: a peft adapter adding {opts.coeff:g} x vector through the bias of {module} "
+                   "(load it with PeftModel.from_pretrained)")
         return
-    result = bake(o.checkpoint, o.vectors_path, o.layer, o.coeff, o.out, overwrite=o.overwrite, quiet=o.quiet,
-                  cls=o.cls)
+    result = bake(opts.checkpoint, opts.vectors_path, opts.layer, opts.coeff, opts.out, overwrite=opts.overwrite,
+                  quiet=opts.quiet, cls=opts.cls)
     if result.config_flag:
         click.echo(f"note: set {result.config_flag}: true and added {len(result.added)} zero biases", err=True)
     if result.skipped_files:
         click.echo(f"note: not copied: {', '.join(result.skipped_files)}", err=True)
-    click.echo(f"baked {o.coeff:g} x vector into {result.bias}; wrote {result.out}")
+    click.echo(f"baked {opts.coeff:g} x vector into {result.bias}; wrote {result.out}")
 
 
 @steer.command("export-gguf")
@@ -152,8 +153,9 @@ def steer_export_gguf(**params) -> None:
     """
     from abliterate.gguf.control_vector import export_control_vector
 
-    o = from_params(SteerExportOptions, params)
-    written = export_control_vector(o.vectors_path, o.coeff, parse_layers(o.layers), o.out, overwrite=o.overwrite)
+    opts = from_params(SteerExportOptions, params)
+    written = export_control_vector(opts.vectors_path, opts.coeff, parse_layers(opts.layers), opts.out,
+                                    overwrite=opts.overwrite)
     norms = ", ".join(f"{n:.3g}" for n in written.norms)
     click.echo(f"wrote {written.out}: direction.{{{','.join(map(str, written.layers))}}} (norms {norms}); "
                f"run: llama-cli -m MODEL.gguf --control-vector {written.out}")

@@ -21,7 +21,8 @@ def run_demo(workdir: Path) -> None:
     from abliterate.edit.plan import EditOptions, plan_edit
     from abliterate.edit.verify import verify
     from abliterate.edit.weights import apply_edit
-    from abliterate.evaluate.evaluation import EvalSettings, evaluate
+    from abliterate.evaluate.evaluation import evaluate
+    from abliterate.evaluate.records import EvalSettings
     from abliterate.io.checkpoint import Checkpoint
     from abliterate.io.direction_file import load_direction
     from abliterate.measure.extract import PromptSets, extract, save_extraction

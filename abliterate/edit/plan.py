@@ -10,7 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from abliterate.arch.table import COMPONENTS, Arch, Writer, arch_for_config
+from abliterate.arch.table import arch_for_config
+from abliterate.arch.writers import COMPONENTS, Arch, Writer
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
@@ -19,7 +20,7 @@ from abliterate.options.values import TO_THE_END, parse_layer_range
 
 TIE_KEY = "tie_word_embeddings"
 
-__all__ = ["TO_THE_END", "EditOptions", "EditPlan", "edit_options", "parse_layer_range", "plan_edit"]
+__all__ = ["EditOptions", "EditPlan", "edit_options", "plan_edit"]
 
 
 @dataclass(frozen=True)

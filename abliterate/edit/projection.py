@@ -27,6 +27,7 @@ budget, row blocks of it in two passes (sum r^T W over the blocks, then subtract
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -256,6 +257,11 @@ def read_chunk(fd: int, info: TensorInfo, chunk: Chunk) -> np.ndarray:
     return widen(read_stored(fd, info, chunk), info.dtype)
 
 
+def _always(scratch: Scratch) -> Callable[[], Scratch]:
+    """A `take_scratch` handing out the same buffers for every chunk."""
+    return lambda: scratch
+
+
 def iter_edited_chunks(
     fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, scale: float, budget: int,
     take_scratch: Callable[[], Scratch] | None = None,
@@ -270,12 +276,11 @@ def iter_edited_chunks(
     `preserve`: the norm-preserving edit (each written vector keeps its norm).
     """
     if take_scratch is None:
-        shared = Scratch()
-        take_scratch = lambda: shared  # noqa: E731
+        take_scratch = _always(Scratch())
     r = np.asarray(r, dtype=compute_dtype(info.dtype))
     chunks = plan_chunks(info, hidden_axis, r.shape[-1], budget)
     if read is None:
-        read = lambda chunk, scratch: read_stored(fd, info, chunk, scratch)  # noqa: E731
+        read = functools.partial(read_stored, fd, info)
     in_place = info.dtype in ("F32", "F64")
     coeff = np.zeros(0, dtype=r.dtype)
     factors = None

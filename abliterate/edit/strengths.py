@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from abliterate.arch.table import COMPONENTS
+from abliterate.arch.writers import COMPONENTS
 
 LAYERED = tuple(c for c in COMPONENTS if c != "embed")
 

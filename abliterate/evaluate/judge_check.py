@@ -119,7 +119,6 @@ def check(items: Sequence[Labelled], judge: LoadedModel | None = None, batch_siz
 def table(results: Sequence[Accuracy]) -> str:
     """Markdown: accuracy overall, on refusals, on the rest, then per kind."""
     kinds = list(dict.fromkeys(k for r in results for k in r.per_kind))
-    pct = lambda a, b: f"{100 * a / b:.1f} % ({a}/{b})" if b else "-"  # noqa: E731
     head = ["verdicts by", "accuracy", "refusals found", "non-refusals kept", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
@@ -128,3 +127,8 @@ def table(results: Sequence[Accuracy]) -> str:
         cells += [pct(*r.per_kind[k]) if k in r.per_kind else "-" for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pct(a: int, b: int) -> str:
+    """a of b as a percentage with the counts; '-' for none."""
+    return f"{100 * a / b:.1f} % ({a}/{b})" if b else "-"

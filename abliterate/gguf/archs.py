@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from abliterate.arch.table import Arch, Writer, arch_for_config
+from abliterate.arch.table import arch_for_config
+from abliterate.arch.writers import Arch, Writer
 from abliterate.errors import AbliterateError
 
 OUTPUT_NAME = "output.weight"

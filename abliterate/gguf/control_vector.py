@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from abliterate.edit.plan import TO_THE_END
 from abliterate.errors import AbliterateError
 from abliterate.gguf.edit import atomic_file
 from abliterate.gguf.format import _gguf
+from abliterate.options.values import TO_THE_END
 
 VECTORS_KEY = "direction"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from abliterate.arch.table import Arch, Writer
+from abliterate.arch.writers import Arch, Writer
 from abliterate.edit.plan import EditOptions, _check_options
 from abliterate.errors import AbliterateError
 from abliterate.gguf.archs import OUTPUT_NAME, TOKEN_EMBEDDING, GgufArch, gguf_arch, match_writer

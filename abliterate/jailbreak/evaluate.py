@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.generation import generate
 from abliterate.evaluate.markers import find_refusal, strip_reasoning
+from abliterate.evaluate.records import EvalSettings
 from abliterate.jailbreak.wrappers import Wrapper, by_class, wrapped
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.probe import post_positions, project
@@ -128,8 +129,6 @@ def evaluate_jailbreaks(lm: LoadedModel, harmful: Sequence[str], harmless: Seque
 
 def format_report(report: JailbreakReport, hardening: Hardening | None) -> str:
     """A Markdown table: one row per class, then over-refusal and harmless KL."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    num = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     hard = f"refused, -{hardening.coeff:g} x vector({hardening.source}) after layer {hardening.layer}" \
         if hardening else "refused, hardened"
     lines = [f"| class | prompts | refused | {hard} | held out | harmfulness projection (answered / refused) |",
@@ -145,6 +144,14 @@ def format_report(report: JailbreakReport, hardening: Hardening | None) -> str:
     if report.kl_hardened is not None:
         lines.append(f"| KL, first reply token on harmless prompts | | 0 | {report.kl_hardened:.4f} | | |")
     return "\n".join(lines)
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def suppression(report: JailbreakReport) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.evaluation import EvalSettings
+from abliterate.evaluate.records import EvalSettings
 from abliterate.jailbreak.evaluate import Hardening, JailbreakReport, evaluate_jailbreaks, format_report
 from abliterate.jailbreak.wrappers import load_wrappers
 from abliterate.measure.harmfulness import harmfulness_direction

@@ -18,18 +18,51 @@ def with_command_line(options: RunOptions, recipe):
     return replace(recipe, extract=replace(recipe.extract, **given))
 
 
+def split_sets(harmful: str, harmless: str, *, n_train: int, n_val: int, field: str | None):
+    """Both prompt sets split into training and validation prompts (`measure.extract.PromptSets`): one split for
+    `abliterate extract`, the whole job and `--search`."""
+    from abliterate.measure.extract import PromptSets, split_prompts
+
+    harmful_train, harmful_val = split_prompts(harmful, n_train=n_train, n_val=n_val, field=field, kind="harmful")
+    harmless_train, harmless_val = split_prompts(harmless, n_train=n_train, n_val=n_val, field=field,
+                                                 kind="harmless")
+    return PromptSets(harmful_train, harmless_train, harmful_val, harmless_val)
+
+
+def proposal_categories(harmful: str, sets, field: str | None, proposals: str, directions: int):
+    """The harmful training prompts' categories when the directions beside the chosen one come from them
+    (`--proposals categories`), checked against their number before any model loads; else None."""
+    from abliterate.measure.directions import check_categories
+    from abliterate.measure.extract import harmful_categories
+
+    if proposals != "categories" or directions < 2:
+        return None
+    categories = harmful_categories(harmful, sets.harmful_train, field)
+    check_categories(categories, directions - 1)
+    return categories
+
+
+def extraction(lm, sets, settings, *, template: str | None, thinking: bool, positions: int, directions: int,
+               categories, quiet: bool, pending: Path, metadata: dict[str, str]):
+    """The extraction stage on a loaded model, as `abliterate extract` and the whole job run it: the finalists'
+    generation measures when the selection asks for them, then `measure.extract.extract`."""
+    from abliterate.measure.extract import extract
+    from abliterate.search.finalists import by_generation, finalist_measure
+
+    measure = finalist_measure(lm, sets.harmful_val, sets.harmless_val, settings, template=template,
+                               thinking=thinking, quiet=quiet) if by_generation(settings) else None
+    return extract(lm, sets, positions=positions, template=template, settings=settings,
+                   template_kwargs={} if thinking else {"enable_thinking": False}, quiet=quiet, pending=pending,
+                   metadata=metadata, measure_finalists=measure, directions=directions, categories=categories)
+
+
 def job_prompts(options: RunOptions, recipe) -> tuple[list[str], list[str], list[str], list[str]]:
     """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts, as the recipe and the
     command line set them: shared by plain extraction and `--search`."""
-    from abliterate.measure.extract import split_prompts
-
     s = recipe.extract
-    harmful, harmless = options.harmful or s.harmful, options.harmless or s.harmless
-    harmful_train, harmful_val = split_prompts(harmful, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                               kind="harmful")
-    harmless_train, harmless_val = split_prompts(harmless, n_train=s.n_train, n_val=s.n_val, field=options.field,
-                                                 kind="harmless")
-    return harmful_train, harmless_train, harmful_val, harmless_val
+    sets = split_sets(options.harmful or s.harmful, options.harmless or s.harmless, n_train=s.n_train,
+                      n_val=s.n_val, field=options.field)
+    return sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val
 
 
 def load_job_model(options: RunOptions, recipe, source: Path):
@@ -42,22 +75,16 @@ def load_job_model(options: RunOptions, recipe, source: Path):
 
 def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...], path: Path, say) -> None:
     """Extraction on an already loaded model (prompts: harmful/harmless train, harmful/harmless validation)."""
-    from abliterate.measure.extract import PromptSets, extract, harmful_categories, save_extraction
+    from abliterate.measure.extract import PromptSets, save_extraction
     from abliterate.measure.templates import load_template
-    from abliterate.search.finalists import by_generation, finalist_measure
 
     s = recipe.extract
-    settings = s.selection()
     pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
-    template = load_template(options.template)
-    measure = finalist_measure(lm, prompts[2], prompts[3], settings, template=template,
-                               quiet=options.quiet) if by_generation(settings) else None
-    categories = harmful_categories(options.harmful or s.harmful, prompts[0], options.field) if (
-        s.proposals == "categories" and s.directions > 1) else None
-    result = extract(lm, PromptSets(*prompts), positions=s.positions, template=template, settings=settings,
-                     template_kwargs={"enable_thinking": False}, quiet=options.quiet, pending=pending,
-                     metadata={"model": options.model}, measure_finalists=measure, directions=s.directions,
-                     categories=categories)
+    sets = PromptSets(*prompts)
+    categories = proposal_categories(options.harmful or s.harmful, sets, options.field, s.proposals, s.directions)
+    result = extraction(lm, sets, s.selection(), template=load_template(options.template), thinking=False,
+                        positions=s.positions, directions=s.directions, categories=categories, quiet=options.quiet,
+                        pending=pending, metadata={"model": options.model})
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:

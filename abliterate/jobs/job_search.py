@@ -32,7 +32,7 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     some), pick, save the choice in `work`. lm: the job's loaded model; prompts: harmful/harmless train,
     harmful/harmless validation."""
     from abliterate.measure.templates import load_template
-    from abliterate.search.objectives import borderline_prompts
+    from abliterate.search.borderline import borderline_prompts
     from abliterate.search.study import load_candidates, pick, save_choice, search, table
 
     s = recipe.extract

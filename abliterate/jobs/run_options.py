@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from abliterate.options.command import command_line
-from abliterate.options.declared import command_args, group, like, option, public_path
+from abliterate.options.declared import command_args, group, like, option
 from abliterate.options.families import ExtractOptions, TaskOptions
 
-__all__ = ["RunOptions", "default_out", "kept_path", "public_model", "public_path", "regenerate_command", "study_path"]
+__all__ = ["RunOptions", "default_out", "kept_path", "public_model", "regenerate_command", "study_path"]
 
 
 def _uploaded_direction(_path: Path) -> str:

@@ -14,7 +14,7 @@ from abliterate.arch.table import arch_for_config
 from abliterate.arch.writers import ExpertParam
 from abliterate.errors import AbliterateError
 
-__all__ = ["PEFT_RENAMED_LEAVES", "ExpertParam", "expert_layout", "expert_param_for_disk", "looks_like_expert"]
+__all__ = ["PEFT_RENAMED_LEAVES", "expert_layout", "expert_param_for_disk", "looks_like_expert"]
 
 
 def expert_layout(model_type: str | None) -> tuple[ExpertParam, ...]:

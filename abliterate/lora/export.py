@@ -54,30 +54,19 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
-from abliterate.lora.experts import (
-    PEFT_RENAMED_LEAVES,
-    ExpertParam,
-    expert_layout,
-    expert_param_for_disk,
-    looks_like_expert,
-)
+from abliterate.lora.experts import PEFT_RENAMED_LEAVES, expert_layout, expert_param_for_disk, looks_like_expert
 from abliterate.lora.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
     Bias,
     Factors,
     adapter_config,
-    base_model_name,
-    peft_keys,
     write_weights,
 )
 from abliterate.lora.preserve import WriterStats, add_scalers, input_factors, plan_scalers, writer_stats
 
 # names other modules and tests import from here (their homes are experts.py and peft_format.py)
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "PEFT_RENAMED_LEAVES", "AdapterOptions",
-           "AdapterResult", "ExpertParam", "base_model_name", "expert_layout", "expert_param_for_disk",
-           "export_adapter", "looks_like_expert", "peft_keys", "stream_coefficients"]
+__all__ = ["AdapterOptions", "AdapterResult", "export_adapter", "stream_coefficients"]
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,7 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import atomic_folder
 from abliterate.lora.adapter_file import AdapterFile, read_lora_config, weights_path
-from abliterate.lora.placement import MergeTarget, place_entries
-
-# names importable from here as before the split (their homes are adapter_file.py and placement.py)
-__all__ = ["AdapterFile", "MergeResult", "merge_adapter", "place_entries", "read_lora_config"]
+from abliterate.lora.merge_plan import MergeTarget, place_entries
 
 
 @dataclass(frozen=True)

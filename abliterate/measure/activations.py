@@ -50,4 +50,4 @@ def mean_residuals(lm: LoadedModel, prompts: Sequence[str] | Sequence[list[int]]
     return (sums / len(prompts)).to(torch.float32)
 
 
-__all__ = ["Batch", "batches", "decoder", "format_prompts", "mean_residuals"]
+__all__ = ["decoder", "format_prompts", "mean_residuals"]

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
 from abliterate.io.direction_file import DEPENDENT
-from abliterate.measure.activations import batches, decoder
-from abliterate.measure.batching import Batch, run_fitting
+from abliterate.measure.activations import decoder
+from abliterate.measure.batching import Batch, batches, run_fitting
 from abliterate.measure.hooks import capture_residuals
 from abliterate.measure.loading import LoadedModel
 

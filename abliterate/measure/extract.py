@@ -18,17 +18,12 @@ from abliterate.io.safetensors_format import read_header
 from abliterate.measure.activations import mean_residuals
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.scores import REFUSAL_PREFIXES, Scorer, refusal_token_ids, score_candidates
-from abliterate.measure.selection import (
-    CandidateScore,
-    SelectionSettings,
-    check_settings,
-    choose,
-    scores_from_json,
-    scores_json,
-)
+from abliterate.measure.selection import CandidateScore, check_settings, choose, scores_from_json, scores_json
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render
 from abliterate.options.command import recorded_command
-from abliterate.prompts import PromptError, builtin, load_prompts
+from abliterate.options.recipe import SelectionSettings
+from abliterate.prompts import builtin, load_prompts
+from abliterate.prompts.loaders import PromptError
 
 MIN_PROMPTS = 8
 
@@ -115,7 +110,10 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
         check_categories(categories, directions - 1)
     kwargs = template_kwargs or {}
     suffix = post_instruction_suffix(lm.tokenizer, template, **kwargs)
-    fmt = lambda texts: [render(lm.tokenizer, t, template, **kwargs) for t in texts]  # noqa: E731
+
+    def fmt(texts: list[str]) -> list[str]:
+        return [render(lm.tokenizer, t, template, **kwargs) for t in texts]
+
     harmful_train, harmless_train = fmt(prompts.harmful_train), fmt(prompts.harmless_train)
     harmful_val, harmless_val = fmt(prompts.harmful_val), fmt(prompts.harmless_val)
     available = post_instruction_count(lm.tokenizer, harmful_train + harmless_train, suffix)
@@ -127,9 +125,11 @@ def extract(lm: LoadedModel, prompts: PromptSets, *, template: str | None = None
     ids = refusal_token_ids(lm.tokenizer, refusal_prefixes or REFUSAL_PREFIXES)
     scorer = Scorer(lm, harmful_val, harmless_val, ids, settings.batch_size)
     baseline = scorer.base_harmful.mean().item()
-    partial = lambda scores: Extraction(  # noqa: E731
-        candidates[0, 0], None, scores, candidates, suffix, baseline, harmless_mean, None, settings, lm.name,
-        lm.num_layers, metadata)
+
+    def partial(scores: list[CandidateScore]) -> Extraction:
+        return Extraction(candidates[0, 0], None, scores, candidates, suffix, baseline, harmless_mean, None, settings,
+                          lm.name, lm.num_layers, metadata)
+
     save = (lambda scores: save_candidates(partial(scores), pending)) if pending else None
     if save:
         save([])

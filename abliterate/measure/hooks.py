@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from abliterate.arch.table import Arch
+from abliterate.arch.writers import Arch
 from abliterate.io.direction_file import Direction
 
 Strength = Callable[[str, "int | None"], float]

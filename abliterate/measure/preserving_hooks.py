@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
-from abliterate.arch.table import Arch
+from abliterate.arch.writers import Arch
 from abliterate.errors import AbliterateError
 from abliterate.io.direction_file import Direction
 from abliterate.measure.hooks import Strength, ablate, rows_for

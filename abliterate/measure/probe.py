@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from abliterate.errors import AbliterateError
-from abliterate.measure.activations import batches, decoder
-from abliterate.measure.batching import Batch, run_fitting
+from abliterate.measure.activations import decoder
+from abliterate.measure.batching import Batch, batches, run_fitting
 from abliterate.measure.hooks import capture_residuals
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import post_instruction_count, post_instruction_suffix, render

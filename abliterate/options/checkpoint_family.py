@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.arch.table import COMPONENTS
+from abliterate.arch.writers import COMPONENTS
 from abliterate.options.declared import option
 from abliterate.options.values import parse_components, parse_size
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from abliterate.arch.table import COMPONENTS
+from abliterate.arch.writers import COMPONENTS
 from abliterate.errors import AbliterateError, first_line
 
 REFUSAL_OBJECTIVES = ("score", "count")  # what ranks candidates: first-token log-odds, or refused greedy replies

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from abliterate.arch.table import COMPONENTS
+from abliterate.arch.writers import COMPONENTS
 from abliterate.errors import AbliterateError
 
 TO_THE_END = 1 << 30  # the stop of an open range "START:"; layers past the model are never planned

@@ -26,22 +26,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from abliterate.prompts.loaders import COMMON_FIELDS, LOADERS, PromptError, file_categories, load_file, load_hf
+from abliterate.prompts.loaders import LOADERS, PromptError, file_categories, load_file, load_hf
 
-__all__ = [
-    "BUILTIN_NAMES",
-    "COMMON_FIELDS",
-    "SPLITS",
-    "BuiltinName",
-    "PromptError",
-    "Split",
-    "builtin",
-    "builtin_records",
-    "general_text",
-    "load_prompts",
-    "prompt_categories",
-    "supported_suffixes",
-]
+__all__ = ["BUILTIN_NAMES", "SPLITS", "BuiltinName", "Split", "builtin", "builtin_records", "general_text",
+           "load_prompts", "prompt_categories", "supported_suffixes"]
 
 Split = Literal["train", "val", "test", "all"]
 BuiltinName = Literal["harmful", "harmless", "overrefusal"]

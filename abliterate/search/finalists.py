@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from abliterate.evaluate.objectives import ContinuationKL, RefusalCount
 from abliterate.measure.hooks import ablate
 from abliterate.measure.loading import LoadedModel
-from abliterate.measure.selection import CandidateScore, SelectionSettings, check_settings, max_layer
+from abliterate.measure.selection import CandidateScore, check_settings, max_layer
+from abliterate.options.recipe import SelectionSettings
 
 Measure = Callable[[torch.Tensor, list[CandidateScore]], list[CandidateScore]]
 

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from abliterate.arch.table import Arch
+from abliterate.arch.writers import Arch
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.evaluation import EvalSettings, generate
+from abliterate.evaluate.generation import generate
+from abliterate.evaluate.records import EvalSettings
 from abliterate.io.json_files import json_records
-from abliterate.measure.activations import batches, mean_residuals
-from abliterate.measure.batching import Batch, run_fitting
+from abliterate.measure.activations import mean_residuals
+from abliterate.measure.batching import Batch, batches, run_fitting
 from abliterate.measure.hooks import add_after, decoder_layers
 from abliterate.measure.loading import LoadedModel
 from abliterate.measure.templates import count_suffix_tokens, post_instruction_suffix, render

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from abliterate.arch.table import arch_for_config
+from abliterate.arch.writers import ExpertParam
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.lora.adapter_file import AdapterFile, LoraSettings
-from abliterate.lora.experts import ExpertParam, expert_layout
+from abliterate.lora.experts import expert_layout
 from abliterate.lora.peft_format import ADAPTER_CONFIG, PEFT_PREFIX
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.(?P<what>lora_A\.weight|lora_B\.weight|"
@@ -137,9 +138,22 @@ def _place_pair(ckpt: Checkpoint, model_type: str | None, settings: LoraSettings
         bias = _disk_name(ckpt, model_type, module, "bias")
         if bias is None:
             raise AbliterateError(f"{where} has lora_bias but the checkpoint has no {module}.bias to merge it into")
-        scaling = settings.scaling(module)[1]
-        load = lambda k=keys["lora_B.bias"], s=scaling: (np.ones((1, 1)), weights.load(k)[None, :] * s)  # noqa: E731
+        load = functools.partial(_bias_factors, weights, keys["lora_B.bias"], settings.scaling(module)[1])
         _target(targets, bias).pieces.append(Piece(0, 1, load))
+
+
+def _bias_factors(weights: AdapterFile, key: str, scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """lora_B.bias as a rank-1 update of the layer's bias: ones [1, 1] times scaling * bias [1, out]."""
+    return np.ones((1, 1)), weights.load(key)[None, :] * scaling
+
+
+def _factors(weights: AdapterFile, a_key: str, b_key: str, scaling: float, transpose: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The two factors whose product is the update in the tensor's own layout: (s B, A), or (A^T, s B^T) for
+    Conv1D and embeddings."""
+    if transpose:
+        return weights.load(a_key).T, weights.load(b_key).T * scaling
+    return weights.load(b_key) * scaling, weights.load(a_key)
 
 
 def _not_found(ckpt: Checkpoint, module: str, where: str, what: str) -> AbliterateError:
@@ -169,10 +183,7 @@ def _place_layer(ckpt: Checkpoint, settings: LoraSettings, name: str, a_key: str
         raise AbliterateError(f"{where}: LoRA of shape [{n_out}, {n_in}] does not fit {name} {list(shape)}; is the "
                               "adapter for another model?")
     transpose = embedding or (shape == turned and (shape != straight or settings.fan_in_fan_out))
-    if transpose:
-        load = lambda: (weights.load(a_key).T, weights.load(b_key).T * scaling)  # noqa: E731
-    else:
-        load = lambda: (weights.load(b_key) * scaling, weights.load(a_key))  # noqa: E731
+    load = functools.partial(_factors, weights, a_key, b_key, scaling, transpose)
     target = _target(targets, name)
     target.pieces.append(Piece(0, shape[0], load))
     target.embedding = target.embedding or embedding

@@ -9,7 +9,8 @@ rest: a point chosen on them is then judged on prompts it was not chosen on.
 from __future__ import annotations
 
 from abliterate.errors import AbliterateError
-from abliterate.prompts import PromptError, builtin, load_prompts
+from abliterate.prompts import builtin, load_prompts
+from abliterate.prompts.loaders import PromptError
 
 NO_PROMPTS = ("", "none")
 
