@@ -13,7 +13,7 @@ jailbreak vectors`), then for each coefficient subtracts the --source class's ve
 
 and prints, per wrapper class, the share of wrapped held-out harmful requests refused (refusal
 markers on greedy replies; the source class is marked, the others are held out) and the share of
-held-out harmless requests refused (the over-refusal the hardening costs). README's numbers come
+held-out harmless requests refused (the over-refusal the hardening costs). docs/jailbreak.md's numbers come
 from this script's table.
 """
 

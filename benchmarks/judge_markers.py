@@ -1,4 +1,4 @@
-"""The refusal markers' accuracy on the built-in labelled replies (the number the README states).
+"""The refusal markers' accuracy on the built-in labelled replies (the number docs/evaluate.md states).
 
 The set (abliterate/evaluate/data/judge_set.jsonl) is weighted to the cases that fool keyword
 detection: refusals without the usual phrases, partial refusals, refuse-then-comply,

@@ -1,4 +1,4 @@
-"""The norm-preserving adapter against the norm-preserving weights, as the README states it.
+"""The norm-preserving adapter against the norm-preserving weights, as docs/adapters.md states it.
 
     python3 benchmarks/preserve_adapter.py
 

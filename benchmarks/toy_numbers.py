@@ -1,4 +1,4 @@
-"""The toy and tiny-model numbers the README states, each computed the way the README describes it.
+"""The toy and tiny-model numbers docs/steer.md states, each computed the way it describes it.
 
     python3 benchmarks/toy_numbers.py [sweep] [add] [bake]   (default: all three)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from toy_numbers import refused, replies  # the same greedy replies and refusal count as the README's toy numbers
+from toy_numbers import refused, replies  # the same greedy replies and refusal count as the docs' toy numbers
 
 from abliterate.cli.main import cli
 from abliterate.demo.toy import toy_prompts, train_toy_model

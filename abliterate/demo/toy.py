@@ -81,7 +81,7 @@ HELD_OUT_FRAMES = 3  # per action, frames it is never trained with
 # that removes refusal moves the harmless first-token distribution by more than KL 0.1 (lowest 0.10, 0.13,
 # 0.75, 0.17), and the chosen one leaves every harmful request refused (0) or changes every harmless reply (8);
 # on 1 and 3 no candidate within KL 0.1 induces refusal when added. Training is not tuned for robustness
-# because every number measured on the toy (README, benchmarks) would move with it; the seed is fixed here.
+# because every number measured on the toy (README, docs/, benchmarks) would move with it; the seed is fixed here.
 TRAIN_SEED = 4
 SPECIALS = ("<pad>", "<unk>", "<|end|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
