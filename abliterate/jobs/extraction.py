@@ -1,4 +1,5 @@
-"""The whole job's extraction stage on an already loaded model (shared by the whole job and `--search`)."""
+"""The extraction stage on an already loaded model: one orchestration that `abliterate extract`, the whole job and
+`--search` all call (the train/validation split, the categories, the finalists' measures, `measure.extract`)."""
 
 from __future__ import annotations
 
@@ -59,9 +60,9 @@ def extraction(lm, sets, settings, *, template: str | None, thinking: bool, posi
 def job_prompts(options: RunOptions, recipe) -> tuple[list[str], list[str], list[str], list[str]]:
     """The whole job's (harmful train, harmless train, harmful val, harmless val) prompts, as the recipe and the
     command line set them: shared by plain extraction and `--search`."""
-    s = recipe.extract
-    sets = split_sets(options.harmful or s.harmful, options.harmless or s.harmless, n_train=s.n_train,
-                      n_val=s.n_val, field=options.field)
+    settings = recipe.extract
+    sets = split_sets(options.harmful or settings.harmful, options.harmless or settings.harmless,
+                      n_train=settings.n_train, n_val=settings.n_val, field=options.field)
     return sets.harmful_train, sets.harmless_train, sets.harmful_val, sets.harmless_val
 
 
@@ -78,13 +79,14 @@ def extract_with(lm, options: RunOptions, recipe, prompts: tuple[list[str], ...]
     from abliterate.measure.extract import PromptSets, save_extraction
     from abliterate.measure.templates import load_template
 
-    s = recipe.extract
+    settings = recipe.extract
     pending = kept_path(options, "candidates")  # beside the output: it must outlive a failed job
     sets = PromptSets(*prompts)
-    categories = proposal_categories(options.harmful or s.harmful, sets, options.field, s.proposals, s.directions)
-    result = extraction(lm, sets, s.selection(), template=load_template(options.template), thinking=False,
-                        positions=s.positions, directions=s.directions, categories=categories, quiet=options.quiet,
-                        pending=pending, metadata={"model": options.model})
+    categories = proposal_categories(options.harmful or settings.harmful, sets, options.field, settings.proposals,
+                                     settings.directions)
+    result = extraction(lm, sets, settings.selection(), template=load_template(options.template), thinking=False,
+                        positions=settings.positions, directions=settings.directions, categories=categories,
+                        quiet=options.quiet, pending=pending, metadata={"model": options.model})
     save_extraction(result, path)
     pending.unlink(missing_ok=True)
     if result.relaxed:
