@@ -292,6 +292,24 @@ def test_verify_accepts_the_edit_and_rejects_a_changed_byte(models, types):
     assert code == 1 and "FAIL output.weight should be byte-identical to the original token_embd" in printed, printed
 
 
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_0", "Q8_0"])
+def test_verify_step_covers_a_clamped_extreme_and_the_float16_scale(qtype):
+    """Q4_0/Q5_0 map the block's largest magnitude to -8/-16 and clamp the other sign at +7/+15: a value
+    there is a full step off, plus what rounding the scale to float16 adds; verify's step allows both."""
+    from abliterate.gguf.format import dequantize, quantize
+    from abliterate.gguf.verify import _quant_step
+
+    rng = np.random.default_rng(0)
+    blocks = rng.uniform(-1, 1, (4096, 32)).astype(np.float32) * rng.uniform(0.01, 1, (4096, 1)).astype(np.float32)
+    blocks[:, 0] = -np.abs(blocks).max(axis=1) * 1.01  # the extreme, and its mirror image at the clamp
+    blocks[:, 1] = -blocks[:, 0]
+    got = dequantize(quantize(blocks, qtype), qtype, blocks.shape)
+    error = np.abs(got - blocks)
+    step = _quant_step(blocks, qtype)
+    assert (error <= step).all()
+    assert (error > 0.99 * step).any() == (qtype != "Q8_0")  # the clamped value is about one step off
+
+
 def test_the_gguf_manifest_is_the_typed_edit_manifest_and_verify_reads_it_so(models):
     import json
 

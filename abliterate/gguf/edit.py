@@ -156,10 +156,11 @@ def _write_quantised(src_fd: int, dst_fd: int, edit: GgufEdit, r: np.ndarray, ds
     for chunk, values in quantised_chunks(src_fd, edit, r, budget):
         raw = quantize(values, edit.out_type)
         pwrite_all(dst_fd, memoryview(raw), dst + chunk.first // block * block_bytes)
-        error = dequantize(raw, edit.out_type, values.shape) - values
-        err_sq += float(np.square(error, dtype=np.float64).sum())
-        norm_sq += float(np.square(values, dtype=np.float64).sum())
-        worst = max(worst, float(np.abs(error).max(initial=0.0)))
+        error = (dequantize(raw, edit.out_type, values.shape) - values).reshape(-1)
+        flat = values.reshape(-1)
+        err_sq += float(np.dot(error, error))  # float32 dot products (BLAS): a printed statistic
+        norm_sq += float(np.dot(flat, flat))
+        worst = max(worst, float(error.max(initial=0.0)), -float(error.min(initial=0.0)))
     return QuantError(edit.tensor.name, edit.out_type, math.sqrt(err_sq / norm_sq) if norm_sq else 0.0, worst)
 
 

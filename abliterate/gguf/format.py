@@ -21,6 +21,7 @@ import numpy as np
 
 from abliterate.errors import AbliterateError, first_line
 from abliterate.gguf.kquants import KQUANT_TYPES, dequantize_kquant, quantize_kquant
+from abliterate.gguf.legacy_quants import LEGACY_TYPES, dequantize_legacy, quantize_legacy
 
 GGUF_MAGIC = b"GGUF"
 PREFIX = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
@@ -163,6 +164,8 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
     """Raw bytes of whole rows -> float32 values of `shape`."""
     if type_name in KQUANT_TYPES:
         return dequantize_kquant(raw, type_name).reshape(shape)
+    if type_name in LEGACY_TYPES:
+        return dequantize_legacy(raw, type_name).reshape(shape)
     gguf = _gguf()
     values = gguf.quants.dequantize(raw.reshape(-1, raw.size // math.prod(shape[:-1] or (1,))),
                                     gguf.GGMLQuantizationType[type_name])
@@ -174,6 +177,8 @@ def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
     K-quants are written by kquants.py as llama.cpp's reference quantisers write them."""
     if type_name in KQUANT_TYPES:
         return quantize_kquant(values, type_name).reshape(-1)
+    if type_name in LEGACY_TYPES:
+        return quantize_legacy(values, type_name).reshape(-1)
     gguf = _gguf()
     out = gguf.quants.quantize(values.reshape(-1, values.shape[-1]), gguf.GGMLQuantizationType[type_name])
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
