@@ -43,7 +43,7 @@ def _adapter(path):
 @pytest.mark.parametrize("rank", [1, 2])
 def test_gguf_lora_on_the_base_equals_the_edited_float_gguf(models, tmp_path, rank):
     root, found = models
-    folder, direction, vectors = found["llama"]
+    folder, direction, _ = found["llama"]
     if rank == 2:
         direction = tmp_path / "two.safetensors"
         save_direction(direction, torch.randn(2, 32, generator=torch.Generator().manual_seed(5)),
