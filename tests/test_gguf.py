@@ -357,3 +357,24 @@ def test_control_vector_holds_coeff_times_each_layers_vector_in_llama_cpp_number
     assert "already exists" in _error("steer", "export-gguf", str(tmp_path / "vectors.safetensors"), "--layers", "1",
                                       "--coeff", "1", "--out", str(out))
     assert not (tmp_path / "zero.gguf").exists() and not (tmp_path / "single.gguf").exists()
+
+
+def test_the_header_parser_reads_what_the_gguf_library_reads(models, tmp_path):
+    """gguf/header.py steps over metadata arrays instead of decoding them: the tensors (offsets, sizes, types,
+    shapes), scalar metadata and data start it finds are the gguf library reader's."""
+    import gguf
+
+    _, found = models
+    folder, _, _ = found["qwen2_moe"]
+    tensors = gguf_tensors(folder)
+    src = write_gguf(tmp_path / "arrays.gguf", "qwen2moe", tensors, hidden=D, layers=LAYERS,
+                     types={r".*ffn_down_exps.*": "Q8_0", r".*ffn_up.*": "F16"}, extra={"note": "ünïcode"})
+    reader = gguf.GGUFReader(src)
+    want = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type.name,
+                     tuple(int(x) for x in reversed(t.shape.tolist()))) for t in reader.tensors}
+    got = read_gguf(src)
+    assert {t.name: (t.start, t.nbytes, t.type_name, t.shape) for t in got.tensors} == want
+    scalars = {n: f.contents() for n, f in reader.fields.items()
+               if f.types and f.types[0] != gguf.GGUFValueType.ARRAY and not n.startswith("GGUF.")}
+    assert got.metadata == scalars and got.metadata["note"] == "ünïcode"
+    assert got.data_start == reader.data_offset and "tokenizer.ggml.tokens" in reader.fields
