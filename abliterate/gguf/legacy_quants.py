@@ -49,9 +49,19 @@ def _fifth_bits(q: np.ndarray) -> np.ndarray:
     return np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
 
 
+SLICE_BLOCKS = 2048  # 64k values per pass: temporaries stay in cache instead of faulting in fresh pages
+
+
 def quantize_legacy(values: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 values (a multiple of 32) -> [blocks, block bytes]."""
+    """float32 values (a multiple of 32) -> [blocks, block bytes], a cache-sized slice at a time."""
     x = np.ascontiguousarray(values, F32).reshape(-1, 32)
+    out = np.empty((x.shape[0], BLOCK_BYTES[type_name]), np.uint8)
+    for start in range(0, x.shape[0], SLICE_BLOCKS):
+        out[start : start + SLICE_BLOCKS] = _quantize(x[start : start + SLICE_BLOCKS], type_name)
+    return out
+
+
+def _quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     if type_name == "Q8_0":
         d = np.abs(x).max(axis=1, keepdims=True) / F32(127)
         q = round_away(x * _inverse(d))
@@ -75,8 +85,15 @@ def quantize_legacy(values: np.ndarray, type_name: str) -> np.ndarray:
 
 
 def dequantize_legacy(raw: np.ndarray, type_name: str) -> np.ndarray:
-    """[blocks, block bytes] (or flat bytes) -> float32 [blocks, 32]."""
+    """[blocks, block bytes] (or flat bytes) -> float32 [blocks, 32], a cache-sized slice at a time."""
     raw = raw.reshape(-1, BLOCK_BYTES[type_name])
+    out = np.empty((raw.shape[0], 32), F32)
+    for start in range(0, raw.shape[0], SLICE_BLOCKS):
+        out[start : start + SLICE_BLOCKS] = _dequantize(raw[start : start + SLICE_BLOCKS], type_name)
+    return out
+
+
+def _dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
     d = raw[:, 0:2].copy().view(np.float16).astype(F32)
     if type_name == "Q8_0":
         return raw[:, 2:].view(np.int8).astype(F32) * d
