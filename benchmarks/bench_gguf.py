@@ -6,6 +6,10 @@ of the edit (every token_embd, attn_output and ffn_down tensor dequantised, proj
 again; the rest copied) and of `verify`, each process's peak RSS, and the edit's per-tensor error line.
 
     python benchmarks/bench_gguf.py [--workdir DIR] [--layers 17] [--repeat 3] [--max-memory 256MB]
+
+`--gguf FILE` times an existing GGUF instead (e.g. the real Qwen2.5-Coder-0.5B-Instruct file, a mix of
+Q5_0, Q4_K, Q6_K and Q8_0 tensors, which benchmarks/real_model.py assembles from PyPI packages), with
+a random direction of its hidden size; the load average is printed with the times.
 """
 
 from __future__ import annotations
@@ -73,20 +77,52 @@ def make_gguf(path: Path, layers: int, d: int = 2048, ff: int = 5632, vocab: int
     writer.close()
 
 
+def random_direction(out: Path, gguf_path: Path) -> None:
+    """A random unit direction of the GGUF's hidden size (child process, as make_gguf)."""
+    import numpy as np
+
+    from abliterate.gguf.format import read_gguf
+    from abliterate.io.direction_file import save_direction
+
+    src = read_gguf(gguf_path)
+    d = src.int_field(f"{src.architecture}.embedding_length")
+    save_direction(out, np.random.default_rng(1).standard_normal(d), {"model": "bench"})
+
+
+def types(path: Path) -> str:
+    """The edited tensors' types, counted (what the edit re-quantises)."""
+    from collections import Counter
+
+    from abliterate.gguf.archs import match_writer
+    from abliterate.gguf.format import read_gguf
+
+    count = Counter(t.type_name for t in read_gguf(path).tensors if match_writer(t.name))
+    return "edited: " + ", ".join(f"{n} {name}" for name, n in count.most_common())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--layers", type=int, default=17, help="17 layers of a 2048-wide Llama: 0.88 GB in Q8_0")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-memory", default="256MB")
+    parser.add_argument("--gguf", type=Path, default=None, help="time this GGUF instead of a generated one")
     parser.add_argument("--generate", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--random-direction", type=Path, nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         return make_gguf(args.generate, args.layers)
+    if args.random_direction:
+        return random_direction(*args.random_direction)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         src, direction = root / "model-Q8_0.gguf", root / "direction.safetensors"
-        subprocess.run([sys.executable, __file__, "--generate", str(src), "--layers", str(args.layers)], check=True)
+        if args.gguf:
+            src = args.gguf
+            subprocess.run([sys.executable, __file__, "--random-direction", str(direction), str(src)], check=True)
+        else:
+            subprocess.run([sys.executable, __file__, "--generate", str(src), "--layers", str(args.layers)],
+                           check=True)
         with open(src, "rb") as f:
             while f.read(64 << 20):
                 pass
@@ -105,8 +141,9 @@ def main() -> None:
                 peaks[name] = max(peaks[name], rss)
             copy.unlink()
         size = src.stat().st_size
-        print(f"GGUF {size / 1e9:.2f} GB ({args.layers} layers, Q8_0), --max-memory {args.max_memory}, "
-              f"median of {args.repeat}:")
+        what = f"{src.name}, {types(src)}" if args.gguf else f"{args.layers} layers, Q8_0"
+        print(f"GGUF {size / 1e9:.2f} GB ({what}), --max-memory {args.max_memory}, median of {args.repeat}, "
+              f"load average {os.getloadavg()[0]:.1f}:")
         for name in times:
             t = statistics.median(times[name])
             print(f"  {name:7s} {t:7.2f} s  ({t / statistics.median(times['cp']):5.1f} x cp)  "

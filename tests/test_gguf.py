@@ -292,6 +292,24 @@ def test_verify_accepts_the_edit_and_rejects_a_changed_byte(models, types):
     assert code == 1 and "FAIL output.weight should be byte-identical to the original token_embd" in printed, printed
 
 
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_0", "Q8_0"])
+def test_verify_step_covers_a_clamped_extreme_and_the_float16_scale(qtype):
+    """Q4_0/Q5_0 map the block's largest magnitude to -8/-16 and clamp the other sign at +7/+15: a value
+    there is a full step off, plus what rounding the scale to float16 adds; verify's step allows both."""
+    from abliterate.gguf.format import dequantize, quantize
+    from abliterate.gguf.verify import _quant_step
+
+    rng = np.random.default_rng(0)
+    blocks = rng.uniform(-1, 1, (4096, 32)).astype(np.float32) * rng.uniform(0.01, 1, (4096, 1)).astype(np.float32)
+    blocks[:, 0] = -np.abs(blocks).max(axis=1) * 1.01  # the extreme, and its mirror image at the clamp
+    blocks[:, 1] = -blocks[:, 0]
+    got = dequantize(quantize(blocks, qtype), qtype, blocks.shape)
+    error = np.abs(got - blocks)
+    step = _quant_step(blocks, qtype)
+    assert (error <= step).all()
+    assert (error > 0.99 * step).any() == (qtype != "Q8_0")  # the clamped value is about one step off
+
+
 def test_the_gguf_manifest_is_the_typed_edit_manifest_and_verify_reads_it_so(models):
     import json
 
@@ -339,3 +357,24 @@ def test_control_vector_holds_coeff_times_each_layers_vector_in_llama_cpp_number
     assert "already exists" in _error("steer", "export-gguf", str(tmp_path / "vectors.safetensors"), "--layers", "1",
                                       "--coeff", "1", "--out", str(out))
     assert not (tmp_path / "zero.gguf").exists() and not (tmp_path / "single.gguf").exists()
+
+
+def test_the_header_parser_reads_what_the_gguf_library_reads(models, tmp_path):
+    """gguf/header.py steps over metadata arrays instead of decoding them: the tensors (offsets, sizes, types,
+    shapes), scalar metadata and data start it finds are the gguf library reader's."""
+    import gguf
+
+    _, found = models
+    folder, _, _ = found["qwen2_moe"]
+    tensors = gguf_tensors(folder)
+    src = write_gguf(tmp_path / "arrays.gguf", "qwen2moe", tensors, hidden=D, layers=LAYERS,
+                     types={r".*ffn_down_exps.*": "Q8_0", r".*ffn_up.*": "F16"}, extra={"note": "ünïcode"})
+    reader = gguf.GGUFReader(src)
+    want = {t.name: (int(t.data_offset), int(t.n_bytes), t.tensor_type.name,
+                     tuple(int(x) for x in reversed(t.shape.tolist()))) for t in reader.tensors}
+    got = read_gguf(src)
+    assert {t.name: (t.start, t.nbytes, t.type_name, t.shape) for t in got.tensors} == want
+    scalars = {n: f.contents() for n, f in reader.fields.items()
+               if f.types and f.types[0] != gguf.GGUFValueType.ARRAY and not n.startswith("GGUF.")}
+    assert got.metadata == scalars and got.metadata["note"] == "ünïcode"
+    assert got.data_start == reader.data_offset and "tokenizer.ggml.tokens" in reader.fields

@@ -46,8 +46,10 @@ def apply(**params) -> None:
 
     CHECKPOINT may be a llama.cpp .gguf file (needs `pip install 'abliterate[gguf]'`); --out is then
     the output file. Float tensors are edited exactly as above; quantised ones are dequantised,
-    edited in float32 and quantised again (their own type where the gguf library can write it, else
-    --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
+    edited in float32 and quantised again (their own type, K-quants as llama.cpp writes them; IQ types
+    as --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
+    With --adapter, --out receives a llama.cpp LoRA adapter GGUF of the exact edit instead
+    (`llama-cli -m model.gguf --lora FILE`; --lora-scaled FILE S applies S times the edit).
     """
     from abliterate.edit.plan import edit_options
     from abliterate.errors import AbliterateError
@@ -59,8 +61,8 @@ def apply(**params) -> None:
     if not opts.adapter and (opts.ignore_biases or opts.base_model):
         raise AbliterateError("--ignore-biases and --base-model only apply with --adapter")
     gguf = opts.checkpoint.suffix.lower() == ".gguf"
-    if gguf and (opts.adapter or opts.targets or opts.recipe or opts.norm_preserve or opts.biproject):
-        raise AbliterateError("--adapter, --targets, --recipe, --norm-preserve and --biproject are not supported "
+    if gguf and (opts.targets or opts.recipe or opts.norm_preserve or opts.biproject or opts.base_model):
+        raise AbliterateError("--targets, --recipe, --norm-preserve, --biproject and --base-model are not supported "
                               "for GGUF input; pass the edit's options (--scale, --layers, --components, "
                               "--layer-scales) directly")
     ckpt = None if gguf else Checkpoint.open(opts.checkpoint)
@@ -70,7 +72,7 @@ def apply(**params) -> None:
     direction = Path(settings.direction) if settings.direction else None
     if ckpt is None:
         return _apply_gguf(opts.checkpoint, direction, opts.out, options, opts.requant, opts.max_memory,
-                           opts.overwrite, opts.quiet)
+                           opts.overwrite, opts.quiet, lora=opts.adapter, ignore_biases=opts.ignore_biases)
     if direction is None:
         raise AbliterateError("no direction: pass --direction FILE (or a --recipe naming apply.direction, as "
                               "`abliterate search` writes)")
@@ -124,8 +126,10 @@ def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
 
 
 def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, options: EditOptions, requant: str,
-                max_memory: int, overwrite: bool, quiet: bool) -> None:
-    """`apply` on a .gguf file (abliterate.gguf): the same edit, streamed into a new GGUF."""
+                max_memory: int, overwrite: bool, quiet: bool, *, lora: bool = False,
+                ignore_biases: bool = False) -> None:
+    """`apply` on a .gguf file (abliterate.gguf): the same edit, streamed into a new GGUF, or with --adapter
+    written as a llama.cpp LoRA adapter GGUF (gguf/lora.py)."""
     from abliterate.errors import AbliterateError
     from abliterate.gguf.edit import apply_gguf, summarise
     from abliterate.gguf.format import read_gguf
@@ -136,6 +140,14 @@ def _apply_gguf(checkpoint: Path, direction_path: Path | None, out: Path, option
         raise AbliterateError("no direction: pass --direction FILE (a direction file from `abliterate extract`)")
     plan = plan_gguf(read_gguf(checkpoint), options, requant)
     direction = load_direction(direction_path, hidden_size=plan.hidden_size, num_layers=plan.num_layers)
+    if lora:
+        from abliterate.gguf.lora import describe, write_gguf_lora
+
+        written = write_gguf_lora(plan, direction, out, ignore_biases=ignore_biases, overwrite=overwrite,
+                                  max_memory=max_memory)
+        for note in written.notes:
+            click.echo(f"note: {note}", err=True)
+        return click.echo(describe(written))
     result = apply_gguf(plan, direction, out, overwrite=overwrite, max_memory=max_memory, quiet=quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)

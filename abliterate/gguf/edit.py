@@ -36,6 +36,7 @@ from abliterate.options.command import recorded_command
 MANIFEST_SUFFIX = ".abliterate.json"
 # gguf's quantisers hold a few float32 temporaries of a chunk: quantised tensors get a smaller chunk
 QUANT_BUDGET_DIVISOR = 4
+ERROR_SLICE = 1 << 16  # values per pass of the error statistics
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,15 @@ def _write_quantised(src_fd: int, dst_fd: int, edit: GgufEdit, r: np.ndarray, ds
     for chunk, values in quantised_chunks(src_fd, edit, r, budget):
         raw = quantize(values, edit.out_type)
         pwrite_all(dst_fd, memoryview(raw), dst + chunk.first // block * block_bytes)
-        error = dequantize(raw, edit.out_type, values.shape) - values
-        err_sq += float(np.square(error, dtype=np.float64).sum())
-        norm_sq += float(np.square(values, dtype=np.float64).sum())
-        worst = max(worst, float(np.abs(error).max(initial=0.0)))
+        flat = values.reshape(-1)
+        step = ERROR_SLICE // block * block  # cache-sized slices, whole blocks
+        for first in range(0, flat.size, step):
+            part = flat[first : first + step]
+            stored = raw[first // block * block_bytes : (first + part.size) // block * block_bytes]
+            error = dequantize(stored, edit.out_type, part.shape) - part
+            err_sq += float(np.dot(error, error))  # float32 dot products (BLAS): a printed statistic
+            norm_sq += float(np.dot(part, part))
+            worst = max(worst, float(error.max(initial=0.0)), -float(error.min(initial=0.0)))
     return QuantError(edit.tensor.name, edit.out_type, math.sqrt(err_sq / norm_sq) if norm_sq else 0.0, worst)
 
 

@@ -1,8 +1,9 @@
 """A GGUF file without loading it: what the `gguf` library parses, plus the few bytes streaming needs.
 
-The `gguf` library (maintained with llama.cpp) parses the header: metadata, tensor infos, alignment.
-Its reader maps the file, but nothing here touches tensor data through that map: tensor bytes are
-read with `pread` in chunks, so memory stays bounded by one chunk (mapped pages would count in RSS).
+The header (scalar metadata, tensor infos, alignment) is parsed by header.py, which steps over the
+metadata arrays (the gguf library's reader decodes each of a tokenizer's 150k entries); the gguf
+library names the types and their block sizes. Tensor bytes are read with `pread` in chunks, so
+memory stays bounded by one chunk.
 
 To write an edited file the header is rebuilt from the input's own bytes: the metadata (key/value)
 section is copied verbatim, and the tensor infos are re-encoded (name, dimensions, type, offset),
@@ -20,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from abliterate.errors import AbliterateError, first_line
+from abliterate.gguf.header import HeaderError, parse_header
 from abliterate.gguf.kquants import KQUANT_TYPES, dequantize_kquant, quantize_kquant
+from abliterate.gguf.legacy_quants import LEGACY_TYPES, dequantize_legacy, quantize_legacy
 
 GGUF_MAGIC = b"GGUF"
 PREFIX = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
@@ -97,32 +100,30 @@ def read_gguf(path: str | Path) -> GgufFile:
         raise AbliterateError(f"{path} is a big-endian GGUF; abliterate edits little-endian GGUFs only")
     gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:
+        header = parse_header(path)
+    except (HeaderError, ValueError, OSError) as e:
         raise AbliterateError(f"{path} is not a readable GGUF file ({first_line(e)}); it may be truncated: "
                               "download or convert it again") from None
     size = path.stat().st_size
-    tensors = tuple(
-        GgufTensor(t.name, t.tensor_type.name, int(t.tensor_type), tuple(int(x) for x in reversed(t.shape.tolist())),
-                   int(t.data_offset), int(t.n_bytes), int(t.field.offset))
-        for t in reader.tensors
-    )
-    end = max((t.end for t in tensors), default=reader.data_offset)
+    tensors = []
+    for info in header.tensors:
+        if info.type_id not in gguf.GGMLQuantizationType._value2member_map_:
+            raise AbliterateError(f"{path}: tensor {info.name} has GGML type {info.type_id}, which this gguf "
+                                  "package does not know; upgrade it (pip install -U gguf)")
+        qtype = gguf.GGMLQuantizationType(info.type_id)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        numel = math.prod(info.dims)
+        tensors.append(GgufTensor(info.name, qtype.name, info.type_id, tuple(reversed(info.dims)),
+                                  header.data_start + info.offset, numel // block * block_bytes, info.info_offset))
+    end = max((t.end for t in tensors), default=header.data_start)
     if end > size:
         raise AbliterateError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; download "
                               "or convert it again")
-    meta_end = tensors[0].info_offset if tensors else PREFIX
     with open(path, "rb") as f:
         f.seek(PREFIX)
-        metadata_bytes = f.read(meta_end - PREFIX)
-    metadata = {}
-    for name, field in reader.fields.items():
-        if field.types and field.types[0] != gguf.GGUFValueType.ARRAY and not name.startswith("GGUF."):
-            metadata[name] = field.contents()
-    version, _, kv_count = struct.unpack("<IQQ", head[4:PREFIX])
-    data_start, alignment = int(reader.data_offset), int(reader.alignment)
-    del reader  # drop the map before any data is read
-    return GgufFile(path, version, kv_count, alignment, data_start, metadata_bytes, metadata, tensors, size)
+        metadata_bytes = f.read(header.metadata_end - PREFIX)
+    return GgufFile(path, header.version, header.kv_count, header.alignment, header.data_start, metadata_bytes,
+                    header.metadata, tuple(tensors), size)
 
 
 def align(n: int, alignment: int) -> int:
@@ -163,6 +164,8 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
     """Raw bytes of whole rows -> float32 values of `shape`."""
     if type_name in KQUANT_TYPES:
         return dequantize_kquant(raw, type_name).reshape(shape)
+    if type_name in LEGACY_TYPES:
+        return dequantize_legacy(raw, type_name).reshape(shape)
     gguf = _gguf()
     values = gguf.quants.dequantize(raw.reshape(-1, raw.size // math.prod(shape[:-1] or (1,))),
                                     gguf.GGMLQuantizationType[type_name])
@@ -174,6 +177,8 @@ def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
     K-quants are written by kquants.py as llama.cpp's reference quantisers write them."""
     if type_name in KQUANT_TYPES:
         return quantize_kquant(values, type_name).reshape(-1)
+    if type_name in LEGACY_TYPES:
+        return quantize_legacy(values, type_name).reshape(-1)
     gguf = _gguf()
     out = gguf.quants.quantize(values.reshape(-1, values.shape[-1]), gguf.GGMLQuantizationType[type_name])
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)

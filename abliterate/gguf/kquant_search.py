@@ -47,23 +47,38 @@ def search_min_scale(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         levels = np.clip(nearest(iscale * (x - lo)), 0, nmax)
         best = _error(scale * levels + lo - x, w, use_mad)
         the_min = lo  # each trial starts from the best fit's min so far, as the reference's does
+        trial, wl, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # reused: no allocation per trial
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - the_min)
-            trial = np.clip(nearest(iscale * (x - the_min)), 0, nmax)
-            wl = w * trial
-            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * trial), seq_sum(wl * x)
+            np.subtract(x, the_min, out=trial)
+            trial *= iscale
+            np.rint(trial, out=trial)
+            np.clip(trial, F32(0.0), F32(nmax), out=trial)
+            np.multiply(w, trial, out=wl)
+            sum_l = seq_sum(wl)
+            sum_l2 = seq_sum(np.multiply(wl, trial, out=tmp))
+            sum_xl = seq_sum(np.multiply(wl, x, out=tmp))
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F32(0.0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            error = _error(this_scale * trial + this_min - x, w, use_mad)
+            np.multiply(trial, this_scale, out=tmp)  # this_scale * l + this_min - x, in the reference's order
+            tmp += this_min
+            tmp -= x
+            if use_mad:
+                np.abs(tmp, out=tmp)
+            else:
+                tmp *= tmp
+            tmp *= w
+            error = seq_sum(tmp)
             better = (det > 0) & (error < best)
-            levels = np.where(better, trial, levels)
-            best = np.where(better, error, best)
-            scale = np.where(better, this_scale, scale)
-            the_min = np.where(better, this_min, the_min)
+            if better.any():
+                np.copyto(levels, trial, where=better)
+                best = np.where(better, error, best)
+                scale = np.where(better, this_scale, scale)
+                the_min = np.where(better, this_min, the_min)
         return np.where(flat, F32(0.0), scale), -the_min, np.where(flat, F32(0.0), levels)
 
 

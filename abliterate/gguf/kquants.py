@@ -9,6 +9,10 @@ block layouts are ggml's (ggml-common.h): scales are float16, sub-block scales p
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from abliterate.gguf.kquant_search import (
@@ -188,10 +192,30 @@ QUANTIZERS = {"Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_
               "Q6_K": quantize_q6_k}
 
 
+SLICE_BLOCKS = 512  # the searches' temporaries per slice: about 15 arrays of 512 KB, cache-sized
+
+
 def quantize_kquant(values: np.ndarray, type_name: str) -> np.ndarray:
-    """float32 values (a multiple of 256) -> the type's blocks as bytes, [blocks, block bytes]."""
+    """float32 values (a multiple of 256) -> the type's blocks as bytes, [blocks, block bytes]: slices
+    of SLICE_BLOCKS blocks, on as many threads as there are cores (numpy releases the GIL in its loops)."""
     x = np.ascontiguousarray(values, np.float32).reshape(-1, QK_K)
-    return QUANTIZERS[type_name](x)
+    out = np.empty((x.shape[0], BLOCK_BYTES[type_name]), np.uint8)
+
+    def one(start: int) -> None:
+        out[start : start + SLICE_BLOCKS] = QUANTIZERS[type_name](x[start : start + SLICE_BLOCKS])
+
+    starts = range(0, x.shape[0], SLICE_BLOCKS)
+    if len(starts) == 1:
+        one(0)
+    else:
+        list(_pool().map(one, starts))
+    return out
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="kquant")
 
 
 def _affine_steps(raw: np.ndarray, nsub: int, head: int) -> tuple[np.ndarray, np.ndarray]:

@@ -274,7 +274,8 @@ def _quant_step(values: np.ndarray, type_name: str) -> np.ndarray:
         spread = np.abs(values).max(axis=1, keepdims=True)
     else:
         spread = values.max(axis=1, keepdims=True) - values.min(axis=1, keepdims=True)
-    return spread / levels * (1 + 2.0**-9) + TINY["F32"]  # the block scale is stored as float16
+    # the block scale is stored as float16: a value at level q moves by up to q x 2^-11 of a step more
+    return spread / levels * (1 + levels * 2.0**-11) + TINY["F32"]
 
 
 def _kquant_step(raw: np.ndarray, values: np.ndarray, type_name: str) -> np.ndarray:

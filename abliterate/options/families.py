@@ -182,7 +182,8 @@ class ApplyOptions:
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bar.")
     adapter: bool = option("--adapter", is_flag=True, help="Write a peft LoRA adapter (rank 1 per "
                            "edited module) to --out instead of a checkpoint; PeftModel(base, adapter) computes what "
-                           "the edited checkpoint computes.")
+                           "the edited checkpoint computes. For a .gguf model: a llama.cpp LoRA adapter GGUF "
+                           "(llama-cli --lora FILE).")
     ignore_biases: bool = option("--ignore-biases", is_flag=True, help="With --adapter: leave biases "
                                  "unedited (a pure LoRA adapter; otherwise edited biases are carried with peft's "
                                  "bias='lora_only').")
