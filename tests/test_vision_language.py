@@ -20,7 +20,15 @@ from tests.families import EFFECT_FLOOR, LOGIT_TOLERANCE, ablation_hooks, save_s
 from tests.test_apply import folder_hashes, run_cli
 from tests.test_arch_table import listed_after, readme_section, residual_response
 from tests.test_merge import merge, same_files
-from tests.vl_families import IDS, VL_FAMILIES, VL_NAMES, build_vl_model, load_vl, vl_written_direction
+from tests.vl_families import (
+    IDS,
+    VL_FAMILIES,
+    VL_NAMES,
+    build_vl_model,
+    load_vl,
+    present_hook_paths,
+    vl_written_direction,
+)
 
 
 @pytest.fixture(scope="module", params=VL_NAMES)
@@ -57,9 +65,7 @@ def raw_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_edited_language_model_equals_the_original_under_ablation_hooks(vl):
     family, _, original, edited, _, r = vl
     base = load_vl(original)
-    layers = base.config.get_text_config().num_hidden_layers
-    paths = [h.replace("{L}", str(i)) for h in family.hooks for i in (range(layers) if "{L}" in h else [None])]
-    hooks = ablation_hooks(base, paths, r)
+    hooks = ablation_hooks(base, present_hook_paths(base, family), r)
     expected = logits(base)
     for h in hooks:
         h.remove()
@@ -142,14 +148,16 @@ def test_table_classifies_the_language_models_block_outputs_as_its_code_computes
     """test_arch_table's behavioural check on the language model inside the vision-language model."""
     family = VL_FAMILIES[name]
     model = build_vl_model(family)
-    writers = [h.replace("{L}", "0") for h in family.hooks if "{L}" in h]
+    paths = [p for p in present_hook_paths(model, family) if ".layers." in p]
     linear = []
-    for w in writers:
-        y, delta = residual_response(model, "model.language_model.layers.0", writers, w)
-        c = (delta * y).sum() / (y * y).sum()
-        linear.append(bool((delta - c * y).norm() <= 1e-5 * y.norm() and abs(c - 1) < 1e-4))
+    for layer in range(model.config.get_text_config().num_hidden_layers):
+        writers = [p for p in paths if f".layers.{layer}." in p]
+        for w in writers:
+            y, delta = residual_response(model, f"model.language_model.layers.{layer}", writers, w)
+            c = (delta * y).sum() / (y * y).sum()
+            linear.append(bool((delta - c * y).norm() <= 1e-5 * y.norm() and abs(c - 1) < 1e-4))
     arch = arch_for_config({"model_type": name})
-    assert linear == [not arch.normalised_block_outputs] * len(writers)
+    assert linear == [not arch.normalised_block_outputs] * len(paths)
 
 
 def test_readme_lists_the_tested_vision_language_types():
