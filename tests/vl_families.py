@@ -34,6 +34,8 @@ class VLFamily:
     tied: bool = False
     # on-disk prefixes of the vision tower and projector: every tensor under them must stay byte-identical
     vision_prefixes: tuple[str, ...] = ("vision_tower.", "multi_modal_projector.")
+    # False: experts fused on disk in a layout peft's adapter cannot name (refused in one line)
+    adapter: bool = True
 
 
 VL_FAMILIES: dict[str, VLFamily] = {f.model_type: f for f in [
@@ -52,12 +54,24 @@ VL_FAMILIES: dict[str, VLFamily] = {f.model_type: f for f in [
              dict(QWEN_VISION), dict(MARKERS, image_start_token_id=91, image_end_token_id=90,
                                      video_start_token_id=89, video_end_token_id=88, tie_word_embeddings=False),
              vision_prefixes=("model.visual.",)),
+    VLFamily("kimi_k25", dict(TEXT, num_key_value_heads=4, n_routed_experts=3, num_experts_per_tok=2,
+                              moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                              q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1,
+                              topk_group=1, rope_scaling=None),
+             dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, pos_emb_height=4,
+                  pos_emb_width=4),
+             dict(media_placeholder_token_id=95, tie_word_embeddings=False),
+             vision_prefixes=("vision_tower.", "mm_projector.", "model.mm_projector.")),
     VLFamily("lfm2_vl", dict(TEXT, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
              dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_patches=16),
              dict(image_token_id=95, projector_hidden_size=24, downsample_factor=2, tie_word_embeddings=True),
              hooks=(f"{LM}.embed_tokens", f"{LM}.layers.{{L}}.self_attn.out_proj", f"{LM}.layers.{{L}}.conv.out_proj",
                     f"{LM}.layers.{{L}}.feed_forward.w2"), tied=True,
              vision_prefixes=("model.vision_tower.", "model.multi_modal_projector.")),
+    VLFamily("qwen3_vl_moe", dict(TEXT, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=8,
+                                  rope_parameters=dict(MROPE, mrope_interleaved=True)),
+             dict(QWEN_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16),
+             dict(MARKERS, tie_word_embeddings=False), vision_prefixes=("model.visual.",), adapter=False),
     VLFamily("qwen3_vl", dict(TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                          mrope_section=[1, 1, 2], mrope_interleaved=True)),
              dict(QWEN_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16),

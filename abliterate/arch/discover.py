@@ -47,9 +47,9 @@ class Group:
 
 def discovered_arch(config: dict, report: bool = True) -> Arch:
     """The family found on a tiny instance of `config`'s model, or an AbliterateError with the --arch route
-    (cached per config; a config holding only a model_type gets the last result for that type)."""
+    (cached per config, and the last success per model_type for `earlier_discovery`)."""
     model_type = config.get("model_type")
-    key = json.dumps(config, sort_keys=True, default=str) if len(config) > 1 else str(model_type)
+    key = json.dumps(config, sort_keys=True, default=str)
     if key not in _CACHE:
         try:
             try:
@@ -70,6 +70,12 @@ def discovered_arch(config: dict, report: bool = True) -> Arch:
     if isinstance(found, AbliterateError):
         raise found
     return found
+
+
+def earlier_discovery(model_type: str) -> Arch | None:
+    """The family discovered earlier in this process for `model_type`, if any (never discovers)."""
+    found = _CACHE.get(str(model_type))
+    return found if isinstance(found, Arch) else None
 
 
 def _line(e: Exception) -> str:

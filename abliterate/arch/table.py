@@ -72,9 +72,11 @@ def arch_for_config(config: dict) -> Arch:
         raise AbliterateError(f"the --arch family {_EXTRA[-1].name!r} covers model_type(s) {covered}, not "
                               f"{model_type!r}; add it to the file's model_types")
     if arch is None and model_type and _known_to_transformers(model_type):
-        from abliterate.arch.discover import discovered_arch
+        from abliterate.arch.discover import discovered_arch, earlier_discovery
 
-        return discovered_arch(config)
+        if len(config) > 1:  # a checkpoint's config: discovery builds its tiny instance from it
+            return discovered_arch(config)
+        arch = earlier_discovery(model_type)  # a lookup by model_type alone (expert layouts) gets what was found
     if arch is None:
         archs = ", ".join(config.get("architectures") or []) or "none listed"
         raise AbliterateError(
