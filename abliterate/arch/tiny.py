@@ -83,11 +83,16 @@ def _layers_needed(config: dict, total: int) -> int:
 
 def model_class(config: Any):
     """The auto class transformers loads this config's checkpoint with: the causal LM's, or for a vision-language
-    model whose type has none the image-text-to-text one (its ForConditionalGeneration)."""
+    model whose type has none, or that was saved as one (Llama 4 has a text class too), the image-text-to-text one
+    (its ForConditionalGeneration)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in \
-            AutoModelForImageTextToText._model_mapping:
+    if type(config) not in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForCausalLM
+    saved_as = set(getattr(config, "architectures", None) or [])
+    if type(config) not in AutoModelForCausalLM._model_mapping or saved_as & set(
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()):
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 
@@ -100,7 +105,6 @@ def tiny_model(config: dict):
 
     model_type = config.get("model_type")
     small = shrunk_config(config)
-    small.pop("architectures", None)
     try:
         cfg = AutoConfig.for_model(model_type, **{k: v for k, v in small.items() if k != "model_type"})
         cfg._experts_implementation = "eager"  # float64 (the grouped kernels take 16/32-bit floats only)

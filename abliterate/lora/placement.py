@@ -20,7 +20,7 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.lora.adapter_file import AdapterFile, LoraSettings
-from abliterate.lora.experts import ExpertParam, expert_layout
+from abliterate.lora.experts import ExpertParam, expert_layout, experts_model_type
 from abliterate.lora.peft_format import ADAPTER_CONFIG, PEFT_PREFIX
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.(?P<what>lora_A\.weight|lora_B\.weight|"
@@ -52,7 +52,7 @@ class MergeTarget:
 
 def place_entries(ckpt: Checkpoint, settings: LoraSettings, weights: AdapterFile) -> dict[str, MergeTarget]:
     """Checkpoint tensor -> what to do with it, for every entry of the adapter; refuses any entry it cannot place."""
-    model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
+    model_type = experts_model_type(ckpt)
     targets: dict[str, MergeTarget] = {}
     pairs: dict[tuple[str, str], dict[str, str]] = {}
     for key in weights.infos:
