@@ -116,3 +116,18 @@ def test_a_family_that_normalises_its_block_outputs_is_refused_in_one_line(tmp_p
     assert code != 0 and not (tmp_path / "edited").exists()
     line = out.strip()
     assert "\n" not in line and "gemma2" in line and "--arch FILE" in line and "normalise" in line, out
+
+
+@pytest.mark.parametrize("model_type", ["gemma3n", "gemma4", "gemma4_unified", "mistral4"])
+def test_types_neither_listed_nor_discoverable_are_refused_in_one_line(model_type):
+    """Gemma 3n (parallel AltUp streams) and Gemma 4 (per-layer configs) cannot be built small from their configs,
+    Mistral 4's tiny instance does not run: each is one line naming the type and the --arch route."""
+    from abliterate.arch.table import arch_for_config, supported_model_types
+    from abliterate.errors import AbliterateError
+
+    if model_type in supported_model_types():
+        pytest.skip(f"{model_type} is in a family file now")
+    with pytest.raises(AbliterateError) as refused:
+        arch_for_config(AutoConfig.for_model(model_type).to_dict())
+    message = str(refused.value)
+    assert "\n" not in message and model_type in message and "--arch FILE" in message
