@@ -172,3 +172,31 @@ def test_table_classifies_the_language_models_block_outputs_as_its_code_computes
 def test_readme_lists_the_tested_vision_language_types():
     section = readme_section("Supported families")
     assert sorted(listed_after(section, "Vision-language")) == VL_NAMES
+
+
+def test_experts_stored_transposed_as_released_are_edited_along_the_hidden_axis(tmp_path):
+    """Qwen3-VL-MoE releases store fused experts [E, in, out] (transformers transposes them on loading), while
+    transformers writes [E, out, in]: `hidden_axis: auto` reads the axis from the shape, and the edit stays exact."""
+    from safetensors.torch import load_file, save_file
+
+    family = VL_FAMILIES["qwen3_vl_moe"]
+    model = build_vl_model(family)
+    original = save_sharded(model, tmp_path / "original")
+    for shard in original.glob("model*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in tensors.items()},
+                  shard, metadata={"format": "pt"})
+    released = load_vl(original)
+    assert released.model.language_model.layers[0].mlp.experts.down_proj.shape == (3, 32, 8)
+    assert (logits(released) - logits(model)).abs().max().item() <= LOGIT_TOLERANCE, "transformers transposes back"
+    r = vl_written_direction(model)
+    save_direction(tmp_path / "dir.safetensors", r, {"model": "tiny", "layer": 1, "position": -1})
+    code, out = run_cli("apply", str(original), "--direction", str(tmp_path / "dir.safetensors"), "--out",
+                        str(tmp_path / "edited"), "-q")
+    assert code == 0, out
+    hooks = ablation_hooks(released, present_hook_paths(released, family), r / r.norm())
+    expected = logits(released)
+    for h in hooks:
+        h.remove()
+    assert (expected - logits(released)).abs().max() >= EFFECT_FLOOR
+    assert (logits(load_vl(tmp_path / "edited")) - expected).abs().max().item() <= LOGIT_TOLERANCE
