@@ -21,7 +21,15 @@ from tests.families import EFFECT_FLOOR, LOGIT_TOLERANCE, ablation_hooks, save_s
 from tests.test_apply import folder_hashes, run_cli
 from tests.test_arch_table import listed_after, residual_response
 from tests.test_merge import merge, same_files
-from tests.vl_families import IDS, VL_FAMILIES, VL_NAMES, build_vl_model, load_vl, vl_written_direction
+from tests.vl_families import (
+    IDS,
+    VL_FAMILIES,
+    VL_NAMES,
+    build_vl_model,
+    load_vl,
+    present_hook_paths,
+    vl_written_direction,
+)
 
 
 @pytest.fixture(scope="module", params=VL_NAMES)
@@ -37,6 +45,10 @@ def vl(request, tmp_path_factory):
     for out, extra in (("edited", ()), ("adapter", ("--adapter",))):
         code, output = run_cli("apply", str(original), "--direction", str(root / "dir.safetensors"),
                                "--out", str(root / out), "-q", *extra)
+        if out == "adapter" and not family.adapter:
+            lines = output.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and "cannot write" in lines[0], output
+            continue
         assert code == 0, output
     assert folder_hashes(original) == before, "the input checkpoint was modified"
     return family, root, original, root / "edited", root / "adapter", r / r.norm()
@@ -58,9 +70,7 @@ def raw_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_edited_language_model_equals_the_original_under_ablation_hooks(vl):
     family, _, original, edited, _, r = vl
     base = load_vl(original)
-    layers = base.config.get_text_config().num_hidden_layers
-    paths = [h.replace("{L}", str(i)) for h in family.hooks for i in (range(layers) if "{L}" in h else [None])]
-    hooks = ablation_hooks(base, paths, r)
+    hooks = ablation_hooks(base, present_hook_paths(base, family), r)
     expected = logits(base)
     for h in hooks:
         h.remove()
@@ -84,10 +94,12 @@ def test_vision_tower_and_projector_are_byte_identical_and_only_language_writers
 
 
 def test_adapter_targets_only_the_language_model_and_equals_the_weights(vl):
-    _, _, original, edited, adapter, _ = vl
+    family, _, original, edited, adapter, _ = vl
+    if not family.adapter:
+        pytest.skip("refused in one line by the fixture: experts fused on disk")
     config = json.loads((adapter / "adapter_config.json").read_text())
     targets = (config["target_modules"] or []) + (config["target_parameters"] or [])
-    assert targets and all(t.startswith("model.language_model.") for t in targets), targets
+    assert targets and all(t.startswith(("model.language_model.", "language_model.model.")) for t in targets), targets
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(load_vl(original), str(adapter)).eval()
@@ -98,10 +110,12 @@ def test_adapter_targets_only_the_language_model_and_equals_the_weights(vl):
 
 
 def test_merging_the_adapter_writes_what_apply_writes_and_verify_passes(vl):
-    _, root, original, edited, adapter, _ = vl
-    merged = merge(original, adapter, root / "merged")
-    assert same_files(edited, merged) == []
-    for folder in (edited, merged):
+    family, root, original, edited, adapter, _ = vl
+    folders = [edited]
+    if family.adapter:
+        folders.append(merge(original, adapter, root / "merged"))
+        assert same_files(edited, folders[1]) == []
+    for folder in folders:
         code, out = run_cli("verify", str(original), str(folder))
         assert code == 0 and "OK" in out, out
 
@@ -143,16 +157,47 @@ def test_table_classifies_the_language_models_block_outputs_as_its_code_computes
     """test_arch_table's behavioural check on the language model inside the vision-language model."""
     family = VL_FAMILIES[name]
     model = build_vl_model(family)
-    writers = [h.replace("{L}", "0") for h in family.hooks if "{L}" in h]
+    paths = [p for p in present_hook_paths(model, family) if ".layers." in p]
     linear = []
-    for w in writers:
-        y, delta = residual_response(model, "model.language_model.layers.0", writers, w)
-        c = (delta * y).sum() / (y * y).sum()
-        linear.append(bool((delta - c * y).norm() <= 1e-5 * y.norm() and abs(c - 1) < 1e-4))
+    for layer in range(model.config.get_text_config().num_hidden_layers):
+        writers = [p for p in paths if f".layers.{layer}." in p]
+        for w in writers:
+            y, delta = residual_response(model, writers[0].split(f".{layer}.")[0] + f".{layer}", writers, w)
+            y = y.reshape(delta.shape)  # Llama 4's MoE block returns [tokens, d]
+            c = (delta * y).sum() / (y * y).sum()
+            linear.append(bool((delta - c * y).norm() <= 1e-5 * y.norm() and abs(c - 1) < 1e-4))
     arch = arch_for_config({"model_type": name})
-    assert linear == [not arch.normalised_block_outputs] * len(writers)
+    assert linear == [not arch.normalised_block_outputs] * len(paths)
 
 
 def test_docs_list_the_tested_vision_language_types():
     section = text("families")
     assert sorted(listed_after(section, "Vision-language")) == VL_NAMES
+
+
+def test_experts_stored_transposed_as_released_are_edited_along_the_hidden_axis(tmp_path):
+    """Qwen3-VL-MoE releases store fused experts [E, in, out] (transformers transposes them on loading), while
+    transformers writes [E, out, in]: `hidden_axis: auto` reads the axis from the shape, and the edit stays exact."""
+    from safetensors.torch import load_file, save_file
+
+    family = VL_FAMILIES["qwen3_vl_moe"]
+    model = build_vl_model(family)
+    original = save_sharded(model, tmp_path / "original")
+    for shard in original.glob("model*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v for k, v in tensors.items()},
+                  shard, metadata={"format": "pt"})
+    released = load_vl(original)
+    assert released.model.language_model.layers[0].mlp.experts.down_proj.shape == (3, 32, 8)
+    assert (logits(released) - logits(model)).abs().max().item() <= LOGIT_TOLERANCE, "transformers transposes back"
+    r = vl_written_direction(model)
+    save_direction(tmp_path / "dir.safetensors", r, {"model": "tiny", "layer": 1, "position": -1})
+    code, out = run_cli("apply", str(original), "--direction", str(tmp_path / "dir.safetensors"), "--out",
+                        str(tmp_path / "edited"), "-q")
+    assert code == 0, out
+    hooks = ablation_hooks(released, present_hook_paths(released, family), r / r.norm())
+    expected = logits(released)
+    for h in hooks:
+        h.remove()
+    assert (expected - logits(released)).abs().max() >= EFFECT_FLOOR
+    assert (logits(load_vl(tmp_path / "edited")) - expected).abs().max().item() <= LOGIT_TOLERANCE

@@ -37,7 +37,8 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
 In `tensor`, `{layer}` stands for the decoder layer index and `{n}` for any index (an expert's); the rest
 is literal. Kinds: `linear` (nn.Linear prefix: `.weight` [d, in] and `.bias` [d]), `conv1d` (GPT-2's
 Conv1D prefix: `.weight` [in, d] and `.bias` [d]), `embedding` (an exact name, [vocab, d]), and `tensor`
-(an exact name with `hidden_axis`: -2 when d is the second-to-last axis, -1 when it is the last).
+(an exact name with `hidden_axis`: -2 when d is the second-to-last axis, -1 when it is the last, auto when checkpoints
+store it either way, as fused experts that transformers transposes on loading when needed).
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ def _prefixes(entries: Any, source: str) -> tuple[tuple[str, tuple[str, ...]], .
 def _forms(entry: Any, prefixes: tuple[tuple[str, tuple[str, ...]], ...]) -> list[Any]:
     """A writer in memory form and, under a checkpoint prefix, in each on-disk form."""
     tensor = entry.get("tensor") if isinstance(entry, dict) else None
+    forms = [entry]
     for memory, disks in prefixes:
         if isinstance(tensor, str) and tensor.startswith(memory):
-            return [entry] + [dict(entry, tensor=disk + tensor[len(memory):]) for disk in disks]
-    return [entry]
+            forms += [dict(entry, tensor=disk + tensor[len(memory):]) for disk in disks]
+    return forms
 
 
 def _is_name(value: Any) -> bool:
@@ -166,14 +168,14 @@ def _writers(entry: Any, where: str) -> tuple[Writer, ...]:
         raise AbliterateError(f"{where}: {name!r}: attn and mlp writers name their layer with {{layer}}, "
                               "embeddings do not")
     axis = entry.get("hidden_axis")
-    if (kind == "tensor") != (axis is not None) or axis not in (None, -1, -2):
-        raise AbliterateError(f"{where}: kind tensor needs hidden_axis -2 ([..., d, in]) or -1 ([..., d]); "
-                              "the other kinds imply it")
+    if (kind == "tensor") != (axis is not None) or axis not in (None, -1, -2, "auto"):
+        raise AbliterateError(f"{where}: kind tensor needs hidden_axis -2 ([..., d, in]), -1 ([..., d]) or auto "
+                              "(the axis of size d, refused when both are); the other kinds imply it")
     if kind == "linear":
         return Writer(pattern + r"\.weight", component, -2), Writer(pattern + r"\.bias", component, -1)
     if kind == "conv1d":
         return Writer(pattern + r"\.weight", component, -1), Writer(pattern + r"\.bias", component, -1)
-    return (Writer(pattern, component, -1 if kind == "embedding" else axis),)
+    return (Writer(pattern, component, -1 if kind == "embedding" else None if axis == "auto" else axis),)
 
 
 def _pattern(name: str, where: str) -> str:

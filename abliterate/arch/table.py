@@ -60,7 +60,8 @@ def using_arch(path: str | Path | None) -> Iterator[Arch | None]:
 
 
 def arch_for_config(config: dict) -> Arch:
-    """The writer table for a config.json, or a clear error telling the user how to proceed."""
+    """The writer table for a config.json, or a clear error telling the user how to proceed. A model_type in no
+    family file that transformers knows gets its writers discovered on a tiny instance of its config (discover.py)."""
     model_type = config.get("model_type")
     for extra in reversed(_EXTRA):
         if model_type in extra.model_types:
@@ -70,6 +71,12 @@ def arch_for_config(config: dict) -> Arch:
         covered = ", ".join(_EXTRA[-1].model_types)
         raise AbliterateError(f"the --arch family {_EXTRA[-1].name!r} covers model_type(s) {covered}, not "
                               f"{model_type!r}; add it to the file's model_types")
+    if arch is None and model_type and _known_to_transformers(model_type):
+        from abliterate.arch.discover import discovered_arch, earlier_discovery
+
+        if len(config) > 1:  # a checkpoint's config: discovery builds its tiny instance from it
+            return discovered_arch(config)
+        arch = earlier_discovery(model_type)  # a lookup by model_type alone (expert layouts) gets what was found
     if arch is None:
         archs = ", ".join(config.get("architectures") or []) or "none listed"
         raise AbliterateError(
@@ -78,6 +85,13 @@ def arch_for_config(config: dict) -> Arch:
             "'Adding a model family'), or pass --targets REGEX naming the tensors that write into the residual stream"
         )
     return arch
+
+
+def _known_to_transformers(model_type: str) -> bool:
+    """Whether transformers has a config class for the type, its own or registered (discovery builds from it)."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
 
 
 def supported_model_types() -> list[str]:

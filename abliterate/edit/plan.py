@@ -197,7 +197,12 @@ def _check_options(options: EditOptions, num_layers: int) -> None:
 
 
 def _infer_axis(info: TensorInfo, d: int) -> int:
-    """For --targets: nn.Linear [d, in] unless only the last axis is d (embeddings, Conv1D, biases)."""
+    """For --targets and `hidden_axis: auto`: nn.Linear [d, in] unless only the last axis is d (embeddings, Conv1D,
+    biases); a stack of matrices [n, d, d] could be either and is refused."""
+    if len(info.shape) >= 3 and info.shape[-2] == info.shape[-1] == d:
+        raise AbliterateError(f"{info.name} has shape {list(info.shape)}: both of its last axes have the hidden size "
+                              f"{d}, so which one it writes along cannot be told from the shape; name it in a family "
+                              "file with its hidden_axis (--arch FILE)")
     if len(info.shape) >= 2 and info.shape[-2] == d:
         return -2
     if info.shape and info.shape[-1] == d:

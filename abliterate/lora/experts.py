@@ -14,7 +14,7 @@ from abliterate.arch.table import arch_for_config
 from abliterate.arch.writers import ExpertParam
 from abliterate.errors import AbliterateError
 
-__all__ = ["PEFT_RENAMED_LEAVES", "expert_layout", "expert_param_for_disk", "looks_like_expert"]
+__all__ = ["PEFT_RENAMED_LEAVES", "expert_layout", "expert_param_for_disk", "experts_model_type", "looks_like_expert"]
 
 
 def expert_layout(model_type: str | None) -> tuple[ExpertParam, ...]:
@@ -24,6 +24,15 @@ def expert_layout(model_type: str | None) -> tuple[ExpertParam, ...]:
         return arch_for_config({"model_type": model_type}).experts_for(model_type)
     except AbliterateError:
         return ()
+
+
+def experts_model_type(ckpt) -> str | None:
+    """The model_type whose expert layout applies: a vision-language checkpoint's own when its family lists one
+    (GLM-4.5V), else its language model's (Kimi K2.5's DeepSeek-V3); for a text model both are the same."""
+    outer = ckpt.config.get("model_type")
+    if expert_layout(outer):
+        return outer
+    return ckpt.text_config.get("model_type") or outer
 
 
 # On loading an adapter into an MoE model, peft 0.21 rewrites target_modules ending in these v4 expert names into

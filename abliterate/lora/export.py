@@ -54,7 +54,13 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
-from abliterate.lora.experts import PEFT_RENAMED_LEAVES, expert_layout, expert_param_for_disk, looks_like_expert
+from abliterate.lora.experts import (
+    PEFT_RENAMED_LEAVES,
+    expert_layout,
+    expert_param_for_disk,
+    experts_model_type,
+    looks_like_expert,
+)
 from abliterate.lora.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -105,7 +111,7 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
     _check_output_embedding_kept(ckpt, plan)
-    model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
+    model_type = experts_model_type(ckpt)
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
     scalers = plan_scalers(ckpt, plan, edits) if plan.norm_preserve else {}
     memory = plan.arch.memory_name if plan.arch is not None else str

@@ -21,7 +21,7 @@ from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.lora.adapter_file import AdapterFile, LoraSettings
-from abliterate.lora.experts import expert_layout
+from abliterate.lora.experts import expert_layout, experts_model_type
 from abliterate.lora.peft_format import ADAPTER_CONFIG, PEFT_PREFIX
 
 _LORA_KEY = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.(?P<what>lora_A\.weight|lora_B\.weight|"
@@ -53,7 +53,7 @@ class MergeTarget:
 
 def place_entries(ckpt: Checkpoint, settings: LoraSettings, weights: AdapterFile) -> dict[str, MergeTarget]:
     """Checkpoint tensor -> what to do with it, for every entry of the adapter; refuses any entry it cannot place."""
-    model_type = ckpt.text_config.get("model_type") or ckpt.config.get("model_type")
+    model_type = experts_model_type(ckpt)
     targets: dict[str, MergeTarget] = {}
     pairs: dict[tuple[str, str], dict[str, str]] = {}
     for key in weights.infos:
@@ -272,9 +272,12 @@ def _resolve_param(ckpt: Checkpoint, model_type: str | None, key: str) -> _Param
         if m is None:
             continue
         per_expert = "{e}" in layout.disk[0]
-        names = [[d.format(p=m["p"], e=e) for d in layout.disk] for e in range(_count_experts(ckpt, layout, m["p"]))] \
-            if per_expert else [[d.format(p=m["p"]) for d in layout.disk]]
-        if not names or not all(n in ckpt.tensors for group in names for n in group):
+        for p in _disk_forms(ckpt, m["p"]):  # the layer's prefix as the checkpoint names it
+            names = [[d.format(p=p, e=e) for d in layout.disk] for e in range(_count_experts(ckpt, layout, p))] \
+                if per_expert else [[d.format(p=p) for d in layout.disk]]
+            if names and all(n in ckpt.tensors for group in names for n in group):
+                break
+        else:
             return None
         first = ckpt.tensors[names[0][0]][1].shape
         if per_expert:  # [out_part, in] per expert and part
@@ -288,6 +291,14 @@ def _resolve_param(ckpt: Checkpoint, model_type: str | None, key: str) -> _Param
     if info is None or len(info.shape) != 2:  # a 3-D parameter needs its layout (is_transposed) from the table
         return None
     return _Param(key, None, 0, 1, info.shape[1], info.shape[0], ((key,),))
+
+
+def _disk_forms(ckpt: Checkpoint, memory: str) -> list[str]:
+    """Every on-disk form of an in-memory name (a vision-language checkpoint's older language-model prefixes)."""
+    try:
+        return arch_for_config(ckpt.config).disk_names(memory)
+    except AbliterateError:
+        return [memory]
 
 
 def _count_experts(ckpt: Checkpoint, layout: ExpertParam, prefix: str) -> int:

@@ -30,6 +30,18 @@ def module(model: torch.nn.Module, path: str) -> torch.nn.Module:
         ) from None
 
 
+def in_layer(model: torch.nn.Module, path: str, layer: int | None) -> torch.nn.Module | None:
+    """The module a hook path names in `layer` (None: the embeddings), or None where this layer has none: hybrid
+    stacks hold attention in some layers and another mixer (or a dense MLP instead of experts) in others; loading
+    checks that each path exists in some layer."""
+    if layer is None:
+        return module(model, path)
+    try:
+        return model.get_submodule(path.format(layer=layer))
+    except AttributeError:
+        return None
+
+
 def decoder_layers(model: torch.nn.Module, arch: Arch) -> torch.nn.ModuleList:
     return module(model, arch.decoder_layers)  # type: ignore[return-value]
 
@@ -82,8 +94,9 @@ def ablate(model: torch.nn.Module, arch: Arch, direction: torch.Tensor | Directi
                     continue
                 r = rows(layer)
                 for path in paths:
-                    target = module(model, path.format(layer=layer))
-                    handles.append(target.register_forward_hook(_remover(r, s)))
+                    target = in_layer(model, path, layer)
+                    if target is not None:
+                        handles.append(target.register_forward_hook(_remover(r, s)))
         yield
     finally:
         for h in handles:
@@ -125,7 +138,9 @@ def ablate_rows(model: torch.nn.Module, arch: Arch, rows: Callable[[], torch.Ten
         for component, paths in arch.hook_modules.items():
             for layer in ([None] if component == "embed" else range(num_layers)):
                 for path in paths:
-                    handles.append(module(model, path.format(layer=layer)).register_forward_hook(hook))
+                    target = in_layer(model, path, layer)
+                    if target is not None:
+                        handles.append(target.register_forward_hook(hook))
         yield
     finally:
         for h in handles:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from abliterate.arch.table import Arch, arch_for_config
+from abliterate.arch.tiny import model_class
 from abliterate.errors import AbliterateError, first_line
 from abliterate.measure import placement
 
@@ -161,25 +162,15 @@ def contiguous_head(model: torch.nn.Module) -> None:
 
 
 def check_arch_modules(model: torch.nn.Module, arch: Arch, name: str) -> None:
-    """The family's decoder layer list and hook modules (layer 0's) exist in the loaded model: a family file
+    """The family's decoder layer list and hook modules (each in some layer) exist in the loaded model: a family file
     (--arch) that names them wrongly is one line here, not a failure deep inside a hook."""
     modules = dict(model.named_modules())
-    paths = [arch.decoder_layers] + [p.format(layer=0) for ps in arch.hook_modules.values() for p in ps]
-    missing = [p for p in paths if p not in modules]
+    layers = len(modules.get(arch.decoder_layers) or [None])
+    paths = [arch.decoder_layers] + [p for ps in arch.hook_modules.values() for p in ps]
+    missing = [p.format(layer=0) for p in paths if not any(p.format(layer=i) in modules for i in range(layers))]
     if missing:
         raise AbliterateError(f"the {arch.name!r} family names module(s) {', '.join(missing)} that {name} does not "
                               "have; fix decoder_layers or hooks in its family file (--arch)")
-
-
-def model_class(config):
-    """The auto class transformers loads this checkpoint with: the causal LM's, or for a vision-language model whose
-    type has none the image-text-to-text one (its ForConditionalGeneration; abliterate feeds it text only)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in \
-            AutoModelForImageTextToText._model_mapping:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 def _check_causal_lm(name: str, config, auto_class) -> None:
