@@ -105,6 +105,19 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("cohere2_moe", dict(COHERE, num_experts=3, num_experts_per_tok=2, num_shared_experts=1), tied=True),
     Family("hunyuan_v1_moe", dict(LLAMA_LIKE, num_experts=3, moe_topk=2)),
     Family("minimax_m2", dict(LLAMA_LIKE, **MOE)),
+    Family("exaone", dict(LLAMA_LIKE, attention_bias=True)),  # GPT-2-style names on disk, Llama in memory
+    # DBRX's attention reads rope_theta and clip_qkv from attn_config, whose class defaults neither (the released
+    # config sets both)
+    Family("dbrx", dict(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=3, moe_top_k=2)),
+           hooks=("transformer.wte", "transformer.blocks.{L}.norm_attn_norm.attn.out_proj",
+                  "transformer.blocks.{L}.ffn"), final_norm="transformer.norm_f"),
+    # Gemma 4: full-attention layers get global_head_dim (512 by default); the MoE block beside the MLP is on
+    Family("gemma4_text", dict(LLAMA_LIKE, global_head_dim=8, hidden_size_per_layer_input=8,
+                               vocab_size_per_layer_input=96, sliding_window=8, enable_moe_block=True, num_experts=3,
+                               top_k_experts=2, moe_intermediate_size=16), tied=True,
+           hooks=(*LLAMA_HOOKS, "model.layers.{L}.experts", "model.layers.{L}.per_layer_projection")),
 ]}
 
 # Families the exactness test runs on: every one above.

@@ -110,7 +110,8 @@ def test_bake_is_exact_on_every_family_it_accepts(tmp_path, name):
 
 
 # Families bake must accept (a dense MLP with a bias or an mlp_bias switch, outputs added without a norm).
-BAKED = {"llama", "gpt2", "gpt_neox", "granite", "phi", "starcoder2", "gpt_bigcode", "smollm3", "internlm3", "ernie4_5"}
+BAKED = {"llama", "gpt2", "gpt_neox", "granite", "phi", "starcoder2", "gpt_bigcode", "smollm3", "internlm3", "ernie4_5",
+         "exaone"}
 
 
 def test_baking_llama_sets_mlp_bias_adds_zero_biases_and_copies_every_other_tensor(tiny, tmp_path):
