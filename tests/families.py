@@ -36,6 +36,10 @@ GRANITE_MOE_HOOKS = ("model.embed_tokens", "model.layers.{L}.self_attn.o_proj", 
 GRANITE = dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0)
 # Cohere multiplies its logits by 1/16 by default, which would shrink every effect the tests measure below their floor.
 COHERE = dict(LLAMA_LIKE, logit_scale=1.0)
+# DeepSeek-style MoE (routed experts, one shared expert, the first layer dense) and multi-head latent attention.
+DEEPSEEK_MOE = dict(n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                    first_k_dense_replace=1)
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llama", COMMON),
@@ -86,6 +90,34 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("granitemoe", dict(COMMON, **MOE, **GRANITE), hooks=GRANITE_MOE_HOOKS),
     Family("granitemoeshared", dict(LLAMA_LIKE, **MOE, **GRANITE, shared_intermediate_size=24),
            hooks=(*GRANITE_MOE_HOOKS, "model.layers.{L}.shared_mlp")),
+    # issue 26, text families (h-text): MoE configs keep layer 0 dense where the family has that switch
+    Family("ministral3", LLAMA_LIKE),
+    Family("internlm3", dict(LLAMA_LIKE, attention_bias=True, mlp_bias=True)),
+    Family("ernie4_5", dict(LLAMA_LIKE, use_bias=True), tied=True),
+    Family("ernie4_5_moe", dict(LLAMA_LIKE, use_bias=True, moe_num_experts=3, moe_k=2, moe_intermediate_size=16,
+                                moe_num_shared_experts=1, moe_layer_start_index=1), tied=True),
+    Family("glm4_moe", dict(LLAMA_LIKE, attention_bias=True, **DEEPSEEK_MOE, num_mtp_layers=0)),
+    Family("glm4_moe_lite", dict(LLAMA_LIKE, num_key_value_heads=4, **DEEPSEEK_MOE, **MLA)),
+    Family("deepseek_v2", dict(LLAMA_LIKE, num_key_value_heads=4, **DEEPSEEK_MOE, **dict(MLA, q_lora_rank=None))),
+    Family("deepseek_v32", dict(LLAMA_LIKE, num_key_value_heads=4, **DEEPSEEK_MOE, **MLA, n_group=1, topk_group=1,
+                                index_topk=8, index_head_dim=16, index_n_heads=2)),
+    Family("dots1", dict(LLAMA_LIKE, **DEEPSEEK_MOE)),
+    Family("cohere2_moe", dict(COHERE, num_experts=3, num_experts_per_tok=2, num_shared_experts=1), tied=True),
+    Family("hunyuan_v1_moe", dict(LLAMA_LIKE, num_experts=3, moe_topk=2)),
+    Family("minimax_m2", dict(LLAMA_LIKE, **MOE)),
+    Family("exaone", dict(LLAMA_LIKE, attention_bias=True)),  # GPT-2-style names on disk, Llama in memory
+    # DBRX's attention reads rope_theta and clip_qkv from attn_config, whose class defaults neither (the released
+    # config sets both)
+    Family("dbrx", dict(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=3, moe_top_k=2)),
+           hooks=("transformer.wte", "transformer.blocks.{L}.norm_attn_norm.attn.out_proj",
+                  "transformer.blocks.{L}.ffn"), final_norm="transformer.norm_f"),
+    # Gemma 4: full-attention layers get global_head_dim (512 by default); the MoE block beside the MLP is on
+    Family("gemma4_text", dict(LLAMA_LIKE, global_head_dim=8, hidden_size_per_layer_input=8,
+                               vocab_size_per_layer_input=96, sliding_window=8, enable_moe_block=True, num_experts=3,
+                               top_k_experts=2, moe_intermediate_size=16), tied=True,
+           hooks=(*LLAMA_HOOKS, "model.layers.{L}.experts", "model.layers.{L}.per_layer_projection")),
 ]}
 
 # Families the exactness test runs on: every one above.

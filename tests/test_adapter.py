@@ -37,6 +37,9 @@ from tests.families import (
 from tests.test_apply import run_cli
 
 ALL_FAMILIES = FAMILIES
+# Families whose whole adapter is refused in one line (why, and the components the refusal offers instead): the
+# fixture checks the refusal, then writes the edit and the adapter of those components.
+ADAPTER_REFUSED = {"dbrx": ("no in-memory layout of its experts that peft can adapt", "embed,attn")}
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ def build_family(name: str, root: Path, *extra: str, dtype: torch.dtype = torch.
     original = save_sharded(model.to(dtype), root / "original")
     save_direction(root / "dir.safetensors", direction, {"model": "tiny", "layer": 1, "position": -1})
     common = ("--direction", str(root / "dir.safetensors"), "-q", *extra)
+    if name in ADAPTER_REFUSED and "--components" not in extra:
+        why, components = ADAPTER_REFUSED[name]
+        code, out = run_cli("apply", str(original), "--out", str(root / "refused"), "--adapter", *common)
+        assert code == 2 and why in out and f"--components {components}" in out and "Traceback" not in out, out
+        assert not (root / "refused").exists()
+        common = (*common, "--components", components)
     code, out = run_cli("apply", str(original), "--out", str(root / "edited"), *common)
     assert code == 0, out
     code, out = run_cli("apply", str(original), "--out", str(root / "adapter"), "--adapter", *common)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from abliterate.cli.main import cli
 from abliterate.io.direction_file import save_direction
@@ -94,7 +94,7 @@ def test_edit_touches_only_residual_writers_and_removes_the_direction(edited_fam
     manifest = json.loads((edited / "abliterate.json").read_text())
     edited_names = set(manifest["edits"])
     assert any("embed" in n or "wte" in n for n in edited_names)
-    layers = family.config.get("num_hidden_layers", family.config.get("n_layer"))
+    layers = AutoConfig.for_model(family.model_type, **family.config).get_text_config().num_hidden_layers
     assert len(edited_names) >= 1 + 2 * layers
     orig, new = tensors_of(original), tensors_of(edited)
     assert orig.keys() == new.keys()

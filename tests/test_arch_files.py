@@ -30,10 +30,10 @@ from tests.test_apply import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # A family transformers builds and the shipped table lacks: the subject of --arch.
-NEW = Family("ernie4_5", LLAMA_LIKE, hooks=LLAMA_HOOKS)
+NEW = Family("cwm", LLAMA_LIKE, hooks=LLAMA_HOOKS)  # Code World Model: Llama-like, no chat checkpoint
 NEW_FAMILY = """\
-    name: ernie
-    model_types: [ernie4_5]
+    name: cwm
+    model_types: [cwm]
     writers:
       - {tensor: model.embed_tokens.weight, kind: embedding}
       - {tensor: "model.layers.{layer}.self_attn.o_proj", kind: linear, component: attn}
@@ -52,7 +52,7 @@ def new_family(tmp_path_factory) -> tuple[Path, Path, torch.Tensor]:
     r = written_direction(built)
     model = save_sharded(built, root / "model")
     save_direction(root / "dir.safetensors", r, {"model": "tiny", "layer": 1, "position": -1})
-    (root / "ernie.yaml").write_text(textwrap.dedent(NEW_FAMILY))
+    (root / "cwm.yaml").write_text(textwrap.dedent(NEW_FAMILY))
     return root, model, r / r.norm()
 
 
@@ -67,7 +67,7 @@ def test_shipped_family_files_each_own_their_model_types_and_ship_as_package_dat
 def test_arch_file_adds_a_family_the_table_lacks_and_its_edit_is_exact(new_family):
     root, model, r = new_family
     code, out = run_cli("apply", str(model), "--direction", str(root / "dir.safetensors"), "--out",
-                        str(root / "edited"), "--arch", str(root / "ernie.yaml"))
+                        str(root / "edited"), "--arch", str(root / "cwm.yaml"))
     assert code == 0 and "is in no family file" not in out, out  # the file is used, nothing is discovered
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     hooks = ablation_hooks(base, hook_paths(NEW, 2), r)
@@ -79,7 +79,7 @@ def test_arch_file_adds_a_family_the_table_lacks_and_its_edit_is_exact(new_famil
         got = AutoModelForCausalLM.from_pretrained(root / "edited", dtype=torch.float32).eval()(IDS).logits
     assert (expected - unedited).abs().max() >= EFFECT_FLOOR
     assert (got - expected).abs().max() <= LOGIT_TOLERANCE
-    code, out = run_cli("verify", str(model), str(root / "edited"), "--arch", str(root / "ernie.yaml"))
+    code, out = run_cli("verify", str(model), str(root / "edited"), "--arch", str(root / "cwm.yaml"))
     assert code == 0 and "5 edited" in out, out
 
 
@@ -100,18 +100,18 @@ def test_arch_file_replaces_the_table_entry_of_a_listed_model_type(new_family, t
     assert code == 0 and "2 edited (2 at scale 1)" in out, out
 
 
-_MOE = 'name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}.b", kind: linear, component: mlp}]\nhooks: {}\n'
+_MOE = 'name: x\nmodel_types: [cwm]\nwriters: [{tensor: "a.{layer}.b", kind: linear, component: mlp}]\nhooks: {}\n'
 BAD_FILES = {
-    "unknown key": ("name: x\nmodel_types: [ernie4_5]\nwriters: []\nhooks: {}\ncolour: red\n", "unknown key"),
-    "no writers": ("name: x\nmodel_types: [ernie4_5]\nwriters: []\nhooks: {}\n", "writers must be"),
-    "bad kind": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: a, kind: dense}]\nhooks: {}\n', "kind 'dense'"),
-    "bad component": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}.b", kind: linear, '
+    "unknown key": ("name: x\nmodel_types: [cwm]\nwriters: []\nhooks: {}\ncolour: red\n", "unknown key"),
+    "no writers": ("name: x\nmodel_types: [cwm]\nwriters: []\nhooks: {}\n", "writers must be"),
+    "bad kind": ('name: x\nmodel_types: [cwm]\nwriters: [{tensor: a, kind: dense}]\nhooks: {}\n', "kind 'dense'"),
+    "bad component": ('name: x\nmodel_types: [cwm]\nwriters: [{tensor: "a.{layer}.b", kind: linear, '
                       'component: ffn}]\nhooks: {}\n', "component 'ffn'"),
-    "layer missing": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: a.b, kind: linear, component: mlp}]\n'
+    "layer missing": ('name: x\nmodel_types: [cwm]\nwriters: [{tensor: a.b, kind: linear, component: mlp}]\n'
                       'hooks: {}\n', "{layer}"),
-    "bad placeholder": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}.{e}", kind: linear, '
+    "bad placeholder": ('name: x\nmodel_types: [cwm]\nwriters: [{tensor: "a.{layer}.{e}", kind: linear, '
                         'component: mlp}]\nhooks: {}\n', "not a placeholder"),
-    "tensor axis": ('name: x\nmodel_types: [ernie4_5]\nwriters: [{tensor: "a.{layer}", kind: tensor, '
+    "tensor axis": ('name: x\nmodel_types: [cwm]\nwriters: [{tensor: "a.{layer}", kind: tensor, '
                     'component: mlp}]\nhooks: {}\n', "hidden_axis"),
     "expert types": (_MOE + "fused_experts: {model_types: [llama], params: [{memory: '{p}.m', disk: '{p}.d'}]}\n",
                      "the file's model_types"),

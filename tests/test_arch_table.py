@@ -56,7 +56,8 @@ def residual_response(model: torch.nn.Module, layer_path: str, writers: list[str
         model(ids)
     for h in hooks:
         h.remove()
-    return recorded[doubled].double(), (after["layer"] - recorded["layer"]).double()
+    delta = (after["layer"] - recorded["layer"]).double()
+    return recorded[doubled].double().reshape(delta.shape), delta  # an expert block's output is [tokens, d]
 
 
 def classify(family) -> tuple[bool, set[float]]:

@@ -102,7 +102,7 @@ def test_bake_is_exact_on_every_family_it_accepts(tmp_path, name):
     if code != 0:
         assert code == 2 and any(why in out for why in REFUSALS) and "Traceback" not in out, out
         assert name not in BAKED, out
-        return
+        pytest.skip(f"bake refuses {name} in one line: {next(why for why in REFUSALS if why in out)}")
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     plain, hooked, baked = hook_and_baked_logits(original, tmp_path / "baked", vectors[2], 1, 1.5, ids)
     assert (hooked - plain).abs().max() > 1e-2
@@ -110,7 +110,8 @@ def test_bake_is_exact_on_every_family_it_accepts(tmp_path, name):
 
 
 # Families bake must accept (a dense MLP with a bias or an mlp_bias switch, outputs added without a norm).
-BAKED = {"llama", "gpt2", "gpt_neox", "granite", "phi", "starcoder2", "gpt_bigcode", "smollm3"}
+BAKED = {"llama", "gpt2", "gpt_neox", "granite", "phi", "starcoder2", "gpt_bigcode", "smollm3", "internlm3", "ernie4_5",
+         "exaone"}
 
 
 def test_baking_llama_sets_mlp_bias_adds_zero_biases_and_copies_every_other_tensor(tiny, tmp_path):

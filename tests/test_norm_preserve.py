@@ -62,7 +62,7 @@ def in_memory_edit(model: torch.nn.Module, r: torch.Tensor | np.ndarray, edit=No
         output.weight = torch.nn.Parameter(output.weight.detach().clone())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            writer = next((w for w in arch.writers if w.match(name)), None)
+            writer = next((w for w in arch.writers if w.match(arch.renamed_on_disk(name))), None)  # EXAONE renames
             if writer is not None:
                 p.copy_(torch.from_numpy(edit(p.numpy(), r, 1.0, writer.hidden_axis)))
 

@@ -26,7 +26,8 @@ NEOX = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_laye
             max_position_embeddings=64)
 
 # (family, components): gated MLPs (separate, fused gate_up), values (separate v_proj with a bias, fused qkv_proj),
-# a block-output norm, a ReLU^2 MLP (scaled by sqrt(D)), a ReLU MLP with biases, attention of a MoE family
+# a block-output norm, a ReLU^2 MLP (scaled by sqrt(D)), a ReLU MLP with biases, attention of a MoE family,
+# modules transformers renames on loading
 QUALIFYING = {
     "llama": (Family("llama", dict(COMMON, **MHA)), "attn,mlp"),
     "phi3": (Family("phi3", dict(COMMON, **MHA, pad_token_id=0)), "attn,mlp"),
@@ -35,6 +36,7 @@ QUALIFYING = {
     "arcee": (Family("arcee", dict(LLAMA_LIKE, **MHA)), "attn,mlp"),
     "gpt_neox": (Family("gpt_neox", dict(NEOX, hidden_act="relu")), "mlp"),
     "mixtral": (Family("mixtral", dict(COMMON, **MHA, num_local_experts=3, num_experts_per_tok=2)), "attn"),
+    "exaone": (Family("exaone", dict(LLAMA_LIKE, **MHA)), "attn,mlp"),  # renamed on loading: peft gets memory names
 }
 
 

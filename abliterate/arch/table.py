@@ -16,7 +16,8 @@ from abliterate.arch.family_file import load_family_file, parse_family
 from abliterate.arch.writers import COMPONENTS, Arch, Writer
 from abliterate.errors import AbliterateError
 
-__all__ = ["COMPONENTS", "Arch", "Writer", "arch_for_config", "shipped_archs", "supported_model_types", "using_arch"]
+__all__ = ["COMPONENTS", "Arch", "Writer", "arch_for_config", "refused_model_types", "shipped_archs",
+           "supported_model_types", "using_arch"]
 
 _EXTRA: list[Arch] = []  # the --arch families in force, innermost last (a stack, not a ContextVar: threads see it)
 
@@ -71,6 +72,8 @@ def arch_for_config(config: dict) -> Arch:
         covered = ", ".join(_EXTRA[-1].model_types)
         raise AbliterateError(f"the --arch family {_EXTRA[-1].name!r} covers model_type(s) {covered}, not "
                               f"{model_type!r}; add it to the file's model_types")
+    if arch is None and model_type in refused_model_types():
+        raise AbliterateError(f"model_type {model_type!r} is not supported: {refused_model_types()[model_type]}")
     if arch is None and model_type and _known_to_transformers(model_type):
         from abliterate.arch.discover import discovered_arch, earlier_discovery
 
@@ -92,6 +95,15 @@ def _known_to_transformers(model_type: str) -> bool:
     from transformers import CONFIG_MAPPING
 
     return model_type in CONFIG_MAPPING
+
+
+@cache
+def refused_model_types() -> dict[str, str]:
+    """model_type -> why abliterate refuses it (abliterate/arch/refused.yaml): families whose residual writes no
+    weight edit removes exactly, or whose residual stream the hooks do not measure."""
+    import yaml
+
+    return dict(yaml.safe_load((resources.files("abliterate.arch") / "refused.yaml").read_text()))
 
 
 def supported_model_types() -> list[str]:

@@ -123,7 +123,8 @@ class Arch:
     # names), for the model types in `fused_expert_types` (a family file may cover dense types too).
     fused_experts: tuple[ExpertParam, ...] = ()
     fused_expert_types: tuple[str, ...] = ()
-    # (in-memory, on-disk) substrings of module names transformers renames on loading (Mixtral's .mlp.)
+    # (in-memory, on-disk) substrings of module names transformers renames on loading (Mixtral's .mlp.), applied
+    # in order, each to the result of the ones before (list the longer of two overlapping parts first)
     module_renames: tuple[tuple[str, str], ...] = ()
     # For norm-preserving adapters: which module's output rows carry each writer's input features (first match)
     input_scalers: tuple[InputScaler, ...] = ()
@@ -146,6 +147,18 @@ class Arch:
             if memory_name.startswith(memory):
                 names += [disk + memory_name[len(memory):] for disk in disks]
         return list(dict.fromkeys(names))
+
+    def renamed_on_disk(self, memory_name: str) -> str:
+        """An in-memory module or parameter name with every `module_renames` part applied in order (EXAONE 3)."""
+        for memory, disk in self.module_renames:
+            memory_name = memory_name.replace(memory, disk)
+        return memory_name
+
+    def renamed_in_memory(self, disk_name: str) -> str:
+        """An on-disk module or tensor name with every `module_renames` part undone, in order."""
+        for memory, disk in self.module_renames:
+            disk_name = disk_name.replace(disk, memory)
+        return disk_name
 
     def experts_for(self, model_type: str | None) -> tuple[ExpertParam, ...]:
         """The fused expert parameters of `model_type` (none for a dense model type of the family)."""

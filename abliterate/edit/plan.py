@@ -100,7 +100,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     arch = None if options.targets else arch_for_config(ckpt.config)
     writers = _override_writers(options.targets) if options.targets else arch.writers  # type: ignore[union-attr]
     edits: dict[str, TensorEdit] = {}
-    matched = 0
+    matched, mtp = 0, set()
     for name, (shard, info) in ckpt.tensors.items():
         found = _match(writers, name)
         if found is None:
@@ -108,6 +108,9 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         writer, layer = found
         matched += 1
         if layer is not None and layer >= ckpt.num_layers:
+            if layer < ckpt.num_layers + _prediction_layers(ckpt):
+                mtp.add(layer)
+                continue
             raise AbliterateError(f"tensor {name} names layer {layer} but config.json has {ckpt.num_layers} layers")
         scale = _scale_for(options, writer.component, layer)
         if scale == 0.0:
@@ -124,12 +127,22 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     if arch is not None and not options.partial:
         _check_every_layer_has_writers(ckpt, arch, writers)
     untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, options)
+    if mtp:
+        notes.append(f"layer(s) {sorted(mtp)} are multi-token-prediction layers (num_nextn_predict_layers), which "
+                     "transformers does not load and which only draft tokens for the model to check: left unedited")
     if arch is not None and arch.normalised_block_outputs:
         notes.append(
             f"{ckpt.config.get('model_type')} normalises attention and MLP outputs before the residual add: the "
             "edit removes r from those outputs before the norm, which the norm's gain can partly restore"
         )
     return EditPlan(arch, edits, untie, config_updates, tuple(notes), options.norm_preserve)
+
+
+def _prediction_layers(ckpt: Checkpoint) -> int:
+    """How many multi-token-prediction layers the checkpoint stores after its decoder layers (DeepSeek-V3, GLM-4.5:
+    model.layers.N for N = num_hidden_layers ...), which transformers skips on loading."""
+    value = ckpt.text_config.get("num_nextn_predict_layers", ckpt.text_config.get("num_mtp_layers"))
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def _override_writers(patterns: tuple[str, ...]) -> tuple[Writer, ...]:

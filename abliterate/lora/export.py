@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,8 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     memory = plan.arch.memory_name if plan.arch is not None else str
     experts = _expert_counts(ckpt, model_type, memory)
     targets = {e.name: _target_for(model_type, e, experts, memory) for e in edits}
+    if plan.arch is not None and plan.arch.module_renames:  # peft adapts the names transformers gives on loading
+        targets = {n: replace(t, target=plan.arch.renamed_in_memory(t.target)) for n, t in targets.items()}
     _check_biases_have_their_layer(edits, targets)
     export = _Export()
     total = sum(e.info.nbytes for e in edits)
@@ -195,8 +197,9 @@ def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int
         return _Target("expert_param", memory, experts=shape[0], order=order)
     if looks_like_expert(name) or len(shape) > 2:
         raise AbliterateError(
-            f"cannot write {name} into an adapter: abliterate does not know how transformers holds the experts of "
-            f"model_type {model_type!r} in memory (peft targets in-memory names); write a checkpoint without --adapter"
+            f"cannot write {name} into an adapter: the family file of model_type {model_type!r} gives no in-memory "
+            "layout of its experts that peft can adapt (peft targets in-memory names); write a checkpoint without "
+            "--adapter, or leave the experts out with --components embed,attn"
         )
     if len(shape) == 1 and name.endswith(".bias"):
         return _Target("bias", name.removesuffix(".bias"))

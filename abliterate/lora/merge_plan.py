@@ -92,6 +92,8 @@ def _disk_name(ckpt: Checkpoint, model_type: str | None, module: str, param: str
     for memory, disk in arch.module_renames if arch else ():
         candidates.append(f"{module}.{param}".replace(memory, disk))
     candidates += arch.disk_names(f"{module}.{param}")[1:] if arch else []
+    if arch is not None:
+        candidates.append(arch.renamed_on_disk(f"{module}.{param}"))
     output = arch.output_embedding if arch else None
     if module == "lm_head" and output:
         candidates.append(output.removesuffix(".weight") + f".{param}")

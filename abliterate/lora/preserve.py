@@ -43,9 +43,10 @@ from abliterate.lora.peft_format import Bias, Factors
 class Scaler:
     """The module whose output rows carry one writer's input features."""
 
-    module: str  # on-disk (and in-memory) module prefix
+    module: str  # on-disk module prefix
     part: tuple[int, int]  # the i-th of n equal blocks of its output rows
     power: int  # its rows are scaled by D ** (1 / power)
+    peft_module: str = ""  # its in-memory name, which peft adapts (the on-disk one unless transformers renames it)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def _scaler(ckpt: Checkpoint, arch: Arch, config: dict, edit: TensorEdit, way_ou
         if len(rows) != 2 or rows[0] % n or rows[0] // n != edit.info.shape[1]:
             raise AbliterateError(f"{edit.name}: {module}.weight {list(rows)} does not hold {n} equal blocks of "
                                   f"{edit.info.shape[1]} rows as the family file says: {way_out}")
-        return Scaler(module, rule.part, power)
+        return Scaler(module, rule.part, power, arch.renamed_in_memory(module))
     raise AbliterateError(f"{edit.name}: the family file names no module whose output rows carry its input features "
                           f"(`input_scalers`), so no adapter carries its norm-preserving rescaling exactly: {way_out}")
 
@@ -211,11 +212,12 @@ def add_scalers(factors: dict[str, Factors], magnitudes: dict[str, np.ndarray], 
         magnitude, bias = scaler_terms(ckpt, fds, scaler, writer_factors[writer], budget)
         info = ckpt.tensors[f"{scaler.module}.weight"][1]
         dtype = compute_dtype(info.dtype)
-        factors[scaler.module] = Factors("linear", scaler.module, np.zeros((k, info.shape[1]), dtype),
-                                         np.zeros((info.shape[0], k), dtype), np.ones(1, bool))
-        magnitudes[scaler.module] = magnitude
+        module = scaler.peft_module or scaler.module
+        factors[module] = Factors("linear", module, np.zeros((k, info.shape[1]), dtype),
+                                  np.zeros((info.shape[0], k), dtype), np.ones(1, bool))
+        magnitudes[module] = magnitude
         if bias is not None and not ignore_biases:
-            biases[scaler.module] = bias
+            biases[module] = bias
         elif bias is not None:
-            unscaled.append(scaler.module)
+            unscaled.append(module)
     return unscaled

@@ -8,7 +8,8 @@ module scales its input (a bias: a hook adds (D_b - 1) b), and for an embedding,
 vector itself, the hook rescales each output vector. These hooks run before `ablate`'s on the same module.
 
 Writers are found by matching the model's in-memory parameter names against the architecture table,
-which holds for every family whose writers are 2-D weights and biases; fused MoE experts are refused.
+which holds for every family whose writers are 2-D weights and biases of layers; fused MoE experts (3-D, or
+DBRX's 2-D parameters read outside their module's forward) are refused.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def _writers(model: torch.nn.Module, arch: Arch) -> Iterator[tuple[str, str, int
             "this family without the norm-preserving dimension, or edit with `apply --norm-preserve`")
     for name, param in model.named_parameters():
         for writer in arch.writers:
-            m = writer.match(name)
+            m = writer.match(arch.renamed_on_disk(name))
             if m is None:
                 continue
-            if param.ndim > 2 or writer.hidden_axis is None:
+            if param.ndim > 2 or writer.hidden_axis is None or not name.endswith((".weight", ".bias")):
                 raise AbliterateError(
                     f"{name}: norm-preserving hooks handle 2-D writers and biases only (not fused MoE experts); "
                     "search this family without the norm-preserving dimension, or edit with `apply --norm-preserve`")

@@ -98,8 +98,9 @@ def _biased_skeleton(ckpt: Checkpoint) -> tuple[str, dict[str, tuple[int, ...]]]
     setattr(config, BIAS_FLAG, True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return BIAS_FLAG, {k: tuple(v.shape) for k, v in model.state_dict().items()
-                       if k.endswith(".bias") and k not in ckpt.tensors}
+    on_disk = arch_for_config(ckpt.config).renamed_on_disk  # the names transformers renames on loading (EXAONE 3)
+    return BIAS_FLAG, {on_disk(k): tuple(v.shape) for k, v in model.state_dict().items()
+                       if k.endswith(".bias") and on_disk(k) not in ckpt.tensors}
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
