@@ -108,6 +108,7 @@ def _apply_adapter(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
 def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out: Path, options: EditOptions,
                    max_memory: int, overwrite: bool, quiet: bool) -> None:
     from abliterate.edit.plan import plan_edit
+    from abliterate.edit.quantised import summarise
     from abliterate.edit.weights import apply_edit
 
     direction = _load(ckpt, direction_path, biproject)
@@ -115,6 +116,7 @@ def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
                         quiet=quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    summarise(result.quant_errors, click.echo)
     if result.skipped_files:
         click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
                    err=True)
