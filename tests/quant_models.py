@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.families import FAMILIES, build_model
+from tests.families import FAMILIES, Family, build_model
 
 FP8_MAX = 448.0
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -93,12 +93,24 @@ def saved_tensors(model: torch.nn.Module, folder: Path) -> dict[str, torch.Tenso
     return tensors
 
 
-def fp8_checkpoint(folder: Path, model_type: str, block: tuple[int, int]) -> tuple[torch.nn.Module, Path]:
+def writing_along(name: str, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The residual writers (o_proj, down_proj, experts) made to write strongly along r, as a model writes along
+    the direction an edit removes: r^T W is then many quantisation steps, so an edit that is not done shows."""
+    g = torch.Generator().manual_seed(len(name))
+    if name.endswith(("o_proj.weight", "down_proj.weight")) and p.ndim == 2:
+        return p + 0.2 * torch.outer(r, torch.randn(p.shape[1], generator=g))
+    if name.endswith("experts.down_proj"):  # gpt-oss: [experts, in, d]
+        return p + 0.2 * torch.randn(*p.shape[:2], 1, generator=g) * r
+    return p
+
+
+def fp8_checkpoint(folder: Path, model_type: str, block: tuple[int, int], r: torch.Tensor) -> Path:
     """The tiny family model with every linear weight inside its decoder layers in FP8 (the releases leave the
     embeddings, norms, routers and lm_head alone), a scale tensor stored in the other shard than its weight."""
     model = build_model(FAMILIES[model_type])
     tensors = {}
     for name, p in saved_tensors(model, folder.with_name(folder.name + "-float")).items():
+        p = writing_along(name, p.float(), r)
         quantise = name.startswith("model.layers.") and name.endswith("proj.weight") and p.ndim == 2
         if quantise:
             q, s = fp8_quantise(p.float(), block)
@@ -112,4 +124,27 @@ def fp8_checkpoint(folder: Path, model_type: str, block: tuple[int, int]) -> tup
     first.remove(moved)
     config = model.config.to_dict() | {"quantization_config": {
         "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}}
-    return model, write_folder(folder, tensors, config, [first, [*rest, moved]])
+    return write_folder(folder, tensors, config, [first, [*rest, moved]])
+
+
+# gpt-oss's MXFP4 release quantises the experts only; its rows of 32 values need the expert widths to be multiples
+MXFP4_FAMILY = Family("gpt_oss", dict(FAMILIES["gpt_oss"].config, intermediate_size=64))
+
+
+def mxfp4_checkpoint(folder: Path, r: torch.Tensor) -> Path:
+    """The tiny gpt-oss with its experts' projections as `*_blocks` / `*_scales` (stored [experts, out, in]:
+    the transpose of the parameters in memory), the rest float32, as the gpt-oss release lays it out."""
+    model = build_model(MXFP4_FAMILY)
+    tensors = {}
+    for name, p in saved_tensors(model, folder.with_name(folder.name + "-float")).items():
+        p = writing_along(name, p.float(), r)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4_quantise(p.float().transpose(1, 2))
+        else:
+            tensors[name] = p.float().contiguous()
+    names = list(tensors)
+    first = [n for n in names if ".layers.0." in n or n.startswith("model.embed")]
+    config = model.config.to_dict() | {"quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+    return write_folder(folder, tensors, config, [first, [n for n in names if n not in first]])

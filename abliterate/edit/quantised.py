@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from abliterate.edit import quant_codec as codec
-from abliterate.edit.projection import Chunk, Scratch, iter_edited_chunks
+from abliterate.edit.projection import Chunk, Scratch, iter_edited_chunks, plan_chunks, read_stored
 from abliterate.io.quantised import QuantTensor
 from abliterate.io.safetensors_format import pread_into
 
@@ -103,6 +103,15 @@ class QuantFile:
         per_row = scales[rows - rows[0]]
         return np.repeat(per_row, self.q.block[1], axis=1)[:, : self.cols]
 
+    def block_amax(self, chunk: Chunk, values: np.ndarray) -> np.ndarray:
+        """The absmax of each scale block of a chunk's values: [scale rows, scales per row]."""
+        q, rows = self.q, self.scale_rows(chunk)
+        flat = np.abs(values.reshape(len(rows), self.cols))
+        if q.format.method == "mxfp4":
+            return flat.reshape(len(rows), -1, q.block[1]).max(axis=-1)
+        amax = np.maximum.reduceat(flat, np.flatnonzero(np.diff(rows, prepend=-1)), axis=0)
+        return np.maximum.reduceat(amax, np.arange(0, self.cols, q.block[1]), axis=1)
+
     def quantise(self, chunk: Chunk, values: np.ndarray) -> tuple[Quantised, np.ndarray]:
         """(the chunk requantised with new block scales, its dequantised values)."""
         q, rows = self.q, self.scale_rows(chunk)
@@ -110,10 +119,7 @@ class QuantFile:
         if q.format.method == "mxfp4":
             data, exps = codec.quantise_mxfp4(flat)
             return Quantised(data, exps, int(rows[0])), codec.dequantise_mxfp4(data, exps)
-        starts = np.flatnonzero(np.diff(rows, prepend=-1))
-        amax = np.maximum.reduceat(np.abs(flat), starts, axis=0)
-        amax = np.maximum.reduceat(amax, np.arange(0, self.cols, q.block[1]), axis=1)
-        scales = codec.fp8_scales(amax, q.pow2_scales)
+        scales = codec.fp8_scales(self.block_amax(chunk, values), q.pow2_scales)
         spread = self.spread(scales, rows)
         data = codec.encode_fp8(flat / spread)
         return Quantised(data, scales, int(rows[0])), codec.dequantise_fp8(data, spread)
@@ -128,6 +134,17 @@ def edited_quantised(q: QuantTensor, r: np.ndarray, hidden_axis: int, scale: flo
                                                      take_scratch, read=file.read, preserve=preserve,
                                                      row_align=row_align(q, hidden_axis)):
         yield chunk, values, scratch, file
+
+
+def chunk_reader(fd: int, edit, d: int, budget: int, stack: ExitStack) -> tuple:
+    """(read(chunk, scratch), the chunks `apply` uses) for an edit's tensor: its stored values, or an FP8 / MXFP4
+    tensor's dequantised ones (for readers of what `apply` reads, such as the adapter export)."""
+    if edit.quant is None:
+        return (lambda chunk, scratch: read_stored(fd, edit.info, chunk, scratch),
+                plan_chunks(edit.info, edit.hidden_axis, d, budget))
+    file = QuantFile(edit.quant, stack)
+    return file.read, plan_chunks(edit.info, edit.hidden_axis, d, budget // BUDGET_DIVISOR,
+                                  row_align(edit.quant, edit.hidden_axis))
 
 
 def write_quantised(target, r: np.ndarray, preserve: bool = False) -> QuantError:

@@ -224,6 +224,8 @@ def _check_quantised(original: QuantTensor, edited: QuantTensor | None, directio
     elif check.element_ratio > 1:
         report.problems.append(f"{original.data.name} is {check.element_ratio:.3g} {original.format.method} "
                                "quantisation steps from the edit of the original's dequantised values (allowed: 1)")
+    elif not check.scales_ok:
+        report.problems.append(f"{original.scales.name}: block scales differ from those the edited values call for")
 
 
 def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, direction: Direction,
