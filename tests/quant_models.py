@@ -53,10 +53,11 @@ def mxfp4_quantise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = blocks.abs().amax(-1)
     exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.full_like(amax, -127.0))
     x = blocks / torch.exp2(exp)[..., None]
-    dist = (x[..., None] - FP4.double()).abs()
+    dist = (x.abs()[..., None] - FP4[:8].double()).abs()
     best = dist.min(-1, keepdim=True).values
-    ties = (dist == best) & (torch.arange(16) % 2 == 0)  # prefer the even code (even mantissa)
-    code = torch.where(ties.any(-1), ties.int().argmax(-1), dist.argmin(-1)).to(torch.uint8)
+    ties = (dist == best) & (torch.arange(8) % 2 == 0)  # prefer the even code (even mantissa)
+    code = torch.where(ties.any(-1), ties.int().argmax(-1), dist.argmin(-1))
+    code = (code | torch.where(torch.signbit(x), 8, 0)).to(torch.uint8)  # the sign bit, of zero too
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
     return packed, (exp + 127).to(torch.uint8)
 
