@@ -182,3 +182,20 @@ def test_adapter_loads_with_peft_and_is_exact_on_the_dequantised_model(case, tmp
         got = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(IDS).logits
     assert (expected - unedited).abs().max() >= EFFECT_FLOOR
     assert (got - expected).abs().max() <= LOGIT_TOLERANCE
+
+
+def test_merging_the_adapter_into_fp8_writes_applys_bytes_and_mxfp4_experts_are_refused(case, tmp_path):
+    kind, original, out, _ = case
+    code, report = run("apply", original, "--direction", original.parent / "dir.safetensors",
+                       "--out", tmp_path / "adapter", "--adapter", "--quiet")
+    assert code == 0, report
+    code, report = run("merge", original, tmp_path / "adapter", "--out", tmp_path / "merged", "--quiet")
+    if kind == "mxfp4":
+        assert code == 2 and "MXFP4" in report and not (tmp_path / "merged").exists()
+        return
+    assert code == 0, report
+    assert "quantisation error" in report
+    for shard in sorted(out.glob("model-*.safetensors")):
+        assert (tmp_path / "merged" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    code, report = run("verify", original, tmp_path / "merged")
+    assert code == 0, report

@@ -161,6 +161,9 @@ def merge(**params) -> None:
                            max_memory=o.max_memory, quiet=o.quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    from abliterate.edit.quantised import summarise
+
+    summarise(result.quant_errors, click.echo)
     click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
 
 

@@ -147,17 +147,35 @@ def chunk_reader(fd: int, edit, d: int, budget: int, stack: ExitStack) -> tuple:
                                   row_align(edit.quant, edit.hidden_axis))
 
 
-def write_quantised(target, r: np.ndarray, preserve: bool = False) -> QuantError:
+def changed_quantised(q: QuantTensor, change, budget: int, stack: ExitStack, take_scratch
+                      ) -> Iterator[tuple[Chunk, np.ndarray, Scratch, QuantFile]]:
+    """(chunk, values, scratch, file) of a quantised tensor read in rows of whole scale blocks, each chunk's
+    dequantised [rows, cols] values changed in place by `change(first row, values)` (a LoRA merge's delta)."""
+    file = QuantFile(q, stack)
+    cols = q.shape[-1]
+    for chunk in plan_chunks(q.values, -1, cols, budget // BUDGET_DIVISOR, row_align(q, -1)):
+        scratch = take_scratch()
+        values = file.read(chunk, scratch).reshape(-1, cols)
+        change(chunk.first // cols, values)
+        yield chunk, values, scratch, file
+
+
+def write_quantised(target, r: np.ndarray | None, preserve: bool = False, chunks=None) -> QuantError:
     """Stream one edited quantised tensor (a shard_writer.Target whose edit has `quant`) into its output
-    place and its new scales into their tensor's place; returns what requantising cost."""
+    place and its new scales into their tensor's place; returns what requantising cost. The values are the
+    projection by `r`, or `chunks` (changed_quantised's) when given."""
     edit, q = target.edit, target.edit.quant
     scales_fd, scales_dst = target.scales_at
     scale_size = 4 if q.format.scale_dtype == "F32" else 1
     width = q.scale_grid[1] if q.format.method == "fp8" else q.shape[-1] // q.block[1]
     err_sq = norm_sq = worst = 0.0
     with ExitStack() as stack:
-        for chunk, values, scratch, file in edited_quantised(q, r, edit.hidden_axis, edit.scale, target.budget, stack,
-                                                             target.buffers.take, preserve):
+        if chunks is None:
+            chunks = edited_quantised(q, r, edit.hidden_axis, edit.scale, target.budget, stack, target.buffers.take,
+                                      preserve)
+        else:
+            chunks = chunks(stack)
+        for chunk, values, scratch, file in chunks:
             out, back = file.quantise(chunk, values)
             error = back - values.reshape(back.shape)
             err_sq += float(np.square(error, dtype=np.float64).sum())
