@@ -23,9 +23,11 @@ from tests.quant_models import (
     MXFP4_FAMILY,
     fp8_checkpoint,
     fp8_dequantise,
+    fp8_quantise,
     fp8_step,
     mxfp4_checkpoint,
     mxfp4_dequantise,
+    write_folder,
 )
 
 FP8_CASES = {"deepseek_v3": (8, 16), "qwen3": (16, 8)}  # non-square blocks: an axis mix-up cannot pass
@@ -199,3 +201,44 @@ def test_merging_the_adapter_into_fp8_writes_applys_bytes_and_mxfp4_experts_are_
         assert (tmp_path / "merged" / shard.name).read_bytes() == shard.read_bytes(), shard.name
     code, report = run("verify", original, tmp_path / "merged")
     assert code == 0, report
+
+
+def test_whole_job_extracts_edits_and_evaluates_an_fp8_checkpoint_in_its_format(refusing_model, tmp_path):
+    """The toy that refuses, released in FP8 (16 x 16 blocks): the job extracts on the dequantised model, writes
+    FP8 that `verify` accepts, and evaluates the written checkpoint (hooks would miss the requantisation)."""
+    import json
+    import shutil
+
+    from abliterate.demo.toy import toy_prompts
+    from abliterate.jobs.whole_job import RunOptions
+    from abliterate.jobs.whole_job import run as run_job
+
+    folder = tmp_path / "toy-fp8"
+    floats = tensors(refusing_model)
+    quantised = {}
+    for name, t in floats.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            quantised[name], quantised[name + "_scale_inv"] = fp8_quantise(t.float(), (16, 16))
+        else:
+            quantised[name] = t
+    config = json.loads((refusing_model / "config.json").read_text()) | {"quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [16, 16]}}
+    names = list(quantised)
+    write_folder(folder, quantised, config, [names[: len(names) // 2], names[len(names) // 2:]])
+    for extra in refusing_model.iterdir():
+        if extra.is_file() and not extra.name.startswith(("model", "config.json")):
+            shutil.copy(extra, folder / extra.name)
+    prompts, files = toy_prompts(), {}
+    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
+        (tmp_path / f"{name}.txt").write_text("\n".join(getattr(prompts, name)))
+        files[name] = str(tmp_path / f"{name}.txt")
+    (tmp_path / "quick.yaml").write_text("extract:\n  n_train: 32\n  n_val: 16\n  finalists: 4\n"
+                                         "evaluate:\n  limit: 4\n  max_new_tokens: 12\n  kl_tokens: 8\n")
+    result = run_job(RunOptions(model=str(folder), out=tmp_path / "out", harmful=files["harmful_train"],
+                                harmless=files["harmless_train"], eval_harmful=files["harmful_test"],
+                                eval_harmless=files["harmless_test"], recipe=tmp_path / "quick.yaml", quiet=True))
+    written = tensors(tmp_path / "out")
+    assert written["model.layers.0.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+    code, report = run("verify", folder, tmp_path / "out")
+    assert code == 0, report
+    assert result.refusal_rate == 0.0
