@@ -23,8 +23,9 @@ from abliterate.edit.projection import Chunk, Scratch, iter_edited_chunks, plan_
 from abliterate.io.quantised import QuantTensor
 from abliterate.io.safetensors_format import pread_into
 
-# the dequantised chunk, its scales spread per element, the requantised copy and its dequantised check
-BUDGET_DIVISOR = 4
+# float32 arrays of a chunk at once: dequantised values, scales spread per element, the encoder's temporaries,
+# the requantised copy dequantised again and its error (about a dozen)
+BUDGET_DIVISOR = 16
 
 
 @dataclass(frozen=True)
