@@ -48,6 +48,10 @@ def apply(**params) -> None:
     the output file. Float tensors are edited exactly as above; quantised ones are dequantised,
     edited in float32 and quantised again (their own type where the gguf library can write it, else
     --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
+
+    FP8 block-scaled (DeepSeek V3, Qwen3 FP8) and MXFP4 (gpt-oss) folders are edited in their own format:
+    each edited tensor dequantised chunk by chunk, projected, quantised again with new block scales (the
+    scale tensors rewritten), the largest quantisation errors printed.
     """
     from abliterate.edit.plan import edit_options
     from abliterate.errors import AbliterateError
@@ -191,7 +195,8 @@ def verify(**params) -> None:
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
 
     ORIGINAL and EDITED may be .gguf files: re-quantised tensors are then checked to within one
-    quantisation step of the projection of the original's dequantised values.
+    quantisation step of the projection of the original's dequantised values. FP8 and MXFP4 tensors of a
+    folder are checked the same way, and their block scales against those the expected values call for.
     """
     from abliterate.publish.card import check_checksums
 

@@ -67,7 +67,18 @@ def apply_edit(
         skipped = copy_other_files(ckpt, tmp)
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
-    return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)), tuple(errors))
+    return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan),
+                                                                    *requantised_note(errors)), tuple(errors))
+
+
+def requantised_note(errors: list[QuantError]) -> tuple[str, ...]:
+    """What writing FP8 / MXFP4 tensors back in their format cost, for the notes (and a job's card)."""
+    if not errors:
+        return ()
+    worst = max(errors, key=lambda e: e.relative_rms)
+    methods = "/".join(sorted({e.type_name for e in errors}))
+    return (f"{len(errors)} {methods} tensors were dequantised, edited and quantised again with new block scales "
+            f"(largest requantisation error {worst.relative_rms:.1e} RMS relative to |W'|, in {worst.name})",)
 
 
 def keep_direction(direction: Direction, path: Path) -> None:
