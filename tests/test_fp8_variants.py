@@ -43,3 +43,31 @@ def test_norm_preserving_and_rank_two_fp8_edits_are_within_a_step_and_verify(tmp
             assert (have - w).abs().max() > 10 * fp8_step(want, s, BLOCK).max(), (case, name)
         code, report = run("verify", original, out)
         assert code == 0, report
+
+
+def test_inconsistent_fp8_and_mxfp4_layouts_are_refused_in_one_line_before_any_output(tmp_path):
+    from tests.quant_models import fp8_quantise, mxfp4_quantise, write_folder
+
+    g = torch.Generator().manual_seed(3)
+    q, s = fp8_quantise(torch.randn(32, 32, generator=g), (16, 16))
+    base = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+    blocks, scales = mxfp4_quantise(torch.randn(2, 32, 32, generator=g))
+    cases = {
+        "no scales": ({"model.layers.0.self_attn.o_proj.weight": q}, fp8, "scales"),
+        "another block size": ({"model.layers.0.self_attn.o_proj.weight": q,
+                                "model.layers.0.self_attn.o_proj.weight_scale_inv": s},
+                               fp8 | {"weight_block_size": [8, 8]}, "weight_block_size"),
+        "e5m2": ({"model.layers.0.self_attn.o_proj.weight": q,
+                  "model.layers.0.self_attn.o_proj.weight_scale_inv": s}, fp8 | {"fmt": "e5m2"}, "e5m2"),
+        "mxfp4 scales of another shape": ({"model.layers.0.mlp.experts.down_proj_blocks": blocks,
+                                           "model.layers.0.mlp.experts.down_proj_scales": scales[:, :16]},
+                                          {"quant_method": "mxfp4"}, "MXFP4"),
+    }
+    save_direction(tmp_path / "dir.safetensors", torch.randn(32), {"model": "tiny"})
+    for i, (case, (tensors_, quant, words)) in enumerate(cases.items()):
+        folder = write_folder(tmp_path / f"case{i}", tensors_ | {"model.embed_tokens.weight": torch.randn(8, 32)},
+                              base | {"quantization_config": quant}, [[*tensors_, "model.embed_tokens.weight"]])
+        code, report = run("apply", folder, "--direction", tmp_path / "dir.safetensors", "--out", tmp_path / "out")
+        assert code == 2 and words in report and len(report.strip().splitlines()) == 1, (case, report)
+        assert not (tmp_path / "out").exists()

@@ -98,8 +98,9 @@ def quantised_tensors(ckpt: Checkpoint) -> dict[str, QuantTensor]:
         scale_name = _scale_name(fmt, logical)
         if scale_name not in ckpt.tensors:
             if fmt.method == "fp8":
-                raise AbliterateError(f"{name} is float8 but {scale_name} is missing from {ckpt.root}; the "
-                                      "checkpoint is incomplete: re-download it")
+                raise AbliterateError(f"{name} is float8 but its scales {scale_name} are not in {ckpt.root}: the "
+                                      "checkpoint is incomplete (re-download it), or a view of some of its shards "
+                                      "(`--push --stream`) split a weight from its scales (edit it whole)")
             continue  # a uint8 tensor that is not MXFP4 data
         scale_shard, scales = ckpt.tensors[scale_name]
         found[name] = _describe(fmt, config, ckpt.root, (shard, info), (scale_shard, scales), logical)
