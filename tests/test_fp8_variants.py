@@ -71,3 +71,19 @@ def test_inconsistent_fp8_and_mxfp4_layouts_are_refused_in_one_line_before_any_o
         code, report = run("apply", folder, "--direction", tmp_path / "dir.safetensors", "--out", tmp_path / "out")
         assert code == 2 and words in report and len(report.strip().splitlines()) == 1, (case, report)
         assert not (tmp_path / "out").exists()
+
+
+def test_norm_preserving_hooks_refuse_a_model_running_fp8_on_its_device():
+    """On a GPU transformers keeps FP8 weights as FP8Linear: the hooks would read fp8 codes, so they say why not
+    (and the search leaves the norm-preserving dimension out), where on a CPU the weights are dequantised."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    from abliterate.arch.table import arch_for_config
+    from abliterate.measure.preserving_hooks import why_not_preserving
+    from tests.families import FAMILIES, build_model
+
+    model = build_model(FAMILIES["qwen3"])
+    arch = arch_for_config(model.config.to_dict())
+    assert why_not_preserving(model, arch) is None
+    model.model.layers[0].self_attn.o_proj = FP8Linear(32, 32, block_size=(16, 16))
+    assert "FP8" in why_not_preserving(model, arch)
