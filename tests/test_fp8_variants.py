@@ -87,3 +87,29 @@ def test_norm_preserving_hooks_refuse_a_model_running_fp8_on_its_device():
     assert why_not_preserving(model, arch) is None
     model.model.layers[0].self_attn.o_proj = FP8Linear(32, 32, block_size=(16, 16))
     assert "FP8" in why_not_preserving(model, arch)
+
+
+def test_deepseeks_multi_token_prediction_layer_is_copied_unedited(tmp_path):
+    """DeepSeek V3 stores its MTP module as layer `num_hidden_layers` (61), which transformers does not load: the
+    edit leaves it byte for byte and says so, where another layer past the config's count is refused."""
+    import json
+
+    from tests.quant_models import write_folder
+
+    g = torch.Generator().manual_seed(4)
+    r = torch.randn(32, generator=g)
+    original = fp8_checkpoint(tmp_path / "original", "deepseek_v3", BLOCK, r / r.norm())
+    t = tensors(original)
+    extra = {n.replace("model.layers.1.", "model.layers.2."): v for n, v in t.items() if "model.layers.1." in n}
+    config = json.loads((original / "config.json").read_text())
+    save_direction(tmp_path / "dir.safetensors", r, {"model": "tiny"})
+    reports = {}
+    for mtp, expected in ((1, 0), (0, 2)):
+        folder = write_folder(tmp_path / f"mtp{mtp}", t | extra, config | {"num_nextn_predict_layers": mtp},
+                              [list(t), list(extra)])
+        code, reports[mtp] = run("apply", folder, "--direction", tmp_path / "dir.safetensors",
+                                 "--out", tmp_path / f"o{mtp}")
+        assert code == expected, reports[mtp]
+    assert "multi-token-prediction" in reports[1] and "names layer 2" in reports[0]
+    after = tensors(tmp_path / "o1")
+    assert all(torch.equal(after[n].view(torch.uint8), v.view(torch.uint8)) for n, v in extra.items())

@@ -110,6 +110,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     matched = 0
     quantised = quantised_tensors(ckpt)
     names = _writer_names(ckpt, quantised)
+    mtp: set[int] = set()
     for name, (shard, info) in ckpt.tensors.items():
         found = _match(writers, names[name]) if name in names else None
         if found is None:
@@ -117,6 +118,9 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         writer, layer = found
         matched += 1
         if layer is not None and layer >= ckpt.num_layers:
+            if layer < ckpt.num_layers + _prediction_layers(ckpt):
+                mtp.add(layer)
+                continue
             raise AbliterateError(f"tensor {name} names layer {layer} but config.json has {ckpt.num_layers} layers")
         scale = _scale_for(options, writer.component, layer)
         if scale == 0.0:
@@ -137,12 +141,21 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     if arch is not None and not options.partial:
         _check_every_layer_has_writers(ckpt, arch, writers, names)
     untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, options)
+    if mtp:
+        notes.append(f"layer(s) {sorted(mtp)} are the multi-token-prediction module (num_nextn_predict_layers), "
+                     "which transformers does not load: copied unedited")
     if arch is not None and arch.normalised_block_outputs:
         notes.append(
             f"{ckpt.config.get('model_type')} normalises attention and MLP outputs before the residual add: the "
             "edit removes r from those outputs before the norm, which the norm's gain can partly restore"
         )
     return EditPlan(arch, edits, untie, config_updates, tuple(notes), options.norm_preserve)
+
+
+def _prediction_layers(ckpt: Checkpoint) -> int:
+    """Multi-token-prediction layers stored after the decoder layers (DeepSeek V3's layer 61, GLM-4.5's)."""
+    count = ckpt.text_config.get("num_nextn_predict_layers", ckpt.text_config.get("num_mtp_layers", 0))
+    return count if isinstance(count, int) else 0
 
 
 def _writer_names(ckpt: Checkpoint, quantised: dict[str, QuantTensor]) -> dict[str, str]:
