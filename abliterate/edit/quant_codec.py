@@ -30,27 +30,31 @@ FP8_VALUES = _fp8_table()
 FP4_VALUES = np.concatenate([FP4_POSITIVE, -FP4_POSITIVE])
 
 
-def _round_to_grid(a: np.ndarray, mantissa_bits: int, min_exp: int, top: float) -> np.ndarray:
-    """|x| rounded to a float format's grid (round to nearest, ties to even), saturating at `top`."""
-    _, e = np.frexp(a)
-    step = np.ldexp(np.float32(1), np.maximum(e - 1, min_exp) - mantissa_bits).astype(np.float32)
-    return np.minimum(np.rint(a / step) * step, np.float32(top))
+def _encode(x: np.ndarray, mantissa_bits: int, bias: int, top_code: int) -> np.ndarray:
+    """float32 values (already divided by their scale) as codes of a small float format with `mantissa_bits`,
+    exponent `bias` and largest finite code `top_code` (sign bit above it): round to nearest, ties to even, on
+    the float32 bits (dropping 23 - m bits with the usual carry), saturating; below the smallest normal
+    (2^(1 - bias)) the subnormal grid of step 2^(1 - bias - m), by rint (ties to even too)."""
+    a = np.abs(np.asarray(x, dtype=np.float32))
+    bits = a.view(np.uint32)
+    drop = 23 - mantissa_bits
+    normal = (bits + np.uint32((1 << (drop - 1)) - 1) + ((bits >> np.uint32(drop)) & np.uint32(1))) >> np.uint32(drop)
+    normal = normal.astype(np.int32) - ((127 - bias) << mantissa_bits)
+    smallest = np.float32(2.0 ** (1 - bias))
+    sub = np.rint(a * np.float32(2.0 ** (bias - 1 + mantissa_bits))).astype(np.int32)
+    code = np.minimum(np.where(a < smallest, sub, normal), top_code).astype(np.uint8)
+    code |= (np.signbit(x).astype(np.uint8) << np.uint8(3 + 4 * (mantissa_bits == 3)))
+    return code
 
 
 def encode_fp8(x: np.ndarray) -> np.ndarray:
-    """float32 values (already divided by their scale) as e4m3fn bytes."""
-    q = _round_to_grid(np.abs(x).astype(np.float32), 3, -6, FP8_MAX)
-    mant, e = np.frexp(q)
-    normal = q >= 2.0**-6
-    code = np.where(normal, ((e - 1 + 7) << 3) | ((mant * 16).astype(np.int64) - 8),
-                    np.rint(q * 2.0**9).astype(np.int64))
-    return (code | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
+    """float32 values (already divided by their scale) as e4m3fn bytes (saturating at 448)."""
+    return _encode(x, 3, 7, 0x7E)
 
 
 def encode_fp4(x: np.ndarray) -> np.ndarray:
-    """float32 values (already divided by their scale) as e2m1 nibbles (one per uint8)."""
-    q = _round_to_grid(np.abs(x).astype(np.float32), 1, 0, FP4_MAX)
-    return (np.searchsorted(FP4_POSITIVE, q) | np.where(np.signbit(x), 8, 0)).astype(np.uint8)
+    """float32 values (already divided by their scale) as e2m1 nibbles (one per uint8, saturating at 6)."""
+    return _encode(x, 1, 1, 7)
 
 
 def fp8_scales(amax: np.ndarray, pow2: bool = False) -> np.ndarray:
