@@ -50,6 +50,10 @@ def apply(**params) -> None:
     as --requant), the largest quantisation errors printed. Metadata and other tensors are copied.
     With --adapter, --out receives a llama.cpp LoRA adapter GGUF of the exact edit instead
     (`llama-cli -m model.gguf --lora FILE`; --lora-scaled FILE S applies S times the edit).
+
+    FP8 block-scaled (DeepSeek V3, Qwen3 FP8) and MXFP4 (gpt-oss) folders are edited in their own format:
+    each edited tensor dequantised chunk by chunk, projected, quantised again with new block scales (the
+    scale tensors rewritten), the largest quantisation errors printed.
     """
     from abliterate.edit.plan import edit_options
     from abliterate.errors import AbliterateError
@@ -112,6 +116,7 @@ def _apply_adapter(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
 def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out: Path, options: EditOptions,
                    max_memory: int, overwrite: bool, quiet: bool) -> None:
     from abliterate.edit.plan import plan_edit
+    from abliterate.edit.quantised import summarise
     from abliterate.edit.weights import apply_edit
 
     direction = _load(ckpt, direction_path, biproject)
@@ -119,6 +124,7 @@ def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
                         quiet=quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    summarise(result.quant_errors, click.echo)
     if result.skipped_files:
         click.echo(f"note: not copied (other weight formats or the base model card): {', '.join(result.skipped_files)}",
                    err=True)
@@ -173,6 +179,9 @@ def merge(**params) -> None:
                            max_memory=opts.max_memory, quiet=opts.quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    from abliterate.edit.quantised import summarise
+
+    summarise(result.quant_errors, click.echo)
     click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")
 
 
@@ -200,7 +209,8 @@ def verify(**params) -> None:
     With one folder, checks a download against the SHA256SUMS manifest that abliterate published with it.
 
     ORIGINAL and EDITED may be .gguf files: re-quantised tensors are then checked to within one
-    quantisation step of the projection of the original's dequantised values.
+    quantisation step of the projection of the original's dequantised values. FP8 and MXFP4 tensors of a
+    folder are checked the same way, and their block scales against those the expected values call for.
     """
     from abliterate.publish.card import check_checksums
 

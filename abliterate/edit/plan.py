@@ -14,6 +14,7 @@ from abliterate.arch.table import arch_for_config
 from abliterate.arch.writers import COMPONENTS, Arch, Writer
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.quantised import QuantTensor, quantised_tensors, scale_names
 from abliterate.io.safetensors_format import FLOAT_DTYPES, TensorInfo
 from abliterate.options.recipe import ApplySettings
 from abliterate.options.values import TO_THE_END, parse_layer_range
@@ -74,6 +75,9 @@ class TensorEdit:
     layer: int | None  # None for embeddings
     hidden_axis: int
     scale: float
+    # FP8 / MXFP4: the stored values and scales; `info` then describes the dequantised float32 values (stored
+    # orientation) and `hidden_axis` is their axis
+    quant: QuantTensor | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class EditPlan:
     # by the writer's compute function (their `info` gives dtype, shape and size; there is nothing to read)
     added: tuple[TensorEdit, ...] = ()
 
+    def rewritten_scales(self) -> dict[str, TensorEdit]:
+        """Scale tensors written anew with the quantised tensor they scale (by its compute, not copied)."""
+        return {e.quant.scales.name: e for e in self.edits.values() if e.quant is not None}
+
 
 def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None = None) -> EditPlan:
     d = hidden_size or ckpt.hidden_size
@@ -101,8 +109,10 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
     writers = _override_writers(options.targets) if options.targets else arch.writers  # type: ignore[union-attr]
     edits: dict[str, TensorEdit] = {}
     matched, mtp = 0, set()
+    quantised = quantised_tensors(ckpt)
+    names = _writer_names(ckpt, quantised)
     for name, (shard, info) in ckpt.tensors.items():
-        found = _match(writers, name)
+        found = _match(writers, names[name]) if name in names else None
         if found is None:
             continue
         writer, layer = found
@@ -115,9 +125,13 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         scale = _scale_for(options, writer.component, layer)
         if scale == 0.0:
             continue
+        q = quantised.get(name)
+        info = q.values if q else info
         axis = writer.hidden_axis if writer.hidden_axis is not None else _infer_axis(info, d)
+        if q and q.format.transposed and writer.hidden_axis is not None:
+            axis = -3 - axis  # the table describes the parameter in memory, stored transposed
         _check_editable(info, axis, d)
-        edits[name] = TensorEdit(name, shard, info, writer.component, layer, axis, scale)
+        edits[name] = TensorEdit(name, shard, info, writer.component, layer, axis, scale, q)
     if matched == 0 and not options.partial:
         what = f"--targets {' '.join(options.targets)}" if options.targets else f"the {arch.name} writer table"  # type: ignore[union-attr]
         raise AbliterateError(
@@ -125,7 +139,7 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
             "pass --targets REGEX (see `abliterate apply --help`)"
         )
     if arch is not None and not options.partial:
-        _check_every_layer_has_writers(ckpt, arch, writers)
+        _check_every_layer_has_writers(ckpt, arch, writers, names)
     untie, config_updates, notes = plan_tied_embeddings(ckpt, arch, edits, options)
     if mtp:
         notes.append(f"layer(s) {sorted(mtp)} are multi-token-prediction layers (num_nextn_predict_layers), which "
@@ -143,6 +157,13 @@ def _prediction_layers(ckpt: Checkpoint) -> int:
     model.layers.N for N = num_hidden_layers ...), which transformers skips on loading."""
     value = ckpt.text_config.get("num_nextn_predict_layers", ckpt.text_config.get("num_mtp_layers"))
     return value if isinstance(value, int) and value > 0 else 0
+
+
+def _writer_names(ckpt: Checkpoint, quantised: dict[str, QuantTensor]) -> dict[str, str]:
+    """Each tensor's name as the writer table knows it (a quantised one's logical name); scales left out."""
+    scales = scale_names(quantised)
+    return {name: quantised[name].logical_name if name in quantised else name
+            for name in ckpt.tensors if name not in scales}
 
 
 def _override_writers(patterns: tuple[str, ...]) -> tuple[Writer, ...]:
@@ -228,8 +249,9 @@ def _infer_axis(info: TensorInfo, d: int) -> int:
 def _check_editable(info: TensorInfo, axis: int, d: int) -> None:
     if info.dtype not in FLOAT_DTYPES:
         raise AbliterateError(
-            f"cannot edit {info.name}: dtype {info.dtype} is not supported (float8 and integer weights need "
-            "their quantisation scales); use the bf16/fp16/fp32 release of this model"
+            f"cannot edit {info.name}: dtype {info.dtype} is not supported (abliterate edits FP8 block-scaled and "
+            "MXFP4 tensors with their scales when config.json's quantization_config names the method; other "
+            "quantised or integer weights: use the bf16/fp16/fp32 release of this model)"
         )
     if len(info.shape) < -axis or info.shape[axis] != d:
         raise AbliterateError(
@@ -238,9 +260,10 @@ def _check_editable(info: TensorInfo, axis: int, d: int) -> None:
         )
 
 
-def _check_every_layer_has_writers(ckpt: Checkpoint, arch: Arch, writers: tuple[Writer, ...]) -> None:
+def _check_every_layer_has_writers(ckpt: Checkpoint, arch: Arch, writers: tuple[Writer, ...],
+                                   names: dict[str, str]) -> None:
     seen: dict[str, set[int]] = {c: set() for c in ("attn", "mlp") if any(w.component == c for w in writers)}
-    for name in ckpt.tensors:
+    for name in names.values():
         found = _match(writers, name)
         if found and found[1] is not None and found[0].component in seen:
             seen[found[0].component].add(found[1])

@@ -207,16 +207,17 @@ class Chunk:
     last: bool = True
 
 
-def plan_chunks(info: TensorInfo, hidden_axis: int, d: int, budget: int) -> list[Chunk]:
+def plan_chunks(info: TensorInfo, hidden_axis: int, d: int, budget: int, row_align: int = 1) -> list[Chunk]:
     """Split a tensor so that one chunk's raw bytes and its edited copy fit in `budget` (the float32
-    working set is one cache-sized block on top)."""
+    working set is one cache-sized block on top); `row_align`: chunks of rows start at multiples of it (a
+    block-scaled format's rows per scale)."""
     numel = math.prod(info.shape)
     if numel == 0:
         return []
     max_elems = max(budget // (2 * info.itemsize), 1)  # the read buffer and the rounded output
     if hidden_axis == -1:
         rows = numel // d
-        step = max(1, max_elems // d)
+        step = _aligned(max_elems // d, row_align)
         return [Chunk(r0 * d, n * d, (n, d)) for r0 in range(0, rows, step) for n in [min(step, rows - r0)]]
     cols = info.shape[-1]
     matrix = d * cols
@@ -225,11 +226,15 @@ def plan_chunks(info: TensorInfo, hidden_axis: int, d: int, budget: int) -> list
         step = max(1, max_elems // matrix)
         return [Chunk(b0 * matrix, k * matrix, (k, d, cols)) for b0 in range(0, batch, step)
                 for k in [min(step, batch - b0)]]
-    step = max(1, max_elems // cols)
+    step = _aligned(max_elems // cols, row_align)
     return [
         Chunk(b * matrix + r0 * cols, n * cols, (1, n, cols), slice(r0, r0 + n), r0 + n == d)
         for b in range(batch) for r0 in range(0, d, step) for n in [min(step, d - r0)]
     ]
+
+
+def _aligned(rows: int, align: int) -> int:
+    return max(align, rows - rows % align)
 
 
 class Scratch:
@@ -265,7 +270,7 @@ def _always(scratch: Scratch) -> Callable[[], Scratch]:
 def iter_edited_chunks(
     fd: int, info: TensorInfo, r: np.ndarray, hidden_axis: int, scale: float, budget: int,
     take_scratch: Callable[[], Scratch] | None = None,
-    read: Callable[[Chunk, Scratch], np.ndarray] | None = None, preserve: bool = False,
+    read: Callable[[Chunk, Scratch], np.ndarray] | None = None, preserve: bool = False, row_align: int = 1,
 ) -> Iterator[tuple[Chunk, np.ndarray, Scratch]]:
     """Yield (chunk, edited values in the stored representation, the scratch holding them) in file order.
 
@@ -273,12 +278,12 @@ def iter_edited_chunks(
     chunk, so consume each chunk before asking for the next). Raises NonFiniteError on NaN or inf.
     `read` replaces reading a chunk's stored values from `fd` (GGUF: dequantised blocks, `info` then
     describing the float32 values; the edit happens in the array it returns).
-    `preserve`: the norm-preserving edit (each written vector keeps its norm).
+    `preserve`: the norm-preserving edit (each written vector keeps its norm). `row_align`: see plan_chunks.
     """
     if take_scratch is None:
         take_scratch = _always(Scratch())
     r = np.asarray(r, dtype=compute_dtype(info.dtype))
-    chunks = plan_chunks(info, hidden_axis, r.shape[-1], budget)
+    chunks = plan_chunks(info, hidden_axis, r.shape[-1], budget, row_align)
     if read is None:
         read = functools.partial(read_stored, fd, info)
     in_place = info.dtype in ("F32", "F64")

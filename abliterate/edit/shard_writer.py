@@ -46,10 +46,18 @@ class Computed:
 
 
 @dataclass(frozen=True)
+class Filled:
+    """A scale tensor the compute of the quantised tensor it scales writes (neither copied nor computed here)."""
+
+    name: str
+    dst: int
+
+
+@dataclass(frozen=True)
 class ShardLayout:
     header: bytes
     size: int
-    segments: tuple[Copy | Computed, ...]
+    segments: tuple[Copy | Computed | Filled, ...]
 
 
 def shard_layout(ckpt: Checkpoint, plan: EditPlan, shard: str) -> ShardLayout:
@@ -69,10 +77,13 @@ def shard_layout(ckpt: Checkpoint, plan: EditPlan, shard: str) -> ShardLayout:
         entries += [(e.name, e.info.dtype, e.info.shape, e.info.nbytes) for e in added]
         header = encode_header(entries, src.metadata)
     shift = 8 + len(header) - src.data_start
-    segments: list[Copy | Computed] = []
+    segments: list[Copy | Computed | Filled] = []
+    scales = plan.rewritten_scales()
     for info in src.tensors:
         edit = plan.edits.get(info.name)
-        if info.name == out_name:  # a stored tied output embedding becomes the original embedding
+        if info.name in scales:
+            segments.append(Filled(info.name, info.start + shift))
+        elif info.name == out_name:  # a stored tied output embedding becomes the original embedding
             embed_shard, embed = ckpt.tensors[embed_name]
             segments.append(Copy(embed_shard, embed.start, info.start + shift, info.nbytes))
         elif edit is not None:
@@ -177,6 +188,7 @@ class Target:
     writer: Writer
     buffers: Buffers
     budget: int  # bytes per chunk
+    scales_at: tuple[int, int] | None = None  # a quantised tensor's scales: (output descriptor, byte offset)
 
     def write(self, data: memoryview, offset: int, scratch: Scratch) -> None:
         """Queue `data` (held in `scratch`) for the writer; the buffers return once it is written."""
@@ -206,11 +218,14 @@ def write_shards(ckpt: Checkpoint, plan: EditPlan, tmp: Path, compute: ComputeFn
                 if isinstance(seg, Copy):
                     writer.copy(src[seg.shard], dst[shard], seg.src, seg.dst, seg.size)
         buffers = Buffers()
+        filled = {seg.name: (dst[shard], seg.dst) for shard, layout in layouts.items()
+                  for seg in layout.segments if isinstance(seg, Filled)}
         for shard, layout in layouts.items():
             for seg in layout.segments:
                 if isinstance(seg, Computed):
+                    quant = seg.edit.quant
                     compute(Target(seg.edit, src[seg.edit.shard], dst[shard], seg.dst, writer, buffers,
-                                   chunk_budget(max_memory)))
+                                   chunk_budget(max_memory), filled.get(quant.scales.name) if quant else None))
         writer.finish()
     return sum(layout.size for layout in layouts.values())
 

@@ -23,11 +23,13 @@ from abliterate.edit.plan import EditOptions, plan_edit
 from abliterate.edit.projection import EPS
 from abliterate.edit.shard_writer import chunk_budget
 from abliterate.edit.verify_preserve import check_preserved_tensor
+from abliterate.edit.verify_quant import check_quantised
 from abliterate.edit.verify_span import check_span_edited
 from abliterate.edit.verify_tensor import check_edited_tensor
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY
 from abliterate.io.checkpoint import INDEX_NAME, Checkpoint
 from abliterate.io.direction_file import Direction
+from abliterate.io.quantised import QuantTensor, quantised_tensors, scale_names
 from abliterate.io.safetensors_format import TensorInfo, pread_into
 
 FLOAT32_RESIDUAL_TOLERANCE = 1e-6
@@ -102,6 +104,8 @@ def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: 
         report.problems.append("the edit lists no edited tensor: nothing was removed")
     budget = chunk_budget(max_memory)
     _check_layout(original, edited, untied, report)
+    quantised, edited_quantised = quantised_tensors(original), quantised_tensors(edited)
+    scales = {s: name for s, name in scale_names(quantised).items() if name in targets}
     with ExitStack() as stack:
         fds = {}
         for ckpt in (original, edited):
@@ -115,8 +119,12 @@ def verify(original_dir: Path, edited_dir: Path, direction: Direction, options: 
             if (e_info.dtype, e_info.shape) != (info.dtype, info.shape):
                 continue
             src_fd, dst_fd = fds[original.root, shard], fds[edited.root, e_shard]
+            if name in scales:
+                continue  # checked with the tensor it scales
             report.tensors_checked += 1
-            if name in targets:
+            if name in targets and name in quantised:
+                _check_quantised(quantised[name], edited_quantised.get(name), direction, targets[name], budget, report)
+            elif name in targets:
                 _check_edited(src_fd, info, dst_fd, e_info, direction, targets[name], budget, report)
             elif untie and name == untie[0]:
                 emb_shard, emb = original.tensors[untie[1]]
@@ -198,6 +206,26 @@ def _blocks(fd_a: int, start_a: int, fd_b: int, start_b: int, n: int,
         pread_into(fd_a, memoryview(a)[:m], start_a + off)
         pread_into(fd_b, memoryview(b)[:m], start_b + off)
         yield memoryview(a)[:m], memoryview(b)[:m]
+
+
+def _check_quantised(original: QuantTensor, edited: QuantTensor | None, direction: Direction, spec: TargetSpec,
+                     budget: int, report: VerifyReport) -> None:
+    """An FP8 / MXFP4 tensor: within one quantisation step per element (verify_quant.py)."""
+    report.count_edit(spec.scale)
+    if edited is None or edited.scales.shape != original.scales.shape:
+        report.problems.append(f"{original.data.name}: its scales are missing or reshaped in the edited checkpoint")
+        return
+    check = check_quantised(original, edited, direction.for_layer(spec.layer), spec.scale, spec.hidden_axis, budget,
+                            spec.preserve)
+    report.element_ratio = max(report.element_ratio, check.element_ratio)
+    report.bounds_checked = True
+    if not check.finite:
+        report.problems.append(f"{original.data.name} holds NaN or inf where the recomputed edit is finite")
+    elif check.element_ratio > 1:
+        report.problems.append(f"{original.data.name} is {check.element_ratio:.3g} {original.format.method} "
+                               "quantisation steps from the edit of the original's dequantised values (allowed: 1)")
+    elif not check.scales_ok:
+        report.problems.append(f"{original.scales.name}: block scales differ from those the edited values call for")
 
 
 def _check_edited(src_fd: int, info: TensorInfo, dst_fd: int, e_info: TensorInfo, direction: Direction,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from abliterate.edit.manifest import EditManifest, ManifestEdit
 from abliterate.edit.plan import EditPlan
 from abliterate.edit.projection import NonFiniteError, iter_edited_chunks
+from abliterate.edit.quantised import QuantError, write_quantised
 from abliterate.edit.shard_writer import Target, copy_other_files, output_size, write_config, write_index, write_shards
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
@@ -37,6 +38,7 @@ class EditResult:
     bytes_written: int
     skipped_files: tuple[str, ...]
     notes: tuple[str, ...]
+    quant_errors: tuple[QuantError, ...] = ()  # FP8 / MXFP4 tensors: what requantising the edit cost
 
 
 def apply_edit(
@@ -54,17 +56,29 @@ def apply_edit(
     if Path(out).absolute() == ckpt.root.absolute():
         raise AbliterateError("--out is the input folder; abliterate never modifies its input: choose another --out")
     total = output_size(ckpt, plan)
+    errors: list[QuantError] = []
     with atomic_folder(Path(out), overwrite=overwrite) as tmp, tqdm(
         total=total, unit="B", unit_scale=True, desc="editing", disable=quiet, file=sys.stderr
     ) as bar:
-        write_shards(ckpt, plan, tmp, lambda target: project_tensor(target, direction, plan.norm_preserve),
+        write_shards(ckpt, plan, tmp, lambda t: errors.extend(project_tensor(t, direction, plan.norm_preserve)),
                      max_memory=max_memory, progress=bar.update)
         write_index(ckpt, plan, tmp)
         write_config(ckpt, plan, tmp)
         skipped = copy_other_files(ckpt, tmp)
         keep_direction(direction, tmp / DIRECTION_NAME)
         write_manifest(ckpt, plan, direction, tmp, {"max_memory": max_memory, **(manifest_extra or {})})
-    return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan)))
+    return EditResult(Path(out), len(plan.edits), total, skipped, (*plan.notes, *untie_note(plan),
+                                                                    *requantised_note(errors)), tuple(errors))
+
+
+def requantised_note(errors: list[QuantError]) -> tuple[str, ...]:
+    """What writing FP8 / MXFP4 tensors back in their format cost, for the notes (and a job's card)."""
+    if not errors:
+        return ()
+    worst = max(errors, key=lambda e: e.relative_rms)
+    methods = "/".join(sorted({e.type_name for e in errors}))
+    return (f"{len(errors)} {methods} tensors were dequantised, edited and quantised again with new block scales "
+            f"(largest requantisation error {worst.relative_rms:.1e} RMS relative to |W'|, in {worst.name})",)
 
 
 def keep_direction(direction: Direction, path: Path) -> None:
@@ -84,10 +98,17 @@ def untie_note(plan: EditPlan) -> tuple[str, ...]:
             "tie_word_embeddings=false, so the output layer is unchanged (--keep-tied edits the shared matrix)",)
 
 
-def project_tensor(target: Target, direction: Direction, preserve: bool = False) -> None:
-    """Compute one edited tensor chunk by chunk and hand each chunk to the writer."""
+def project_tensor(target: Target, direction: Direction, preserve: bool = False) -> tuple[QuantError, ...]:
+    """Compute one edited tensor chunk by chunk and hand each chunk to the writer (FP8 / MXFP4: quantised again,
+    returning what that cost)."""
     edit = target.edit
     r = direction.for_layer(edit.layer)
+    if edit.quant is not None:
+        try:
+            return (write_quantised(target, r, preserve),)
+        except NonFiniteError:
+            raise AbliterateError(f"{edit.name} holds NaN or inf values; the checkpoint is corrupt: re-download it")\
+                from None
     chunks = iter_edited_chunks(target.src_fd, edit.info, r, edit.hidden_axis, edit.scale, target.budget,
                                 target.buffers.take, preserve=preserve)
     try:
@@ -97,6 +118,7 @@ def project_tensor(target: Target, direction: Direction, preserve: bool = False)
         raise AbliterateError(
             f"{edit.name} holds NaN or inf values; the checkpoint is corrupt: re-download it"
         ) from None
+    return ()
 
 
 def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: Path, extra: dict, *,
@@ -109,7 +131,8 @@ def write_manifest(ckpt: Checkpoint, plan: EditPlan, direction: Direction, tmp: 
         direction={"file": DIRECTION_NAME, "metadata": direction.metadata, "per_layer": direction.per_layer,
                    "rank": direction.rank},
         untie=plan.untie, config_updates=plan.config_updates,
-        edits={e.name: ManifestEdit(e.scale, e.layer, e.hidden_axis, e.component)
+        edits={e.name: ManifestEdit(e.scale, e.layer, e.hidden_axis, e.component,
+                                    *((e.quant.format.method,) * 2 if e.quant else ()))
                for e in (edits or plan.edits).values()},
         notes=tuple(plan.notes if notes is None else notes), max_memory=extra.pop("max_memory", None), extra=extra,
     ).write(tmp)

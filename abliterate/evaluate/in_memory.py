@@ -47,6 +47,10 @@ def why_not_in_memory(lm: LoadedModel, options: EditOptions) -> str | None:
         return "--keep-tied edits the shared embedding, which the output layer reads too"
     if options.norm_preserve and not supports_preserving(lm.model, lm.arch):
         return "norm-preserving hooks do not handle fused MoE experts"
+    quantised = getattr(lm.model.config, "quantization_config", None)
+    method = quantised.get("quant_method") if isinstance(quantised, dict) else getattr(quantised, "quant_method", None)
+    if str(getattr(method, "value", method)) in ("fp8", "mxfp4"):
+        return f"the {method} weights are quantised again after the edit, which hooks on the dequantised model omit"
     return None
 
 

@@ -44,11 +44,10 @@ from abliterate.edit.projection import (
     coefficients,
     compute_dtype,
     iter_edited_chunks,
-    plan_chunks,
-    read_stored,
     row_coefficients,
     widen,
 )
+from abliterate.edit.quantised import chunk_reader
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, keep_direction, write_manifest
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
@@ -113,6 +112,11 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     _check_output_embedding_kept(ckpt, plan)
     model_type = experts_model_type(ckpt)
     edits = [e for e in plan.edits.values() if not (options.ignore_biases and _is_bias(e))]
+    quantised = sorted({e.quant.format.method for e in edits if e.quant is not None})
+    if quantised and plan.norm_preserve:
+        raise AbliterateError(f"--norm-preserve --adapter is not supported on {'/'.join(quantised)} weights (the "
+                              "magnitudes would come from quantised neighbours): drop --adapter to edit the weights, "
+                              "or drop --norm-preserve")
     scalers = plan_scalers(ckpt, plan, edits) if plan.norm_preserve else {}
     memory = plan.arch.memory_name if plan.arch is not None else str
     experts = _expert_counts(ckpt, model_type, memory)
@@ -144,6 +148,9 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
                                           scalers, fds, budget, options.ignore_biases, direction.rank)
     _check_complete(export)
     notes = _notes(plan, export, options, any(_is_bias(e) for e in plan.edits.values()))
+    if quantised:
+        notes.append(f"the base model's {'/'.join(quantised)} weights were dequantised (value x block scale, as "
+                     "transformers loads them) to compute the adapter: it is exact on the dequantised model")
     with atomic_folder(Path(out), overwrite=options.overwrite) as tmp:
         nbytes = write_weights(export.factors, export.biases, tmp / ADAPTER_WEIGHTS, export.magnitudes)
         config = adapter_config(ckpt, export.factors, export.biases, options.base_model, direction.rank,
@@ -184,8 +191,9 @@ def _expert_counts(ckpt: Checkpoint, model_type: str | None, memory: Callable[[s
 def _target_for(model_type: str | None, edit: TensorEdit, experts: dict[str, int],
                 memory: Callable[[str], str] = str) -> _Target:
     """Map an on-disk tensor to the peft module or parameter of the transformers 5 model that holds it (`memory`:
-    the family's on-disk -> in-memory name, a vision-language checkpoint's language-model prefix)."""
-    name, shape = memory(edit.name), edit.info.shape
+    the family's on-disk -> in-memory name, a vision-language checkpoint's language-model prefix; an FP8 / MXFP4
+    tensor by its logical name)."""
+    name, shape = memory(edit.quant.logical_name if edit.quant else edit.name), edit.info.shape
     found = expert_param_for_disk(model_type, name)
     if found is not None:
         param, memory, expert, _ = found
@@ -291,17 +299,19 @@ def stream_coefficients(fd: int, edit: TensorEdit, r: np.ndarray, budget: int) -
     scratch = Scratch()
     parts: list[np.ndarray] = []
     coeff = np.zeros(0, dtype=r.dtype)
-    for chunk in plan_chunks(info, edit.hidden_axis, r.shape[-1], budget):
-        stored = read_stored(fd, info, chunk, scratch)
-        if edit.hidden_axis == -1:
-            parts.append(_row_coefficients(stored, info.dtype, r))
-        elif chunk.rows is None:
-            parts.extend(coefficients(m, info.dtype, r) for m in stored)
-        else:  # row blocks of a matrix larger than the budget, summed in order as `apply` does
-            part = coefficients(stored[0], info.dtype, r[..., chunk.rows])
-            coeff = part if chunk.rows.start == 0 else coeff + part
-            if chunk.last:
-                parts.append(coeff)
+    with ExitStack() as stack:
+        read, chunks = chunk_reader(fd, edit, r.shape[-1], budget, stack)
+        for chunk in chunks:
+            stored = read(chunk, scratch)
+            if edit.hidden_axis == -1:
+                parts.append(_row_coefficients(stored, info.dtype, r))
+            elif chunk.rows is None:
+                parts.extend(coefficients(m, info.dtype, r) for m in stored)
+            else:  # row blocks of a matrix larger than the budget, summed in order as `apply` does
+                part = coefficients(stored[0], info.dtype, r[..., chunk.rows])
+                coeff = part if chunk.rows.start == 0 else coeff + part
+                if chunk.last:
+                    parts.append(coeff)
     if not parts:
         return np.zeros((0, *r.shape[:-1]), dtype=r.dtype)
     return np.concatenate(parts) if edit.hidden_axis == -1 else np.stack(parts)

@@ -25,11 +25,13 @@ from abliterate.arch.table import arch_for_config
 from abliterate.edit.manifest import read_manifest
 from abliterate.edit.plan import EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
 from abliterate.edit.projection import BLOCK_ELEMENTS, STORAGE, narrow_into, plan_chunks, read_stored, widen
+from abliterate.edit.quantised import QuantError, changed_quantised, write_quantised
 from abliterate.edit.shard_writer import Target as StreamTarget
 from abliterate.edit.shard_writer import copy_other_files, output_size, write_config, write_index, write_shards
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint
+from abliterate.io.quantised import quantised_tensors
 from abliterate.io.safetensors_format import atomic_folder
 from abliterate.lora.adapter_file import AdapterFile, read_lora_config, weights_path
 from abliterate.lora.merge_plan import MergeTarget, place_entries
@@ -41,6 +43,7 @@ class MergeResult:
     merged: int  # checkpoint tensors written from the adapter
     adapter_entries: int
     notes: tuple[str, ...]
+    quant_errors: tuple[QuantError, ...] = ()  # FP8 tensors merged: what requantising cost
 
 
 def merge_adapter(ckpt: Checkpoint, adapter_dir: Path, out: Path, *, overwrite: bool = False,
@@ -51,14 +54,18 @@ def merge_adapter(ckpt: Checkpoint, adapter_dir: Path, out: Path, *, overwrite: 
     settings = read_lora_config(Path(adapter_dir))
     weights = AdapterFile(weights_path(Path(adapter_dir)))
     try:
+        packed = sorted(n for n, q in quantised_tensors(ckpt).items() if q.format.transposed)
+        if packed and settings.target_parameters:
+            raise AbliterateError(f"merging into MXFP4 experts ({packed[0]}, ...) is not supported: edit the weights "
+                                  "with `abliterate apply` (it edits them in MXFP4), or merge into a bf16 release")
         targets = place_entries(ckpt, settings, weights)
         plan = _merge_plan(ckpt, targets)
         with atomic_folder(Path(out), overwrite=overwrite) as tmp:
-            _write_checkpoint(ckpt, plan, targets, weights, tmp, max_memory, quiet)
+            errors = _write_checkpoint(ckpt, plan, targets, weights, tmp, max_memory, quiet)
             notes = _pass_on_manifest(ckpt, Path(adapter_dir), tmp)
     finally:
         weights.close()
-    return MergeResult(Path(out), len(targets), len(weights.infos), (*plan.notes, *notes))
+    return MergeResult(Path(out), len(targets), len(weights.infos), (*plan.notes, *notes), errors)
 
 
 def _merge_plan(ckpt: Checkpoint, targets: dict[str, MergeTarget]) -> EditPlan:
@@ -68,10 +75,16 @@ def _merge_plan(ckpt: Checkpoint, targets: dict[str, MergeTarget]) -> EditPlan:
     except AbliterateError:
         arch = None
     edits = {}
+    quantised = quantised_tensors(ckpt)
     for name, target in targets.items():
         shard, info = ckpt.tensors[name]
         component = "embed" if target.embedding else "merge"
-        edits[name] = TensorEdit(name, shard, info, component, None, -1, 1.0)
+        q = quantised.get(name)
+        if q is not None and (q.format.transposed or target.replacement):
+            raise AbliterateError(f"merging into {q.format.method} tensor {name} is not supported: edit the weights "
+                                  "with `abliterate apply` (it edits them in their own format), or merge into a "
+                                  "bf16 release")
+        edits[name] = TensorEdit(name, shard, q.values if q else info, component, None, -1, 1.0, q)
     if arch is None:
         tied = ckpt.tied_flag
         if tied and any(t.embedding for t in targets.values()):
@@ -84,18 +97,20 @@ def _merge_plan(ckpt: Checkpoint, targets: dict[str, MergeTarget]) -> EditPlan:
 
 
 def _write_checkpoint(ckpt: Checkpoint, plan: EditPlan, targets: dict[str, MergeTarget], weights: AdapterFile,
-                      tmp: Path, max_memory: int, quiet: bool) -> None:
+                      tmp: Path, max_memory: int, quiet: bool) -> tuple[QuantError, ...]:
     """Shards as `apply` writes them (same layout, same streaming), then index, config, other files."""
+    errors: list[QuantError | None] = []
     with tqdm(total=output_size(ckpt, plan), unit="B", unit_scale=True, desc="merging", disable=quiet,
               file=sys.stderr) as bar:
-        write_shards(ckpt, plan, tmp, lambda out: _merge_tensor(out, targets[out.edit.name], weights),
+        write_shards(ckpt, plan, tmp, lambda out: errors.append(_merge_tensor(out, targets[out.edit.name], weights)),
                      max_memory=max_memory, progress=bar.update)
     write_index(ckpt, plan, tmp)
     write_config(ckpt, plan, tmp)
     copy_other_files(ckpt, tmp)
+    return tuple(e for e in errors if e is not None)
 
 
-def _merge_tensor(out: StreamTarget, target: MergeTarget, weights: AdapterFile) -> None:
+def _merge_tensor(out: StreamTarget, target: MergeTarget, weights: AdapterFile) -> QuantError | None:
     """Stream one tensor: rows of [rows, last dim] within the budget, each block widened, added to, rounded back.
 
     A saved replacement (a bias carried by the adapter) is read from the adapter file instead of the base."""
@@ -104,6 +119,11 @@ def _merge_tensor(out: StreamTarget, target: MergeTarget, weights: AdapterFile) 
     pieces = [(p.start, p.stop, *p.factors()) for p in target.pieces]
     if not all(np.isfinite(u).all() and np.isfinite(v).all() for _, _, u, v in pieces):
         raise AbliterateError(f"the adapter's factors for {out.edit.name} hold NaN or inf; the adapter is broken")
+    if out.edit.quant is not None:  # FP8: dequantised rows, the delta added in float32, quantised again
+        def change(first: int, w: np.ndarray) -> None:
+            _add_delta(w, (first, first + w.shape[0]), pieces)
+        return write_quantised(out, None, chunks=lambda stack: changed_quantised(
+            out.edit.quant, change, out.budget, stack, out.buffers.take))
     cols = out_info.shape[-1] if out_info.shape else 1
     dtype = np.float64 if "F64" in (src_info.dtype, out_info.dtype) else np.float32
     for chunk in plan_chunks(out_info, -1, cols, out.budget):

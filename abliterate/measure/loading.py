@@ -80,6 +80,22 @@ def cpu_computes(dtype: torch.dtype) -> bool:
     return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
 
 
+def dequantised_on_cpu(config, target: str) -> dict:
+    """FP8 block-scaled and MXFP4 checkpoints on a CPU: transformers' own dequantisation (value x block scale) at
+    load, asked for explicitly (it would otherwise try MXFP4 kernels from the Hub where triton is installed)."""
+    quantisation = getattr(config, "quantization_config", None)
+    method = quantisation.get("quant_method") if isinstance(quantisation, dict) else None
+    if target != "cpu" or method not in ("fp8", "mxfp4"):
+        return {}
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    if method == "fp8":
+        keep = {k: quantisation[k] for k in ("weight_block_size", "modules_to_not_convert") if k in quantisation}
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True, **keep)}
+    return {"quantization_config": Mxfp4Config(dequantize=True,
+                                               modules_to_not_convert=quantisation.get("modules_to_not_convert"))}
+
+
 def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
     from transformers import AutoConfig
@@ -108,6 +124,7 @@ def load_model(source: str | Path, *, dtype: str = "auto", device: str = "auto",
         model = auto_class.from_pretrained(
             name, dtype=compute_dtype(config, dtype, target), use_safetensors=True,
             trust_remote_code=trust_remote_code, **(dispatch or {"device_map": None if target == "cpu" else target}),
+            **dequantised_on_cpu(config, target),
         )
     except OSError as e:
         raise AbliterateError(f"cannot load {name}: {first_line(e)}") from None

@@ -42,6 +42,10 @@ def _writers(model: torch.nn.Module, arch: Arch) -> Iterator[tuple[str, str, int
     if any(p.device.type == "meta" for p in model.parameters()):
         raise AbliterateError("norm-preserving hooks read the writers' weights, which --device-map offloaded; run "
                               "without offloading, or edit with `apply --norm-preserve`")
+    quantised = next((n for n, m in model.named_modules() if type(m).__name__.startswith(("FP8", "Mxfp4"))), None)
+    if quantised is not None:
+        raise AbliterateError(f"{quantised} runs FP8/MXFP4 on this device: norm-preserving hooks need its weights in "
+                              "float (on a CPU they are dequantised); edit with `apply --norm-preserve`")
     fused = next((n for n, p in model.named_parameters() if p.ndim > 2 and "experts" in n), None)
     if fused is not None:
         raise AbliterateError(
