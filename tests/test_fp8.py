@@ -210,7 +210,7 @@ def test_whole_job_extracts_edits_and_evaluates_an_fp8_checkpoint_in_its_format(
     import shutil
 
     from abliterate.demo.toy import toy_prompts
-    from abliterate.jobs.whole_job import RunOptions
+    from abliterate.jobs.run_options import RunOptions
     from abliterate.jobs.whole_job import run as run_job
 
     folder = tmp_path / "toy-fp8"

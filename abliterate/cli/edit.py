@@ -116,7 +116,7 @@ def _apply_adapter(ckpt: Checkpoint, direction_path: Path, biproject: bool, out:
 def _apply_weights(ckpt: Checkpoint, direction_path: Path, biproject: bool, out: Path, options: EditOptions,
                    max_memory: int, overwrite: bool, quiet: bool) -> None:
     from abliterate.edit.plan import plan_edit
-    from abliterate.edit.quantised import summarise
+    from abliterate.edit.requantise import summarise
     from abliterate.edit.weights import apply_edit
 
     direction = _load(ckpt, direction_path, biproject)
@@ -179,7 +179,7 @@ def merge(**params) -> None:
                            max_memory=opts.max_memory, quiet=opts.quiet)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    from abliterate.edit.quantised import summarise
+    from abliterate.edit.requantise import summarise
 
     summarise(result.quant_errors, click.echo)
     click.echo(f"merged {result.adapter_entries} adapter tensors into {result.merged} tensors; wrote {result.out}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from abliterate.edit import quant_codec as codec
 from abliterate.edit.projection import Chunk, NonFiniteError, Scratch
-from abliterate.edit.quantised import QuantFile, edited_quantised
+from abliterate.edit.requantise import QuantFile, edited_quantised
 from abliterate.io.quantised import QuantTensor
 
 SCALE_TOLERANCE = 1e-5  # relative: the float32 arithmetic of the editor against the recomputation

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from abliterate.edit.manifest import EditManifest, ManifestEdit
 from abliterate.edit.plan import EditPlan
 from abliterate.edit.projection import NonFiniteError, iter_edited_chunks
-from abliterate.edit.quantised import QuantError, write_quantised
+from abliterate.edit.requantise import QuantError, write_quantised
 from abliterate.edit.shard_writer import Target, copy_other_files, output_size, write_config, write_index, write_shards
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint

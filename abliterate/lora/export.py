@@ -47,7 +47,7 @@ from abliterate.edit.projection import (
     row_coefficients,
     widen,
 )
-from abliterate.edit.quantised import chunk_reader
+from abliterate.edit.requantise import chunk_reader
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME, keep_direction, write_manifest
 from abliterate.errors import AbliterateError
 from abliterate.io.checkpoint import Checkpoint

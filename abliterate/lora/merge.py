@@ -25,7 +25,7 @@ from abliterate.arch.table import arch_for_config
 from abliterate.edit.manifest import read_manifest
 from abliterate.edit.plan import EditOptions, EditPlan, TensorEdit, plan_tied_embeddings
 from abliterate.edit.projection import BLOCK_ELEMENTS, STORAGE, narrow_into, plan_chunks, read_stored, widen
-from abliterate.edit.quantised import QuantError, changed_quantised, write_quantised
+from abliterate.edit.requantise import QuantError, changed_quantised, write_quantised
 from abliterate.edit.shard_writer import Target as StreamTarget
 from abliterate.edit.shard_writer import copy_other_files, output_size, write_config, write_index, write_shards
 from abliterate.edit.weights import DEFAULT_MAX_MEMORY, DIRECTION_NAME
