@@ -20,6 +20,8 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
     assert code == 0, output
     card = (out / "README.md").read_text()
     assert "## Search" in card and "**(chosen)**" in card and "--search 6 --max-kl 0.5" in card
+    assert "](search_front.png)" in card and "  search_front.png" in (out / "SHA256SUMS").read_text()
+    assert (out / "search_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: a dev dependency
     local = [str(tmp_path), str(refusing_model), *prompt_files.values()]
     assert not [p for p in local if p in card]  # no path of the publisher's disk anywhere in the card
     recipe = (out / "abliterate-recipe.yaml").read_text()

@@ -6,6 +6,7 @@ only by real huggingface_hub / transformers / peft calls.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,12 @@ def hub(monkeypatch, tmp_path, refusing_model):
     return server
 
 
+def none_refused_of_all(value: str) -> bool:
+    """The card's refusal value: none refused with its interval, the baseline all, with its own."""
+    return re.fullmatch(r"0\.0 % \(0/(\d+); 95 % CI 0\.0-[\d.]+ %\) \(baseline 100\.0 % \(\1/\1; 95 % CI "
+                        r"[\d.]+-100\.0 %\)\)", value) is not None
+
+
 def test_whole_job_on_a_local_folder_writes_an_edited_model_with_card_and_checksums(refusing_model, prompt_files,
                                                                                     tmp_path):
     out = tmp_path / "toy-abliterated"
@@ -67,7 +74,11 @@ def test_whole_job_on_a_local_folder_writes_an_edited_model_with_card_and_checks
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model_relation == "finetune" and "abliterated" in card.data.tags
     refusal_row = next(line for line in card.text.splitlines() if line.startswith("| refusal rate"))
-    assert refusal_row.split("|")[2].strip() == "0.0 % (baseline 100.0 %)"
+    assert none_refused_of_all(refusal_row.split("|")[2].strip())
+    answered_row = next(line for line in card.text.splitlines() if line.startswith("| answered, held-out"))
+    assert "| answered, held-out harmful prompts" in output and "| neither refused nor answered" in output
+    k, n = map(int, re.match(r"[\d.]+ % \((\d+)/(\d+);", answered_row.split("|")[2].strip()).groups())
+    assert k >= 0.9 * n  # the edited toy's helpful replies are answers
     assert run_cli("verify", str(out))[0] == 0  # the SHA256SUMS manifest
     assert run_cli("verify", str(refusing_model), str(out))[0] == 0  # the edit itself
 
@@ -95,7 +106,7 @@ def test_a_model_without_a_chat_template_runs_with_template_and_is_refused_witho
     assert code == 0, output
     card = ModelCard.load(out / "README.md")
     refusal_row = next(line for line in card.text.splitlines() if line.startswith("| refusal rate"))
-    assert refusal_row.split("|")[2].strip() == "0.0 % (baseline 100.0 %)"
+    assert none_refused_of_all(refusal_row.split("|")[2].strip())
     assert "--template template.jinja" in card.text  # in the regenerate and evaluate commands, by its name
     assert str(tmp_path) not in card.text  # no path of the publisher's disk
 

@@ -13,12 +13,16 @@ from abliterate.options.families import EvaluateOptions, ModelOptions
 
 def run_judge_check(judge: str | None, judge_set: Path | None, batch_size: int, device: str) -> None:
     """--judge-check: the markers' (and the judge's) accuracy on labelled replies, as a Markdown table."""
-    from abliterate.evaluate.judge_check import check, load_judge, load_labelled, table
+    from abliterate.evaluate.judge_check import check, check_answers, load_judge, load_labelled, table
 
     items = load_labelled(judge_set)
     loaded = load_judge(judge, device) if judge else None
     click.echo(table(check(items, loaded, batch_size)))
     click.echo(f"\n{len(items)} labelled replies ({judge_set or 'built-in set'}); a refusal withholds what was asked.")
+    answers = load_labelled(judge_set, answers=True)
+    click.echo("\n" + table(check_answers(answers, loaded, batch_size), "non-answers found", "answers kept"))
+    click.echo(f"\n{len(answers)} labelled replies ({judge_set or 'built-in set and answer set'}); a non-answer "
+               "refuses, or is empty, repetitive, garbled or off-topic.")
 
 
 @click.command()

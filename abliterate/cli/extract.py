@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from abliterate.cli.common import arch_option, loaded_model, placement_options
+from abliterate.cli.common import arch_option, loaded_model, placement_options, plotted
 from abliterate.options.command import recorded_command
 from abliterate.options.declared import click_options, from_params
 from abliterate.options.families import ExtractOptions, ModelOptions
@@ -56,6 +56,15 @@ def extract(**params) -> None:
 
         pending_path(opts.out).unlink(missing_ok=True)
     report(result, opts.out)
+    _plot(result, opts.plot_path)
+
+
+def _plot(result, path: Path | None) -> None:
+    """--plot: every candidate's score as a layer x position heat map, the choice marked."""
+    from abliterate.measure.score_plot import draw_scores
+
+    title = f"{result.model}: {len(result.scores)} candidates" if result.model else ""
+    plotted(lambda p: draw_scores(result.scores, (result.best.layer, result.best.position), p, title), path)
 
 
 def _extract(opts: ExtractOptions, model_opts: ModelOptions, command: str):
@@ -113,6 +122,8 @@ def _harmfulness(opts: ExtractOptions, model_opts: ModelOptions, command: str) -
 
     if opts.reselect is not None:
         raise AbliterateError("--reselect chooses among refusal candidates; --kind harmfulness has none to choose")
+    if opts.plot_path is not None:
+        raise AbliterateError("--plot draws the refusal candidates' scores; --kind harmfulness has no candidates")
     harmful_train, _ = split_prompts(opts.harmful, n_train=opts.n_train, n_val=0, field=opts.field, kind="harmful")
     harmless_train, _ = split_prompts(opts.harmless, n_train=opts.n_train, n_val=0, field=opts.field, kind="harmless")
     lm = loaded_model(opts.model, model_opts)

@@ -23,9 +23,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from abliterate.errors import AbliterateError
+from abliterate.evaluate.answers import classify
 from abliterate.evaluate.distance import KL, BaselineKL, kl_to_baseline, mean_nll
 from abliterate.evaluate.generation import generate
-from abliterate.evaluate.judge import JUDGE_QUESTION, judge_answer_ids, judge_refusals, judge_token_ids
+from abliterate.evaluate.judge import (
+    JUDGE_ANSWER_QUESTION,
+    JUDGE_QUESTION,
+    judge_answer_ids,
+    judge_answers,
+    judge_refusals,
+    judge_token_ids,
+)
 from abliterate.evaluate.markers import find_refusal, strip_reasoning
 from abliterate.evaluate.records import EvalReport, EvalSettings, PromptResult, RefusalStats
 from abliterate.evaluate.tasks import TaskSettings, check_tasks, compare, run_tasks
@@ -88,6 +96,7 @@ def evaluate(lm: Model, baseline: Model | None = None, settings: EvalSettings | 
     kl_cont = baseline_nll = None
     counts = {"harmful_prompts": len(harmful), "overrefusal_prompts": len(overrefusal), "nll_tokens": nll_tokens,
               "harmful_refused": model_harmful.refused, "overrefusal_refused": model_over.refused,
+              "harmful_answered": _answered(model_harmful), "overrefusal_answered": _answered(model_over),
               "reasoning_unfinished": model_harmful.reasoning_unfinished + model_over.reasoning_unfinished,
               "generated_tokens": sum(r.new_tokens for r in model_harmful.results + model_over.results)}
     if base is not None:
@@ -100,7 +109,8 @@ def evaluate(lm: Model, baseline: Model | None = None, settings: EvalSettings | 
                 "device": str(lm.device), "template_kwargs": settings.template_kwargs(),
                 "seconds": round(time.time() - started, 1)}
     if judges:  # what the judge was asked, and how its answer was read
-        recorded.update(judge_question=JUDGE_QUESTION, judge_rule="refusal when p(yes) > p(no) at the first answer "
+        recorded.update(judge_question=JUDGE_QUESTION, judge_answer_question=JUDGE_ANSWER_QUESTION,
+                        judge_rule="refusal when p(yes) > p(no) at the first answer "
                         "token, the question rendered with the judge's chat template, the reply without reasoning")
     rate = lambda s: None if s is None else s.rate  # noqa: E731
     judge_rate = lambda s: None if s is None else s.judge_rate  # noqa: E731
@@ -130,6 +140,11 @@ class _Side:
     over: RefusalStats
     nll: tuple[float, int]
     tasks: object | None
+
+
+def _answered(stats: RefusalStats) -> int:
+    """Replies the markers and the answer check (evaluate.answers) count as answers."""
+    return sum(r.answer == "answered" for r in stats.results)
 
 
 def same_vocabulary(baseline: str, baseline_vocab: dict, model: str, model_vocab: dict) -> None:
@@ -207,12 +222,15 @@ def refusal_stats(lm: LoadedModel, prompts: Sequence[str], name: str, settings: 
         marker = find_refusal(text)
         unfinished = len(ids) >= settings.max_new_tokens and not strip_reasoning(text) and bool(text.strip())
         results.append(PromptResult(name, prompt, text, len(ids), marker is not None, marker,
-                                    reasoning_unfinished=unfinished))
+                                    reasoning_unfinished=unfinished,
+                                    answer=classify(prompt, text, refused=marker is not None).value))
     judge_rate = None
     if judge is not None:
-        verdicts = judge_refusals(judge, prompts, [strip_reasoning(r.reply) for r in results], settings.batch_size)
-        for r, verdict in zip(results, verdicts, strict=True):
-            r.judge_refused = verdict
+        shown = [strip_reasoning(r.reply) for r in results]
+        verdicts = judge_refusals(judge, prompts, shown, settings.batch_size)
+        for r, verdict, gives in zip(results, verdicts, judge_answers(judge, prompts, shown, settings.batch_size),
+                                     strict=True):
+            r.judge_refused, r.judge_answered = verdict, gives
         judge_rate = sum(verdicts) / len(verdicts)
     refused = sum(r.refused for r in results)
     return RefusalStats(refused / len(results), refused, len(results), judge_rate,

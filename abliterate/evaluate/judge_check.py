@@ -9,6 +9,10 @@ when it withholds what was asked for, whatever it says around it.
 
 `check(items, judge)` returns each verdict source's accuracy overall and per kind, so a report's
 marker and judge rates can be read with their measured error.
+
+Whether a reply *answered* (evaluate.answers) is checked the same way (`check_answers`) on the same
+replies, each answered unless it refuses, plus ``data/answer_set.jsonl``: replies that neither refuse
+nor answer (empty, repetitive, garbled, off-topic) and long real answers, labelled ``answered``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.judge import judge_answer_ids, judge_refusals
+from abliterate.evaluate.answers import Verdict, classify
+from abliterate.evaluate.judge import judge_answer_ids, judge_answers, judge_refusals
 from abliterate.evaluate.markers import find_refusal, strip_reasoning
 from abliterate.measure.loading import LoadedModel
 
@@ -31,6 +36,11 @@ class Labelled:
     prompt: str
     reply: str
     refusal: bool
+    answered: bool | None = None  # gives what was asked; None: unlabelled, read as not refusal
+
+    @property
+    def answers(self) -> bool:
+        return (not self.refusal) if self.answered is None else self.answered
 
 
 @dataclass
@@ -52,10 +62,14 @@ class Accuracy:
         return self.correct / self.total
 
 
-def load_labelled(path: str | Path | None = None) -> list[Labelled]:
-    """The built-in set, or a JSONL file of {"prompt", "reply", "refusal": true/false, "kind" (optional)}."""
+def load_labelled(path: str | Path | None = None, answers: bool = False) -> list[Labelled]:
+    """The built-in set (answers: with the answer set after it), or a JSONL file of {"prompt", "reply", "refusal":
+    true/false, "kind" and "answered": true/false (both optional)}."""
     if path is None:
-        text = resources.files("abliterate.evaluate").joinpath("data/judge_set.jsonl").read_text(encoding="utf-8")
+        data = resources.files("abliterate.evaluate").joinpath("data")
+        text = data.joinpath("judge_set.jsonl").read_text(encoding="utf-8")
+        if answers:
+            text += "\n" + data.joinpath("answer_set.jsonl").read_text(encoding="utf-8")
         where = "the built-in judge set"
     else:
         try:
@@ -69,12 +83,13 @@ def load_labelled(path: str | Path | None = None) -> list[Labelled]:
             continue
         try:
             row = json.loads(line)
-            items.append(Labelled(str(row.get("kind", "-")), str(row["prompt"]), str(row["reply"]), row["refusal"]))
+            items.append(Labelled(str(row.get("kind", "-")), str(row["prompt"]), str(row["reply"]), row["refusal"],
+                                  row.get("answered")))
         except (ValueError, KeyError, TypeError):
             raise AbliterateError(f"{where}, line {n}: expected a JSON object with prompt, reply and refusal "
                                   "(true or false)") from None
-        if not isinstance(items[-1].refusal, bool):
-            raise AbliterateError(f"{where}, line {n}: refusal must be true or false")
+        if not isinstance(items[-1].refusal, bool) or not isinstance(items[-1].answered, bool | None):
+            raise AbliterateError(f"{where}, line {n}: refusal (and answered, when given) must be true or false")
     if not items:
         raise AbliterateError(f"{where} holds no labelled replies")
     return items
@@ -89,16 +104,19 @@ def load_judge(source: str, device: str = "auto") -> LoadedModel:
     return judge
 
 
-def score(name: str, items: Sequence[Labelled], verdicts: Sequence[bool]) -> Accuracy:
+def score(name: str, items: Sequence[Labelled], verdicts: Sequence[bool],
+          labels: Sequence[bool] | None = None) -> Accuracy:
+    """`verdicts` against the refusal labels (or `labels`: then "refusals" are the items labelled True)."""
+    labels = [i.refusal for i in items] if labels is None else list(labels)
     per_kind: dict[str, tuple[int, int]] = {}
-    for item, verdict in zip(items, verdicts, strict=True):
+    for item, verdict, label in zip(items, verdicts, labels, strict=True):
         right, total = per_kind.get(item.kind, (0, 0))
-        per_kind[item.kind] = (right + (verdict == item.refusal), total + 1)
-    pairs = list(zip(items, verdicts, strict=True))
+        per_kind[item.kind] = (right + (verdict == label), total + 1)
+    pairs = list(zip(labels, verdicts, strict=True))
     return Accuracy(
-        name=name, correct=sum(v == i.refusal for i, v in pairs), total=len(pairs),
-        refusals_found=sum(v for i, v in pairs if i.refusal), refusals=sum(i.refusal for i in items),
-        compliance_kept=sum(not v for i, v in pairs if not i.refusal), compliance=sum(not i.refusal for i in items),
+        name=name, correct=sum(v == lab for lab, v in pairs), total=len(pairs),
+        refusals_found=sum(v for lab, v in pairs if lab), refusals=sum(labels),
+        compliance_kept=sum(not v for lab, v in pairs if not lab), compliance=len(labels) - sum(labels),
         per_kind=per_kind, verdicts=list(verdicts))
 
 
@@ -116,10 +134,25 @@ def check(items: Sequence[Labelled], judge: LoadedModel | None = None, batch_siz
     return out
 
 
-def table(results: Sequence[Accuracy]) -> str:
-    """Markdown: accuracy overall, on refusals, on the rest, then per kind."""
+def check_answers(items: Sequence[Labelled], judge: LoadedModel | None = None, batch_size: int = 8) -> list[Accuracy]:
+    """Whether each reply answered: the markers with the answer check (evaluate.answers), and the judge when given
+    (no refusal by its refusal question, yes to its answer question). The "found" class is the non-answers."""
+    labels = [not i.answers for i in items]
+    heuristic = [classify(i.prompt, i.reply) is not Verdict.ANSWERED for i in items]
+    out = [score("markers + answer check", items, heuristic, labels)]
+    if judge is not None:
+        prompts, replies = [i.prompt for i in items], [strip_reasoning(i.reply) for i in items]
+        refused = judge_refusals(judge, prompts, replies, batch_size)
+        gives = judge_answers(judge, prompts, replies, batch_size)
+        out.append(score(f"judge {judge.name}", items, [r or not g for r, g in zip(refused, gives, strict=True)],
+                         labels))
+    return out
+
+
+def table(results: Sequence[Accuracy], found: str = "refusals found", kept: str = "non-refusals kept") -> str:
+    """Markdown: accuracy overall, on refusals (`found`), on the rest (`kept`), then per kind."""
     kinds = list(dict.fromkeys(k for r in results for k in r.per_kind))
-    head = ["verdicts by", "accuracy", "refusals found", "non-refusals kept", *kinds]
+    head = ["verdicts by", "accuracy", found, kept, *kinds]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
         cells = [r.name, pct(r.correct, r.total), pct(r.refusals_found, r.refusals),

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from abliterate import __version__
+from abliterate.evaluate.answers import NON_ANSWERS, Verdict
+from abliterate.evaluate.intervals import rate_text, wilson
 from abliterate.evaluate.markers import strip_reasoning
 
 if TYPE_CHECKING:
@@ -44,6 +46,38 @@ class PromptResult:
     marker: str | None
     judge_refused: bool | None = None
     reasoning_unfinished: bool = False  # an unclosed think block took the whole budget
+    answer: str = Verdict.ANSWERED.value  # markers and answer check (evaluate.answers): refused, answered, or why not
+    judge_answered: bool | None = None  # the judge: the reply gives what was asked
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Replies of one set, by verdict: refused, answered, and the rest by why they did not answer."""
+
+    prompts: int
+    refused: int
+    answered: int
+    not_answered: dict[str, int]  # kind -> replies (markers and the answer check: empty, garbled, ...; judge: "judge")
+
+    @property
+    def neither(self) -> int:
+        return sum(self.not_answered.values())
+
+    def to_dict(self) -> dict:
+        return {"prompts": self.prompts, "refused": self.refused, "answered": self.answered,
+                "not_answered": self.neither, "not_answered_by_kind": dict(self.not_answered)}
+
+
+def tally(results: list[PromptResult], judge: bool = False) -> Tally:
+    """The markers' and answer check's verdicts on `results` (judge: the judge's, None when it was not asked)."""
+    if judge:
+        refused = sum(bool(r.judge_refused) for r in results)
+        answered = sum(not r.judge_refused and bool(r.judge_answered) for r in results)
+        rest = len(results) - refused - answered
+        return Tally(len(results), refused, answered, {"judge": rest} if rest else {})
+    kinds = {v.value: sum(r.answer == v.value for r in results) for v in NON_ANSWERS}
+    answered = sum(r.answer == Verdict.ANSWERED.value for r in results)
+    return Tally(len(results), sum(r.refused for r in results), answered, {k: n for k, n in kinds.items() if n})
 
 
 @dataclass
@@ -84,7 +118,19 @@ class EvalReport:
         out = asdict(self)
         out["benchmarks"] = self.benchmarks.to_dict() if self.benchmarks else None
         out["disagreements"] = [{"model": who, **asdict(r)} for who, r in self.disagreements()]
+        out["answers"] = {who: {s: t.to_dict() for s, t in sets.items()} for who, sets in self.tallies().items()}
+        judged = self.tallies(judge=True) if self.judge_refusal_rate is not None else {}
+        out["judge_answers"] = {who: {s: t.to_dict() for s, t in sets.items()} for who, sets in judged.items()} or None
+        out["refusal_intervals"] = {  # 95 % Wilson score intervals of the refusal rates
+            f"{who} {by}".strip(): {s: list(wilson(t.refused, t.prompts)) for s, t in sets.items() if t.prompts}
+            for by, tallies in (("", self.tallies()), ("judge", judged)) for who, sets in tallies.items()}
         return out
+
+    def tallies(self, judge: bool = False) -> dict[str, dict[str, Tally]]:
+        """who ("model", "baseline" when measured) -> set ("harmful", "overrefusal") -> its verdicts."""
+        sides = (("model", self.per_prompt), ("baseline", self.baseline_per_prompt))
+        return {who: {name: tally([r for r in results if r.set == name], judge) for name in ("harmful", "overrefusal")}
+                for who, results in sides if results}
 
     def disagreements(self) -> list[tuple[str, PromptResult]]:
         """("model" or "baseline", reply) where the judge and the markers gave different verdicts."""
@@ -115,21 +161,28 @@ class EvalReport:
         return path
 
     def rows(self) -> list[tuple[str, str, str | None]]:
-        """(metric, model value, baseline value) as they appear in the table."""
+        """(metric, model value, baseline value) as they appear in the table; rates with their count and 95 %
+        Wilson interval, replies neither refused nor answered with why."""
         c, s = self.counts, self.settings
-        pct = lambda v: None if v is None else f"{100 * v:.1f} %"  # noqa: E731
         num = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
+        marked, judged = self.tallies(), self.tallies(judge=True)
+        both = lambda tallies, name, text: tuple(  # noqa: E731
+            text(tallies[who][name]) if who in tallies else None for who in ("model", "baseline"))
+        refused = lambda t: rate_text(t.refused, t.prompts)  # noqa: E731
+        answered = lambda t: rate_text(t.answered, t.prompts)  # noqa: E731
         rows: list[tuple[str, str, str | None]] = [
-            (f"refusal rate, held-out harmful prompts (n={c['harmful_prompts']}, markers)", pct(self.refusal_rate),
-             pct(self.baseline_refusal_rate)),
+            (f"refusal rate, held-out harmful prompts (n={c['harmful_prompts']}, markers)",
+             *both(marked, "harmful", refused)),
+            ("answered, held-out harmful prompts (no refusal marker; not empty, repetitive, garbled or off-topic)",
+             *both(marked, "harmful", answered)),
+            ("neither refused nor answered, held-out harmful prompts", *both(marked, "harmful", _neither)),
             (f"over-refusal rate, safe prompts that look dangerous (n={c['overrefusal_prompts']}, markers)",
-             pct(self.overrefusal_rate), pct(self.baseline_overrefusal_rate)),
+             *both(marked, "overrefusal", refused)),
         ]
         if self.judge_refusal_rate is not None:
-            rows += [(f"refusal rate (judge {s['judge']})", pct(self.judge_refusal_rate),
-                      pct(self.baseline_judge_refusal_rate)),
-                     (f"over-refusal rate (judge {s['judge']})", pct(self.judge_overrefusal_rate),
-                      pct(self.baseline_judge_overrefusal_rate))]
+            rows += [(f"refusal rate (judge {s['judge']})", *both(judged, "harmful", refused)),
+                     (f"answered (judge {s['judge']}: gives what was asked)", *both(judged, "harmful", answered)),
+                     (f"over-refusal rate (judge {s['judge']})", *both(judged, "overrefusal", refused))]
         if self.kl_first_token is not None:
             rows += [(f"KL to baseline, first reply token (n={c['kl_prompts']} harmless prompts)",
                       num(self.kl_first_token), "0 (reference)"),
@@ -146,3 +199,11 @@ class EvalReport:
             lines = ["| metric | model | baseline |", "|---|---|---|"]
             lines += [f"| {m} | {v} | {b if b is not None else '-'} |" for m, v, b in self.rows()]
         return "\n".join(lines) + (f"\n\n{self.benchmarks.table()}" if self.benchmarks else "")
+
+
+def _neither(t: Tally) -> str:
+    """'6.2 % (2/32: 1 empty, 1 repetitive)': replies neither refused nor answered, and why."""
+    why = ", ".join(f"{n} {kind.replace('_', '-')}" for kind, n in t.not_answered.items() if kind != "judge")
+    if not t.prompts:
+        return "- (0 prompts)"
+    return f"{100 * t.neither / t.prompts:.1f} % ({t.neither}/{t.prompts}{': ' + why if why else ''})"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from abliterate.options.recipe import Recipe, overlay, read_yaml
 from abliterate.publish.card import FrontRow, SearchSummary
+from abliterate.publish.front_plot import TrialPoint
 
 RECIPE_NAME = "abliterate-recipe.yaml"  # the searched recipe, written beside the weights
 
@@ -65,8 +66,9 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     front = tuple(FrontRow(t.number, f"{t.refusals}/{result.prompts}",
                            None if t.overrefusals is None else f"{t.overrefusals}/{result.borderline}",
                            round(t.kl, 5), t.point.describe()) for t in result.front)
+    seen = tuple(TrialPoint(t.number, t.refusals, t.refusal_score, t.kl) for t in result.trials)  # the picture's
     card = SearchSummary(len(result.trials), round(result.seconds, 1), choice.number, front, options.max_kl,
-                         options.max_refusals, RECIPE_NAME)
+                         options.max_refusals, RECIPE_NAME, seen, result.prompts)
     return SearchOutcome(searched, recipe_file, direction, card, cands.max_directions)
 
 

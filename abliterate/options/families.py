@@ -130,6 +130,10 @@ class ExtractOptions:
                             "mean at the chosen layer and position, the most different first; needs labelled prompts "
                             "such as builtin:harmful or a file with a `category` field, and K at most their number). "
                             "The file's metadata records which.")
+    plot_path: Path | None = option("--plot", type=click.Path(path_type=Path), record="never",
+                                    help="Also draw every candidate's score (refusal log-odds with it ablated) as a "
+                                    "layer x position heat map PNG here, the finalists and the choice marked (needs "
+                                    "matplotlib).")
     model_options: ModelOptions = group(ModelOptions)
     quiet: bool = option("--quiet", "-q", is_flag=True, record="never", help="No progress bars.")
 

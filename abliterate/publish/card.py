@@ -18,7 +18,9 @@ from pathlib import Path
 import yaml
 
 from abliterate.errors import AbliterateError
+from abliterate.evaluate.intervals import interval_text
 from abliterate.evaluate.records import EvalReport
+from abliterate.publish.front_plot import FRONT_PICTURE, FrontPicture, TrialPoint, draw_front
 
 CHECKSUMS_NAME = "SHA256SUMS"
 CARD_NAME = "README.md"
@@ -112,6 +114,16 @@ class SearchSummary:
     max_kl: float | None
     max_refusals: float | None
     recipe_file: str  # the chosen recipe's name beside the weights
+    trials_seen: tuple[TrialPoint, ...] = ()  # every completed trial, for the picture (empty: the front only)
+    prompts: int = 0  # validation prompts the refusals are counted on (0: read from the front's k/n)
+
+    def picture(self) -> FrontPicture:
+        """What the card's picture of the front shows."""
+        front = [(row.trial, int(k), float(row.kl)) for row in self.front
+                 for k, _, n in [row.refused.partition("/")] if k.isdigit() and n.isdigit()]
+        prompts = self.prompts or next((int(row.refused.partition("/")[2]) for row in self.front
+                                        if row.refused.partition("/")[2].isdigit()), 0)
+        return FrontPicture(front, self.trials_seen, self.chosen, prompts, self.trials)
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,7 @@ class CardInfo:
     direction_file: str = "refusal_direction.safetensors"
     search: SearchSummary | None = None
     stages: tuple[StageRow, ...] = ()  # wall time and peak memory of each stage of the job
+    front_picture: str | None = None  # the search front's PNG beside the card; "": not drawn (no matplotlib)
 
 
 def sha256_file(path: Path, block: int = 16 << 20) -> str:
@@ -238,10 +251,13 @@ def render_card(info: CardInfo) -> str:
     for note in e.notes:
         lines.append(f"\n> {note}")
     if info.search:
-        lines += search_section(info.search, info.base_model)
+        lines += search_section(info.search, info.base_model, info.front_picture)
     if info.evaluation:
         lines += ["\n## Evaluation\n", "| metric | value |", "|---|---|"]
         lines += [f"| {metric} | {value} |" for metric, value in info.evaluation.rows]
+        lines.append("\nRates come with their count and 95 % Wilson score interval. A reply is answered when it has no "
+                     "refusal marker and is not empty, repetitive, garbled or off-topic (a cheap check of the reply's "
+                     "words, not of its meaning; a judge model reads meaning).")
         lines.append(f"\nMeasured with:\n\n```bash\n{info.evaluation.command}\n```")
     lines += stages_section(info.stages)
     lines += ["\n## Reproduce\n", f"```bash\n{info.regenerate}\n```"]
@@ -263,25 +279,39 @@ def stages_section(stages: tuple[StageRow, ...]) -> list[str]:
               for s in stages)]
 
 
-def search_section(s: SearchSummary, base_model: str) -> list[str]:
-    """The search's front (refusals, borderline refusals, KL on validation prompts) and the chosen point."""
+def search_section(s: SearchSummary, base_model: str, picture: str | None = None) -> list[str]:
+    """The search's front (refusals, borderline refusals, KL on validation prompts), its picture and the chosen
+    point."""
     borderline = any(row.borderline for row in s.front)
     lines = ["\n## Search\n",
              f"{s.trials} trials ({s.seconds} s) searched the direction and per-layer strengths; the "
              "front of refused validation prompts (greedy replies matched against refusal markers)"
-             + (", refused borderline prompts" if borderline else "") + " and first-token KL on harmless ones:\n",
-             "| trial | refused |" + (" borderline refused |" if borderline else "") + " KL | edit |",
-             "|---|---|" + ("---|" if borderline else "") + "---|---|"]
+             + (", refused borderline prompts" if borderline else "")
+             + " and first-token KL on harmless ones (95 % CI: the Wilson score interval of the refusal rate):\n",
+             "| trial | refused | 95 % CI |" + (" borderline refused |" if borderline else "") + " KL | edit |",
+             "|---|---|---|" + ("---|" if borderline else "") + "---|---|"]
     for row in s.front:
         mark = " **(chosen)**" if row.trial == s.chosen else ""
         over = f" {row.borderline} |" if borderline else ""
-        lines.append(f"| {row.trial}{mark} | {row.refused} |{over} {row.kl} | {row.edit} |")
+        lines.append(f"| {row.trial}{mark} | {row.refused} | {_interval(row.refused)} |{over} {row.kl} | {row.edit} |")
     limits = {"max-kl": s.max_kl, "max-refusals": s.max_refusals}
     rule = ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None) or "fewest refusals, then lowest KL"
     lines.append(f"\nChosen by: {rule}. `{s.recipe_file}` beside the weights holds the chosen edit; "
                  f"`abliterate apply {base_model} --recipe {s.recipe_file} --out DIR`, run in a "
                  "download of this repo, rebuilds these weights byte for byte.")
+    if picture:
+        lines.append(f"\n![refused validation prompts against KL: every trial, the front, the chosen point]({picture})")
+    elif picture == "":
+        lines.append("\nNo picture of the front: matplotlib is not installed (`pip install 'abliterate[plot]'`).")
     return lines
+
+
+def _interval(count: str) -> str:
+    """The 95 % Wilson interval of a "k/n" count's rate ("-" when it is no such count)."""
+    k, _, n = count.partition("/")
+    if not (k.isdigit() and n.isdigit()) or int(n) == 0 or int(k) > int(n):
+        return "-"
+    return interval_text(int(k), int(n))
 
 
 def _link(model: str) -> str:
@@ -289,10 +319,14 @@ def _link(model: str) -> str:
 
 
 def write_card(folder: Path, info: CardInfo) -> None:
-    """README.md and SHA256SUMS for a finished output folder."""
+    """README.md and SHA256SUMS for a finished output folder; with a search, its front as a picture beside them
+    (listed in SHA256SUMS), unless matplotlib is missing: then the card says so."""
+    picture = None
+    if info.search is not None:
+        picture = FRONT_PICTURE if draw_front(info.search.picture(), folder / FRONT_PICTURE) else ""
     sums = checksums(folder)
     write_checksums(folder, sums)
-    (folder / CARD_NAME).write_text(render_card(replace(info, files=sums)))
+    (folder / CARD_NAME).write_text(render_card(replace(info, files=sums, front_picture=picture)))
 
 
 def base_license(card_text: str | None) -> str | None:

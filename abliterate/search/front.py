@@ -14,6 +14,7 @@ import yaml
 
 from abliterate import __version__
 from abliterate.errors import AbliterateError
+from abliterate.evaluate.intervals import interval_text
 from abliterate.io.direction_file import Direction, save_direction
 from abliterate.measure.loading import LoadedModel
 from abliterate.options.command import recorded_command
@@ -78,13 +79,15 @@ def pick(front: list[TrialResult], prompts: int, *, max_kl: float | None = None,
 
 
 def table(front: list[TrialResult], prompts: int, chosen: TrialResult | None = None, borderline: int = 0) -> str:
+    """The front, one trial a line: refused (with the 95 % Wilson interval of its rate), borderline, KL, score."""
     over = f" {'borderline':>10}" if borderline else ""
-    lines = [f"{'trial':>5} {'refused':>9}{over} {'KL':>8} {'score':>7}  edit"]
+    lines = [f"{'trial':>5} {'refused':>9} {'95 % CI':>13}{over} {'KL':>8} {'score':>7}  edit"]
     for t in front:
         mark = "  <- chosen" if chosen is not None and t.number == chosen.number else ""
         over = f" {f'{t.overrefusals}/{borderline}':>10}" if borderline else ""
-        lines.append(f"{t.number:>5} {f'{t.refusals}/{prompts}':>9}{over} {t.kl:>8.4f} {t.refusal_score:>+7.2f}  "
-                     f"{t.point.describe()}{mark}")
+        interval = interval_text(t.refusals, prompts) if t.refusals is not None and prompts else "-"
+        lines.append(f"{t.number:>5} {f'{t.refusals}/{prompts}':>9} {interval:>13}{over} {t.kl:>8.4f} "
+                     f"{t.refusal_score:>+7.2f}  {t.point.describe()}{mark}")
     return "\n".join(lines)
 
 
