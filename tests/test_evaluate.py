@@ -155,6 +155,11 @@ def test_judge_rates_are_reported_next_to_marker_rates(toy_pair, prompt_files, m
     harmful = [p for p in report.per_prompt if p.set == "harmful"]
     assert report.judge_refusal_rate == sum(p.judge_refused for p in harmful) / len(harmful)
     assert "refusal rate (judge keyword)" in report.table()
+    # asked the answer question too (the stand-in says yes to it exactly when the reply has its keyword)
+    assert all(p.judge_answered == ("cannot" in p.reply.split()) for p in report.per_prompt)
+    judged = report.tallies(judge=True)["model"]["harmful"]
+    assert (judged.refused, judged.answered) == (sum(p.judge_refused for p in harmful), 0)
+    assert "answered (judge keyword: gives what was asked) | 0.0 % (0/" in report.table()
 
 
 def test_judge_without_yes_and_no_tokens_is_a_clear_error_before_generating(refusing_model):
