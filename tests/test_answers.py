@@ -162,3 +162,25 @@ def test_docs_state_the_answer_check_and_its_thresholds_as_the_code_has_them():
             and f"compressing below {100 * answers.MIN_COMPRESSION:.0f} %" in text
             and f"({answers.OFF_TOPIC_WORDS} words or more of English" in text)
     assert f'"{rate_text(0, 32)}"' in text and f"up to {rate_text(0, 32).split('-')[1].split(' ')[0]} %" in text
+
+
+def test_an_over_edited_toy_that_stops_refusing_by_looping_is_counted_as_not_answered(refusing_model):
+    """The point of the check: with a random direction over-removed (strength 100) the toy no longer refuses by the
+    markers, but it loops ("Sure ! Sure ! small small ..."): no answer, and the report says so."""
+    import torch
+
+    from abliterate.demo.toy import toy_prompts
+    from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+    from abliterate.measure.hooks import ablate
+    from abliterate.measure.loading import load_model
+
+    lm = load_model(refusing_model, device="cpu")
+    prompts = toy_prompts().harmful_test[:12]
+    settings = EvalSettings(max_new_tokens=24, batch_size=12)
+    plain = tally(refusal_stats(lm, prompts, "harmful", settings, quiet=True).results)
+    assert plain.refused == 12  # the toy refuses every one
+    direction = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))
+    with ablate(lm.model, lm.arch, direction, strength=100.0):
+        broken = tally(refusal_stats(lm, prompts, "harmful", settings, quiet=True).results)
+    assert broken.refused == 0 and broken.answered <= 1  # markers alone would call this a full success
+    assert broken.neither >= 11 and broken.not_answered.get("repetitive", 0) >= 9
