@@ -76,7 +76,7 @@ def test_whole_job_on_a_local_folder_writes_an_edited_model_with_card_and_checks
     refusal_row = next(line for line in card.text.splitlines() if line.startswith("| refusal rate"))
     assert none_refused_of_all(refusal_row.split("|")[2].strip())
     answered_row = next(line for line in card.text.splitlines() if line.startswith("| answered, held-out"))
-    assert "| answered, held-out harmful prompts" in output and "| neither refused nor answered" in output
+    assert any(line.startswith("| neither refused nor answered") for line in card.text.splitlines())
     k, n = map(int, re.match(r"[\d.]+ % \((\d+)/(\d+);", answered_row.split("|")[2].strip()).groups())
     assert k >= 0.9 * n  # the edited toy's helpful replies are answers
     assert run_cli("verify", str(out))[0] == 0  # the SHA256SUMS manifest
