@@ -170,7 +170,8 @@ def test_an_over_edited_toy_that_stops_refusing_by_looping_is_counted_as_not_ans
     import torch
 
     from abliterate.demo.toy import toy_prompts
-    from abliterate.evaluate.evaluation import EvalSettings, refusal_stats
+    from abliterate.evaluate.evaluation import refusal_stats
+    from abliterate.evaluate.records import EvalSettings
     from abliterate.measure.hooks import ablate
     from abliterate.measure.loading import load_model
 
