@@ -118,10 +118,10 @@ def test_a_family_that_normalises_its_block_outputs_is_refused_in_one_line(tmp_p
     assert "\n" not in line and "gemma2" in line and "--arch FILE" in line and "normalise" in line, out
 
 
-@pytest.mark.parametrize("model_type", ["gemma3n", "gemma4", "gemma4_unified", "mistral4"])
+@pytest.mark.parametrize("model_type", ["gemma3n", "gemma4_unified", "mistral4"])
 def test_types_neither_listed_nor_discoverable_are_refused_in_one_line(model_type):
-    """Gemma 3n (parallel AltUp streams) and Gemma 4 (per-layer configs) cannot be built small from their configs,
-    Mistral 4's tiny instance does not run: each is one line naming the type and the --arch route."""
+    """Gemma 3n (parallel AltUp streams) and Gemma 4 unified (per-layer configs) cannot be built small from their
+    configs, Mistral 4's tiny instance does not run: each is one line naming the type and the --arch route."""
     from abliterate.arch.table import arch_for_config, supported_model_types
     from abliterate.errors import AbliterateError
 
