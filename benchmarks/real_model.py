@@ -138,12 +138,14 @@ def write_prompts(work: Path) -> dict[str, Path]:
     return files
 
 
-def heretic_config(model: Path, prompts: dict[str, Path], trials: int, startup: int) -> str:
-    """heretic's config.toml: the same model and prompts, merged export, a fixed seed; else its defaults."""
+def heretic_config(model: Path, prompts: dict[str, Path], trials: int, startup: int, batch_size: int) -> str:
+    """heretic's config.toml: the same model and prompts, merged export, a fixed seed; else its defaults
+    (batch_size 0 is its own: the largest that fits, found by trying sizes up to 128, slow on a CPU)."""
     def spec(name: str, key: str) -> str:
         return f'[{name}]\ndataset = "{prompts[key]}"\n'
 
     return (f'model = "{model}"\nn_trials = {trials}\nn_startup_trials = {startup}\nseed = 0\n'
+            f'batch_size = {batch_size}\n'
             f'export_strategy = "merge"\nstudy_checkpoint_dir = "checkpoints"\n\n'
             + spec("good_prompts", "harmless_train") + spec("bad_prompts", "harmful_train")
             + spec("good_evaluation_prompts", "harmless_val") + spec("bad_evaluation_prompts", "harmful_val"))
@@ -161,7 +163,7 @@ def produce(tool: str, model: Path, work: Path, args) -> tuple[Path, float, int,
         shutil.rmtree(hw, ignore_errors=True)
         hw.mkdir()
         (hw / "config.toml").write_text(heretic_config(model, write_prompts(work), args.heretic_trials,
-                                                       args.heretic_startup))
+                                                       args.heretic_startup, args.heretic_batch_size))
         record = hw / "choice.json"
         seconds, peak = timed([str(args.heretic_venv / "bin" / "python"), str(Path(__file__).with_name(
             "heretic_driver.py")), str(out), str(record)], log, cwd=hw)
@@ -256,6 +258,8 @@ def main() -> None:
                     help="a virtual environment with heretic-llm==1.4.0 installed")
     ap.add_argument("--heretic-trials", type=int, default=200, help="heretic's n_trials (its default: 200)")
     ap.add_argument("--heretic-startup", type=int, default=60, help="heretic's n_startup_trials (its default: 60)")
+    ap.add_argument("--heretic-batch-size", type=int, default=0, help="heretic's batch_size (its default 0: "
+                    "the largest that fits, tried up to 128)")
     args = ap.parse_args()
     root = cache_root(args.cache)
     root.mkdir(parents=True, exist_ok=True)
