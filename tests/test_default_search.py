@@ -53,8 +53,7 @@ def test_whole_job_without_flags_searches_and_one_shot_applies_the_extractions_c
     card = (default / "README.md").read_text()
     assert "## Search" in card and "**(chosen)**" in card
     assert (default / "abliterate-recipe.yaml").is_file()
-    code, output = run_cli(str(refusing_model), "--out", str(one_shot), "--one-shot",
-                           *job_args(prompt_files, evaluate=False))
+    code, output = run_cli(str(refusing_model), "--out", str(one_shot), *job_args(prompt_files, evaluate=False))
     assert code == 0, output
     assert "## Search" not in (one_shot / "README.md").read_text()
     assert not (one_shot / "abliterate-recipe.yaml").exists()

@@ -15,7 +15,7 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
         refusing_model, prompt_files, tmp_path):  # noqa: F811
     out = tmp_path / "toy-searched"
     code, output = run_cli(str(refusing_model), "--out", str(out), "--search", "6", "--max-kl", "0.5",
-                           *job_args(prompt_files))
+                           *job_args(prompt_files, one_shot=False))
     assert code == 0, output
     card = (out / "README.md").read_text()
     assert "## Search" in card and "**(chosen)**" in card and "--search 6 --max-kl 0.5" in card

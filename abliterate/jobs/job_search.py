@@ -24,8 +24,20 @@ DEFAULT_MAX_REFUSALS = 0.05  # the lowest KL with at most this fraction of valid
 
 
 def searches(options) -> bool:
-    """Whether the job searches: --search N, or by default unless --one-shot, --direction or --stream."""
-    return options.search is not None or not (options.one_shot or options.direction or options.stream)
+    """Whether the job searches: --search N, or by default unless --one-shot, --direction, --stream, --directions
+    (without --search: the span of K directions, as extracted) or a --recipe saying how to apply."""
+    if options.search is not None:
+        return True
+    return not (options.one_shot or options.direction or options.stream or options.directions is not None
+                or _recipe_applies(options.recipe))
+
+
+def _recipe_applies(path) -> bool:
+    """Whether a --recipe file has an apply section (its edit is then applied as written, not searched)."""
+    if path is None or not Path(path).is_file():
+        return False
+    data = read_yaml(Path(path))
+    return isinstance(data, dict) and bool(data.get("apply"))
 
 
 def by_default(options):

@@ -55,9 +55,9 @@ class RunOptions:
     search: int | None = option("--search", type=int, metavar="N",
                                 help="Search N trials of direction and per-layer strengths on the loaded model (as "
                                 "`abliterate search`) and apply the chosen point; the card shows the front and the "
-                                "recipe. Default without --direction, --stream or --one-shot: a short search (32 "
-                                "trials, none started after 10 minutes) choosing the lowest KL with at most 5 % of "
-                                "the validation prompts refused.")
+                                "recipe. Default without --direction, --directions, --stream, --one-shot or a recipe "
+                                "with an apply section: a short search (32 trials, none started after 10 minutes) "
+                                "choosing the lowest KL with at most 5 % of the validation prompts refused.")
     one_shot: bool = option("--one-shot", is_flag=True,
                             help="The paper's one-shot selection: apply the extraction's choice, removed fully from "
                             "every writer, without the default short search.")
