@@ -47,7 +47,8 @@ def test_reproduce_command_names_the_uploaded_direction_and_no_local_path(refusi
 
 
 def test_search_limits_without_search_are_one_clear_error(refusing_model, tmp_path):
-    code, output = run_cli(str(refusing_model), "--out", str(tmp_path / "o"), "--max-kl", "0.1")
+    # --one-shot: without it the job searches by default, and the limits choose its point (test_default_search)
+    code, output = run_cli(str(refusing_model), "--out", str(tmp_path / "o"), "--one-shot", "--max-kl", "0.1")
     assert code != 0 and "add --search N" in output and "Traceback" not in output
 
 
