@@ -69,7 +69,8 @@ def test_a_failure_after_the_search_keeps_extraction_and_study_and_a_rerun_resum
     from abliterate.search import study as study_module
 
     out = tmp_path / "toy-searched"
-    args = ["--out", str(out), "--search", "3", "--recipe", str(small_recipe), *job_args(prompt_files, evaluate=False)]
+    args = ["--out", str(out), "--search", "3", "--recipe", str(small_recipe),
+            *job_args(prompt_files, evaluate=False, one_shot=False)]
 
     def fail(*_args, **_kwargs):
         raise AbliterateError("the disk is full (forced by the test)")

@@ -65,12 +65,13 @@ def _job(refusing_model: Path, prompt_files: dict[str, str], out: Path, **extra)
 
 @pytest.fixture(scope="module")
 def extracted_job(refusing_model, prompt_files, tmp_path_factory):
-    """One whole job with extraction and a short evaluation: (result, counted calls and reports)."""
+    """One whole job with extraction (the paper's one-shot choice: --one-shot) and a short evaluation: (result,
+    counted calls and reports)."""
     root = tmp_path_factory.mktemp("job")
     (root / "quick.yaml").write_text(QUICK_EVAL)
     with pytest.MonkeyPatch.context() as patch:
         counted = Counted(patch)
-        result = _job(refusing_model, prompt_files, root / "out", recipe=root / "quick.yaml")
+        result = _job(refusing_model, prompt_files, root / "out", recipe=root / "quick.yaml", one_shot=True)
     return result, counted
 
 

@@ -16,7 +16,7 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
         refusing_model, prompt_files, tmp_path):  # noqa: F811
     out = tmp_path / "toy-searched"
     code, output = run_cli(str(refusing_model), "--out", str(out), "--search", "6", "--max-kl", "0.5",
-                           *job_args(prompt_files))
+                           *job_args(prompt_files, one_shot=False))
     assert code == 0, output
     card = (out / "README.md").read_text()
     assert "## Search" in card and "**(chosen)**" in card and "--search 6 --max-kl 0.5" in card
@@ -50,7 +50,8 @@ def test_reproduce_command_names_the_uploaded_direction_and_no_local_path(refusi
 
 
 def test_search_limits_without_search_are_one_clear_error(refusing_model, tmp_path):
-    code, output = run_cli(str(refusing_model), "--out", str(tmp_path / "o"), "--max-kl", "0.1")
+    # --one-shot: without it the job searches by default, and the limits choose its point (test_default_search)
+    code, output = run_cli(str(refusing_model), "--out", str(tmp_path / "o"), "--one-shot", "--max-kl", "0.1")
     assert code != 0 and "add --search N" in output and "Traceback" not in output
 
 

@@ -32,8 +32,11 @@ def prompt_files(tmp_path_factory) -> dict[str, str]:
     return files
 
 
-def job_args(prompt_files: dict[str, str], evaluate: bool = True) -> list[str]:
-    args = ["--harmful", prompt_files["harmful_train"], "--harmless", prompt_files["harmless_train"], "-q"]
+def job_args(prompt_files: dict[str, str], evaluate: bool = True, one_shot: bool = True) -> list[str]:
+    """The job's prompt options; --one-shot unless asked otherwise: these tests are about the job's other stages,
+    and the default short search is tested in test_default_search.py (and by the first test here)."""
+    args = ["--harmful", prompt_files["harmful_train"], "--harmless", prompt_files["harmless_train"], "-q",
+            *(["--one-shot"] if one_shot else [])]
     if evaluate:
         return [*args, "--eval-harmful", prompt_files["harmful_test"], "--eval-harmless", prompt_files["harmless_test"]]
     return [*args, "--no-eval"]
@@ -68,7 +71,7 @@ def none_refused_of_all(value: str) -> bool:
 def test_whole_job_on_a_local_folder_writes_an_edited_model_with_card_and_checksums(refusing_model, prompt_files,
                                                                                     tmp_path):
     out = tmp_path / "toy-abliterated"
-    code, output = run_cli(str(refusing_model), "--out", str(out), *job_args(prompt_files))
+    code, output = run_cli(str(refusing_model), "--out", str(out), *job_args(prompt_files, one_shot=False))
     assert code == 0, output
     assert "from_pretrained" in output and not Path(str(out) + ".abliterate-partial").exists()
     card = ModelCard.load(out / "README.md")

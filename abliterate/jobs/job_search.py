@@ -16,6 +16,37 @@ from abliterate.publish.card import FrontRow, SearchSummary
 from abliterate.publish.front_plot import TrialPoint
 
 RECIPE_NAME = "abliterate-recipe.yaml"  # the searched recipe, written beside the weights
+# `abliterate MODEL` without --search, --one-shot, --direction or --stream: a short search, so that the default
+# lands on the front (the paper's one-shot choice can cost several times the KL of a searched point with as few
+# refusals: benchmarks/real_model.py); its trials, the minutes after which no trial starts, and the choice
+DEFAULT_TRIALS = 32
+DEFAULT_TIME_BUDGET = 600.0
+DEFAULT_MAX_REFUSALS = 0.05  # the lowest KL with at most this fraction of validation prompts refused
+
+
+def searches(options) -> bool:
+    """Whether the job searches: --search N, or by default unless --one-shot, --direction, --stream, --directions
+    (without --search: the span of K directions, as extracted) or a --recipe saying how to apply."""
+    if options.search is not None:
+        return True
+    return not (options.one_shot or options.direction or options.stream or options.directions is not None
+                or _recipe_applies(options.recipe))
+
+
+def _recipe_applies(path) -> bool:
+    """Whether a --recipe file has an apply section (its edit is then applied as written, not searched)."""
+    if path is None or not Path(path).is_file():
+        return False
+    data = read_yaml(Path(path))
+    return isinstance(data, dict) and bool(data.get("apply"))
+
+
+def by_default(options):
+    """The options of the default short search (limits the user gave are kept)."""
+    limits = options.max_kl is not None or options.max_refusals is not None
+    return replace(options, search=DEFAULT_TRIALS,
+                   time_budget=DEFAULT_TIME_BUDGET if options.time_budget is None else options.time_budget,
+                   max_refusals=options.max_refusals if limits else DEFAULT_MAX_REFUSALS)
 
 
 @dataclass(frozen=True)
@@ -34,7 +65,7 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     harmful/harmless validation."""
     from abliterate.measure.templates import load_template
     from abliterate.search.borderline import borderline_prompts
-    from abliterate.search.study import load_candidates, pick, save_choice, search, table
+    from abliterate.search.study import load_candidates, save_choice, search, table
 
     s = recipe.extract
     harmful_val, harmless_val = prompts[2:]
@@ -56,8 +87,9 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     result = search(lm, cands, harmful_val, harmless_val, settings, study, quiet=options.quiet, borderline=borderline)
     for note in result.notes:
         say(f"note: {note}")
-    choice = pick(result.front, result.prompts, max_kl=options.max_kl, max_refusals=options.max_refusals)
+    choice, why = choose_point(result, options)
     say(table(result.front, result.prompts, choice, result.borderline))
+    say(why)
     recipe_file, direction = save_choice(choice, cands, lm, work / "search.yaml", prompts=result.prompts,
                                          study=study, study_name="abliterate-search",
                                          borderline=result.borderline, model_name=options.model)
@@ -70,6 +102,30 @@ def search_step(options, recipe: Recipe, lm, prompts: tuple[list[str], ...], wor
     card = SearchSummary(len(result.trials), round(result.seconds, 1), choice.number, front, options.max_kl,
                          options.max_refusals, RECIPE_NAME, seen, result.prompts)
     return SearchOutcome(searched, recipe_file, direction, card, cands.max_directions)
+
+
+def choose_point(result, options):
+    """The chosen trial and one line saying what it traded against the paper's point (the study's first trial).
+    Within the limits; when only --max-refusals was given and no point meets it, the fewest refusals instead."""
+    from abliterate.errors import AbliterateError
+    from abliterate.search.study import pick
+
+    n, note = result.prompts, ""
+    try:
+        choice = pick(result.front, n, max_kl=options.max_kl, max_refusals=options.max_refusals)
+    except AbliterateError:
+        if options.max_kl is not None or options.max_refusals is None:
+            raise
+        choice = pick(result.front, n)
+        note = f" (no point reached {options.max_refusals:.0%} refused: the fewest refusals instead)"
+    rule = ("fewest refusals" if options.max_refusals is None or options.max_kl is not None
+            else f"lowest KL with at most {options.max_refusals:.0%} refused")
+    line = f"chose trial {choice.number}: {choice.refusals}/{n} validation prompts refused at KL {choice.kl:.4f}, " \
+           f"the {rule}{note}"
+    first = next((t for t in result.trials if t.number == 0 and t.refusals is not None), None)
+    if first is not None and first.number != choice.number:
+        line += (f"; the paper's one-shot point (trial 0, `--one-shot`): {first.refusals}/{n} at KL {first.kl:.4f}")
+    return choice, line
 
 
 def search_settings(options, batch_size: int | str, template: str | None):

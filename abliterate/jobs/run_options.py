@@ -54,8 +54,13 @@ class RunOptions:
     proposals: str | None = like(ExtractOptions, "proposals", default=None, show_default=False)
     search: int | None = option("--search", type=int, metavar="N",
                                 help="Search N trials of direction and per-layer strengths on the loaded model (as "
-                                "`abliterate search`; needs optuna) and apply the chosen point; the card shows the "
-                                "front and the recipe.")
+                                "`abliterate search`) and apply the chosen point; the card shows the front and the "
+                                "recipe. Default without --direction, --directions, --stream, --one-shot or a recipe "
+                                "with an apply section: a short search (32 trials, none started after 10 minutes) "
+                                "choosing the lowest KL with at most 5 % of the validation prompts refused.")
+    one_shot: bool = option("--one-shot", is_flag=True,
+                            help="The paper's one-shot selection: apply the extraction's choice, removed fully from "
+                            "every writer, without the default short search.")
     max_kl: float | None = option("--max-kl", type=float,
                                   help="With --search: the fewest refusals with KL at most this.")
     max_refusals: float | None = option("--max-refusals", type=float, help="With --search: the lowest KL with at "

@@ -17,6 +17,7 @@ import click
 
 from abliterate.errors import AbliterateError
 from abliterate.jobs.extraction import extract_with, job_prompts, load_job_model, with_command_line
+from abliterate.jobs.job_search import by_default, searches
 from abliterate.jobs.run_options import (
     RunOptions,
     default_out,
@@ -53,9 +54,13 @@ def run(options: RunOptions) -> RunResult:
     from abliterate.options.recipe import load_recipe
     from abliterate.publish.card import CardInfo, DirectionSummary, EvalSummary, base_license, write_card
 
-    if options.search is None and any(v is not None for v in (options.max_kl, options.max_refusals,
-                                                               options.time_budget)):
-        raise AbliterateError("--max-kl, --max-refusals and --time-budget choose among searched points: add --search N")
+    if options.one_shot and options.search is not None:
+        raise AbliterateError("--one-shot applies the extraction's choice without searching: drop --search or "
+                              "--one-shot")
+    if not searches(options) and any(v is not None for v in (options.max_kl, options.max_refusals,
+                                                              options.time_budget)):
+        raise AbliterateError("--max-kl, --max-refusals and --time-budget choose among searched points: drop "
+                              "--one-shot / --direction, or add --search N")
     if options.search is not None and (options.stream or options.search < 1):
         raise AbliterateError("--search needs at least 1 trial and the whole model (not --stream): the trials run "
                               "on the loaded model")
@@ -92,12 +97,17 @@ def run(options: RunOptions) -> RunResult:
     ckpt = Checkpoint.open(source)
     recipe = with_command_line(options, load_recipe(ckpt.config.get("model_type"), options.recipe))
     say(f"recipe: {recipe.name}")
+    typed = options  # what the card's rebuild command records: the default search is what `abliterate MODEL` does
+    if options.search is None and searches(options) and not recipe.apply.direction:
+        options = by_default(options)  # the short default search (jobs/job_search.py), unless --one-shot
+        say(f"searching {options.search} trials (at most {options.time_budget / 60:g} minutes of trials) for the "
+            "lowest KL with few refusals; --one-shot applies the extraction's choice instead")
 
     study = study_path(options)
     if options.search and study.is_file() and not (options.direction or recipe.apply.direction):
         raise AbliterateError(f"{study} holds the search of an earlier run of this job: rerun with --direction "
-                              f"{kept_path(options, 'direction')} (the extraction it searched) to resume it, or "
-                              "delete it to search anew")
+                              f"{kept_path(options, 'direction')} --search {options.search} (the extraction it "
+                              "searched) to resume it, or delete it to search anew")
     work = out.with_name(out.name + ".abliterate-partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -155,7 +165,7 @@ def run(options: RunOptions) -> RunResult:
             base_model=base_model, adapter=options.adapter, license=base_license(card_text),
             direction=DirectionSummary.of(direction.metadata, base_model),
             edit=edit, evaluation=EvalSummary.of(evaluation) if evaluation else None,
-            regenerate=regenerate_command(options, base_model),
+            regenerate=regenerate_command(typed, base_model),
             recipe_name=recipe.name, direction_file=DIRECTION_NAME, search=searched.card if searched else None,
             stages=stages.card_rows()))
         if out.exists():
@@ -198,8 +208,8 @@ def _keep(options: RunOptions, work: Path, study: Path | None) -> str:
         return (f"the extraction (every candidate and its scores) is kept in {direction}: rerun with --direction "
                 f"{direction} to skip it")
     what = f"the extraction is kept in {direction} and the search's" if extracted else "the search's"
-    return (f"{what} finished trials and their front in {study}: rerun with --direction {direction} to resume the "
-            "search from them")
+    return (f"{what} finished trials and their front in {study}: rerun with --direction {direction} --search "
+            f"{options.search} to resume the search from them")
 
 
 def _edit(options: RunOptions, recipe, ckpt, direction, staged: Path) -> EditSummary:

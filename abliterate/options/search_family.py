@@ -46,7 +46,8 @@ class SearchOptions:
                                  help="Search norm-preserving edits too (each written vector keeps its norm; `apply "
                                  "--norm-preserve`).")
     from_random: bool = option("--from-random", is_flag=True,
-                               help="Do not start from the extraction's choice (fully removed).")
+                               help="Do not start from the extraction's choice (fully removed) and the seed points "
+                               "beside it.")
     harmful: str = option("--harmful", default="builtin:harmful", show_default=True, help="Harmful prompts "
                           "(built-in sets: their validation split), a file or hf:OWNER/NAME.")
     harmless: str = option("--harmless", default="builtin:harmless", show_default=True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -172,3 +172,15 @@ def direction_for(cands: CandidateSet, point: Point) -> torch.Tensor | Direction
 def selected_point(cands: CandidateSet) -> Point:
     """The extraction's own choice, removed fully from every writer: what `apply` does by default."""
     return Point(float(cands.selected[0]), cands.selected[1], False, 1.0, {c: uniform(1.0) for c in LAYERED})
+
+
+def seed_points(cands: CandidateSet, num_layers: int, preserve: bool) -> list[Point]:
+    """Points a study starts from after the paper's: its direction without the embedding edit (which changes every
+    token's input: the costliest writer in KL on real models), and the other tool's parametrisation (heretic: the
+    direction projected off the harmless mean, norm-preserving writes, no embedding edit, strengths peaking in the
+    later layers and zero far from the peak)."""
+    top = selected_point(cands)
+    late = Profile(peak=1.0, center=0.75 * (num_layers - 1), width=0.5 * num_layers, floor=0.0)
+    heretic = replace(top, embed=0.0, projected=cands.harmless_mean is not None, preserve=preserve,
+                      profiles={c: late for c in LAYERED})
+    return [replace(top, embed=0.0), heretic]

@@ -60,7 +60,14 @@ from abliterate.search.front import (
     save_choice,
     table,
 )
-from abliterate.search.space import CandidateSet, Point, direction_for, load_candidates, selected_point
+from abliterate.search.space import (
+    CandidateSet,
+    Point,
+    direction_for,
+    load_candidates,
+    seed_points,
+    selected_point,
+)
 
 # names importable from here as before the split (their homes are space.py and front.py)
 __all__ = ["DIRECTION_SUFFIX", "STUDY_SUFFIX", "CandidateSet", "Point", "Scorer", "SearchResult", "SearchSettings",
@@ -87,6 +94,7 @@ class SearchSettings:
     kl_tokens: int = 16
     time_budget: float | None = None  # seconds: no new trial starts after this (None: only `trials` limits)
     norm_preserve: bool = True  # search norm-preserving edits too (a dimension: on or off per trial)
+    seed_points: bool = True  # after the extraction's choice, enqueue space.seed_points (no embedding edit, heretic's)
 
     def template_kwargs(self) -> dict:
         return {} if self.thinking else {"enable_thinking": False}
@@ -287,6 +295,8 @@ def search(lm: LoadedModel, cands: CandidateSet, harmful: Sequence[str], harmles
             study.enqueue_trial(replace(selected_point(cands), directions=cands.max_directions).params())
         else:
             study.enqueue_trial(selected_point(cands).params())
+        for point in seed_points(cands, lm.num_layers, settings.norm_preserve) if settings.seed_points else ():
+            study.enqueue_trial(point.params())
     values = [(t.refusal_score, t.kl) for t in done]
     todo = max(0, settings.trials - len(done))
     n = len(scorer.harmful)
