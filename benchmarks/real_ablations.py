@@ -62,7 +62,8 @@ def main() -> None:
     from abliterate.jobs.run_options import RunOptions
     from abliterate.measure.loading import load_model
     from abliterate.options.recipe import load_recipe
-    from abliterate.search.study import Scorer, SearchSettings, direction_for, load_candidates, selected_point
+    from abliterate.search.space import direction_for, load_candidates, selected_point
+    from abliterate.search.study import Scorer, SearchSettings
 
     recipe = load_recipe("qwen2", None)
     options = RunOptions(model=str(model), out=root / "runs" / "ablations-out", quiet=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 from abliterate.jobs.job_search import DEFAULT_MAX_REFUSALS, choose_point
-from abliterate.search.study import Point, SearchResult, TrialResult, pareto_front
+from abliterate.search.front import TrialResult, pareto_front
+from abliterate.search.space import Point
+from abliterate.search.study import SearchResult
 from tests.test_apply import run_cli
 from tests.test_pipeline import job_args, prompt_files  # noqa: F401  (fixture)
 

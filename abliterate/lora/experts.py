@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from abliterate.arch.table import COMPONENTS, arch_for_config
-from abliterate.arch.writers import ExpertParam
+from abliterate.arch.table import arch_for_config
+from abliterate.arch.writers import COMPONENTS, ExpertParam
 from abliterate.errors import AbliterateError
 
 __all__ = ["PEFT_RENAMED_LEAVES", "check_peft_accepts", "expert_layout", "expert_param_for_disk", "experts_model_type",
