@@ -60,6 +60,8 @@ def test_inconsistent_fp8_and_mxfp4_layouts_are_refused_in_one_line_before_any_o
                                fp8 | {"weight_block_size": [8, 8]}, "weight_block_size"),
         "e5m2": ({"model.layers.0.self_attn.o_proj.weight": q,
                   "model.layers.0.self_attn.o_proj.weight_scale_inv": s}, fp8 | {"fmt": "e5m2"}, "e5m2"),
+        "gptq": ({"model.layers.0.self_attn.o_proj.weight": q.view(torch.uint8)}, {"quant_method": "gptq"},
+                 "'gptq'"),
         "mxfp4 scales of another shape": ({"model.layers.0.mlp.experts.down_proj_blocks": blocks,
                                            "model.layers.0.mlp.experts.down_proj_scales": scales[:, :16]},
                                           {"quant_method": "mxfp4"}, "MXFP4"),

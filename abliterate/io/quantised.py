@@ -84,8 +84,12 @@ def quantised_tensors(ckpt: Checkpoint) -> dict[str, QuantTensor]:
     """Every quantised tensor of a checkpoint by its stored name (empty for an unquantised one); a layout
     that does not fit its format is one error naming the tensor."""
     config = ckpt.config.get("quantization_config") or ckpt.text_config.get("quantization_config")
-    if not isinstance(config, dict) or config.get("quant_method") not in FORMATS:
+    if not isinstance(config, dict) or config.get("quant_method") is None:
         return {}
+    if config["quant_method"] not in FORMATS:
+        raise AbliterateError(f"{ckpt.root} is quantised with {config['quant_method']!r}; abliterate edits "
+                              f"{' and '.join(FORMATS)} checkpoints in their own format, other methods not: use the "
+                              "bf16/fp16/fp32 release of this model")
     fmt = FORMATS[config["quant_method"]]
     if fmt.method == "fp8" and config.get("fmt", "e4m3") != "e4m3":
         raise AbliterateError(f"{ckpt.root}: FP8 format {config.get('fmt')!r} is not supported (only e4m3, as "
