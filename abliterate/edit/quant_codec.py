@@ -28,6 +28,9 @@ def _fp8_table() -> np.ndarray:
 
 FP8_VALUES = _fp8_table()
 FP4_VALUES = np.concatenate([FP4_POSITIVE, -FP4_POSITIVE])
+# a byte's two values (low nibble first) as one 8-byte item: one 1-D gather dequantises a byte
+FP4_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], -1).view(np.uint64)[:, 0]
+POW2 = np.append(np.exp2(np.arange(-127, 128, dtype=np.float64)).astype(np.float32), np.float32(np.nan))  # e8m0
 
 
 def _encode(x: np.ndarray, mantissa_bits: int, bias: int, top_code: int) -> np.ndarray:
@@ -52,9 +55,19 @@ def encode_fp8(x: np.ndarray) -> np.ndarray:
     return _encode(x, 3, 7, 0x7E)
 
 
+# e2m1 by thresholds (7 compares on bytes beat rounding on float bits): the midpoints between neighbouring values,
+# a tie going to the even code (the lower value at 0.25, 1.25, 2.5, 5; the upper one at 0.75, 1.75, 3.5)
+FP4_MIDPOINTS = ((0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True))
+
+
 def encode_fp4(x: np.ndarray) -> np.ndarray:
     """float32 values (already divided by their scale) as e2m1 nibbles (one per uint8, saturating at 6)."""
-    return _encode(x, 1, 1, 7)
+    a = np.abs(x)
+    code = (a > np.float32(0.25)).view(np.uint8).copy()
+    for midpoint, tie_down in FP4_MIDPOINTS:
+        code += (a > np.float32(midpoint)) if tie_down else (a >= np.float32(midpoint))
+    code |= np.signbit(x).view(np.uint8) << np.uint8(3)
+    return code
 
 
 def fp8_scales(amax: np.ndarray, pow2: bool = False) -> np.ndarray:
@@ -81,10 +94,8 @@ def dequantise_fp8(raw: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def dequantise_mxfp4(raw: np.ndarray, exponents: np.ndarray) -> np.ndarray:
     """[rows, G, 16] packed bytes and [rows, G] exponents as [rows, 32 G] float32 values."""
-    values = np.empty((*raw.shape[:-1], raw.shape[-1] * 2), dtype=np.float32)
-    values[..., 0::2] = FP4_VALUES[raw & 0x0F]
-    values[..., 1::2] = FP4_VALUES[raw >> 4]
-    values = np.ldexp(values, exponents.astype(np.int32)[..., None] - 127)
+    values = FP4_PAIRS[raw].view(np.float32)
+    values *= POW2[exponents][..., None]
     return values.reshape(*raw.shape[:-2], -1)
 
 
@@ -92,7 +103,7 @@ def quantise_mxfp4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[rows, 32 G] float32 -> ([rows, G, 16] packed bytes, [rows, G] exponent bytes)."""
     blocks = values.reshape(*values.shape[:-1], -1, 32)
     exponents = mxfp4_exponents(np.abs(blocks).max(axis=-1))
-    nibbles = encode_fp4(np.ldexp(blocks, 127 - exponents.astype(np.int32)[..., None]))
+    nibbles = encode_fp4(blocks * POW2[254 - exponents.astype(np.int32)][..., None])
     return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8), exponents
 
 
