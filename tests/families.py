@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -24,6 +25,15 @@ class Family:
     hooks: tuple[str, ...] = LLAMA_HOOKS  # "{L}" is every layer
     final_norm: str = "model.norm"
     tied: bool = False
+    writers_per_layer: int = 2  # edited tensors per layer at least (a hybrid layer may hold one mixer only)
+    # what each writer's output is multiplied by before the residual add, where writers differ (Falcon-H1); None:
+    # every writer's by the table's residual_multiplier (1 for most)
+    multipliers: frozenset[float] | None = None
+    # (why `apply --adapter` is refused, the --components an adapter does carry), where peft refuses some writer
+    adapter_refused: tuple[str, str] | None = None
+    # the released checkpoints store tensors under their in-memory names (Qwen3.5-MoE's fused experts), which
+    # save_pretrained would split back into one tensor per expert
+    saved_as_in_memory: bool = False
 
 
 # Llama-like configs also name special tokens inside the tiny vocabulary (several defaults point past it).
@@ -40,6 +50,64 @@ COHERE = dict(LLAMA_LIKE, logit_scale=1.0)
 DEEPSEEK_MOE = dict(n_routed_experts=3, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                     first_k_dense_replace=1)
 MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
+# Hybrid stacks: each mixer kind in a 2-4 layer model, the hooks naming each layer's own modules (layers differ).
+LINEAR_ATTN = dict(LLAMA_LIKE, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                   linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+QWEN_MOE = dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+QWEN3_NEXT_HOOKS = ("model.embed_tokens", "model.layers.0.linear_attn.out_proj", "model.layers.1.self_attn.o_proj",
+                    "model.layers.{L}.mlp")
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8)
+MAMBA_ATTN_HOOKS = ("model.embed_tokens", "model.layers.0.mamba.out_proj", "model.layers.1.self_attn.o_proj")
+HYBRID = [
+    Family("qwen3_next", dict(LINEAR_ATTN, **QWEN_MOE, mlp_only_layers=[0]), hooks=QWEN3_NEXT_HOOKS),
+    Family("qwen3_5_text", LINEAR_ATTN, hooks=QWEN3_NEXT_HOOKS),
+    Family("qwen3_5_moe_text", dict(LINEAR_ATTN, **QWEN_MOE), hooks=QWEN3_NEXT_HOOKS, saved_as_in_memory=True),
+    Family("granitemoehybrid", dict(LLAMA_LIKE, **MAMBA2, **MOE, **GRANITE, layer_types=["mamba", "attention"],
+                                    shared_intermediate_size=24, attention_multiplier=0.3),
+           hooks=(*MAMBA_ATTN_HOOKS, "model.layers.{L}.block_sparse_moe", "model.layers.{L}.shared_mlp")),
+    Family("lfm2", dict(LLAMA_LIKE, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+           hooks=("model.embed_tokens", "model.layers.0.conv.out_proj", "model.layers.1.self_attn.out_proj",
+                  "model.layers.{L}.feed_forward"), final_norm="model.embedding_norm", tied=True),
+    Family("lfm2_moe", dict(LLAMA_LIKE, num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+                            num_dense_layers=1, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=16),
+           hooks=("model.embed_tokens", "model.layers.0.conv.out_proj", "model.layers.1.self_attn.out_proj",
+                  "model.layers.2.conv.out_proj", "model.layers.{L}.feed_forward"),
+           final_norm="model.embedding_norm", tied=True),
+    Family("jamba", dict(LLAMA_LIKE, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                         expert_layer_offset=1, num_experts=3, num_experts_per_tok=2, mamba_d_state=8,
+                         mamba_dt_rank=4),
+           hooks=(*MAMBA_ATTN_HOOKS, "model.layers.{L}.feed_forward"), final_norm="model.final_layernorm"),
+    Family("bamba", dict(LLAMA_LIKE, **MAMBA2, attn_layer_indices=[1]),
+           hooks=(*MAMBA_ATTN_HOOKS, "model.layers.{L}.feed_forward"), final_norm="model.final_layernorm"),
+    # Zamba2's shared attention block only feeds the Mamba mixers' inputs: the Mamba outputs are the only writers
+    Family("zamba2", dict(COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_key_value_heads=4,
+                          num_hidden_layers=3, mamba_d_state=8, n_mamba_heads=4, mamba_headdim=16, chunk_size=8,
+                          layers_block_type=["mamba", "hybrid", "mamba"], use_shared_attention_adapter=True,
+                          adapter_rank=4),
+           hooks=("model.embed_tokens", "model.layers.0.mamba.out_proj", "model.layers.1.mamba_decoder.mamba.out_proj",
+                  "model.layers.2.mamba.out_proj"), final_norm="model.final_layernorm", tied=True,
+           writers_per_layer=1),
+    # Falcon-H1's multipliers away from 1 (and from each other) so that they matter
+    Family("falcon_h1", dict(LLAMA_LIKE, **dict(MAMBA2, mamba_d_head=8), mamba_d_ssm=32, lm_head_multiplier=0.7,
+                             embedding_multiplier=3.0, mlp_multipliers=[1.5, 0.6], key_multiplier=1.3,
+                             attention_out_multiplier=0.8, attention_in_multiplier=1.2, ssm_in_multiplier=1.4,
+                             ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3], ssm_out_multiplier=0.7),
+           hooks=("model.embed_tokens", "model.layers.{L}.mamba.out_proj", "model.layers.{L}.self_attn.o_proj",
+                  "model.layers.{L}.feed_forward.down_proj"), final_norm="model.final_layernorm",
+           multipliers=frozenset({0.7, 0.8, 0.6}), adapter_refused=("peft refuses a LoRA on out_proj", "embed,mlp")),
+    # Nemotron-H: one mixer per layer (Mamba-2, MoE with a shared expert, attention, ReLU^2 MLP), `backbone.` on disk
+    Family("nemotron_h", dict(LLAMA_LIKE, layers_block_type=["mamba", "moe", "attention", "mlp"], mamba_num_heads=4,
+                              mamba_head_dim=16, ssm_state_size=8, n_groups=1, chunk_size=8, n_routed_experts=3,
+                              num_experts_per_tok=2, moe_intermediate_size=16,
+                              moe_shared_expert_intermediate_size=24),
+           hooks=("model.embeddings", "model.layers.{L}.mixer"), final_norm="model.norm_f", writers_per_layer=1,
+           adapter_refused=("peft refuses a LoRA on out_proj", "embed,mlp")),
+    Family("kimi_linear", dict(LLAMA_LIKE, num_key_value_heads=4, layer_types=["linear_attention", "full_attention"],
+                               mlp_layer_types=["dense", "sparse"], num_experts=3, num_experts_per_tok=2,
+                               moe_intermediate_size=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                               v_head_dim=8, linear_head_dim=8, linear_num_heads=4)),
+]
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llama", COMMON),
@@ -118,6 +186,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                                vocab_size_per_layer_input=96, sliding_window=8, enable_moe_block=True, num_experts=3,
                                top_k_experts=2, moe_intermediate_size=16), tied=True,
            hooks=(*LLAMA_HOOKS, "model.layers.{L}.experts", "model.layers.{L}.per_layer_projection")),
+    *HYBRID,
 ]}
 
 # Families the exactness test runs on: every one above.
@@ -139,6 +208,7 @@ def build_model(family: Family, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    model.saved_as_in_memory = family.saved_as_in_memory
     return model
 
 
@@ -156,7 +226,11 @@ def written_direction(model: torch.nn.Module) -> torch.Tensor:
 def save_sharded(model: torch.nn.Module, folder: Path, *, shards_at_least: int = 2) -> Path:
     """save_pretrained with a shard size small enough to give several shards."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    model.save_pretrained(folder, max_shard_size=max(total // (shards_at_least + 1), 1024))
+    if getattr(model, "saved_as_in_memory", False):
+        model.config.save_pretrained(folder)
+        save_torch_state_dict(model.state_dict(), folder, max_shard_size=max(total // (shards_at_least + 1), 1024))
+    else:
+        model.save_pretrained(folder, max_shard_size=max(total // (shards_at_least + 1), 1024))
     assert len(list(folder.glob("*.safetensors"))) >= shards_at_least
     return folder
 

@@ -53,8 +53,11 @@ class Built:
 
 
 def build_family(name: str, root: Path, *extra: str, dtype: torch.dtype = torch.float32) -> Built:
-    """A family's random model in shards, its `apply` output and its adapter, from one direction."""
+    """A family's random model in shards, its `apply` output and its adapter, from one direction (where peft refuses
+    some writer, of the components an adapter carries)."""
     family = ALL_FAMILIES[name]
+    if family.adapter_refused is not None:
+        extra = ("--components", family.adapter_refused[1], *extra)
     model = build_model(family)
     direction = written_direction(model)
     original = save_sharded(model.to(dtype), root / "original")
@@ -89,7 +92,20 @@ def adapter_tensors(adapter: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module", params=sorted(ALL_FAMILIES))
 def built(request, tmp_path_factory) -> Built:
-    return build_family(request.param, tmp_path_factory.mktemp(request.param))
+    """A family's adapter; where peft refuses some writer (a Mamba out_proj), the refusal is checked and the adapter
+    built from the components it does carry."""
+    root = tmp_path_factory.mktemp(request.param)
+    refused = ALL_FAMILIES[request.param].adapter_refused
+    if refused is None:
+        return build_family(request.param, root)
+    why, components = refused
+    original = save_sharded(build_model(ALL_FAMILIES[request.param]), root / "refused")
+    save_direction(root / "r.safetensors", torch.randn(32, generator=torch.Generator().manual_seed(0)), {})
+    code, out = run_cli("apply", str(original), "--direction", str(root / "r.safetensors"), "--adapter", "-q",
+                        "--out", str(root / "no-adapter"))
+    assert code != 0 and why in out and f"--components {components}" in out and "Traceback" not in out, out
+    assert not (root / "no-adapter").exists()
+    return build_family(request.param, root)
 
 
 def test_peft_model_computes_what_the_edited_checkpoint_computes(built):

@@ -120,6 +120,9 @@ BAD_FILES = {
     "expert index": (_MOE + "fused_experts: {params: [{memory: '{p}.m', disk: ['{p}.{e}.a', '{p}.b']}]}\n",
                      "{e} belongs in every disk name"),
     "renames": (_MOE + "module_renames: [{memory: .mlp.}]\n", "module_renames is a list of {memory, disk}"),
+    "multiplier": (_MOE + "residual_multiplier: mlp.multipliers\n", "a config key, or key[i]"),
+    "hybrid flag": (_MOE + "hybrid: sometimes\n", "hybrid must be true or false"),
+    "peft_refuses": (_MOE + "peft_refuses: out_proj\n", "peft_refuses must be a list of names"),
     "not yaml": ("name: [x\n", "not valid YAML"),
     "not a mapping": ("- a\n- b\n", "a family file is a mapping"),
 }

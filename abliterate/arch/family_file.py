@@ -8,11 +8,16 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
     decoder_layers: model.layers          # optional: the ModuleList of decoder blocks
     output_embedding: lm_head.weight      # optional: written when tied embeddings are untied
     normalised_block_outputs: false       # optional: blocks normalise their outputs before the residual add
-    residual_multiplier: null             # optional: config key of a scalar multiplying block outputs
+    residual_multiplier: null             # optional: config key of a scalar multiplying block outputs (the MLP's,
+                                          # which a baked bias passes through); key[i]: element i of a list
+    hybrid: false                         # optional: a layer may lack a component (one mixer per layer):
+                                          # every layer has some writer, not one of each component
     notes: ""                             # optional
     writers:                              # the on-disk tensors that write into the residual stream
       - {tensor: model.embed_tokens.weight, kind: embedding}
       - {tensor: "model.layers.{layer}.self_attn.o_proj", kind: linear, component: attn}
+      - {tensor: "model.layers.{layer}.mlp.experts.{n}.down_proj", kind: linear, component: mlp,
+         skip_when: moe_latent_size}      # optional: not a writer when this config key is set (not null)
     hooks:                                # the in-memory modules producing those outputs, per component
       embed: [model.embed_tokens]
       attn: ["model.layers.{layer}.self_attn.o_proj"]
@@ -28,6 +33,7 @@ A family file (see abliterate/arch/families/*.yaml for the shipped ones)::
     checkpoint_prefixes:                  # optional, vision-language: the language model's in-memory prefix and
       - {memory: model.language_model.,   # every on-disk prefix transformers loads into it (its conversion mapping);
          disk: [language_model.model.]}   # writers are then written in memory form and match each form
+    peft_refuses: [out_proj]              # optional: module leaf names peft will not adapt in these model types
     input_scalers:                        # optional: norm-preserving adapters (see writers.InputScaler)
       - {writer: "model.layers.{layer}.mlp.down_proj", module: "model.layers.{layer}.mlp.up_proj", via: gate,
          gate: "model.layers.{layer}.mlp.gate_proj"}
@@ -54,10 +60,10 @@ from abliterate.errors import AbliterateError
 
 KINDS = ("linear", "conv1d", "embedding", "tensor")
 _KEYS = {"name", "model_types", "decoder_layers", "output_embedding", "normalised_block_outputs",
-         "residual_multiplier", "notes", "writers", "hooks", "fused_experts", "module_renames",
-         "input_scalers", "checkpoint_prefixes"}
+         "residual_multiplier", "hybrid", "notes", "writers", "hooks", "fused_experts", "module_renames",
+         "input_scalers", "checkpoint_prefixes", "peft_refuses"}
 _REQUIRED = ("name", "model_types", "writers", "hooks")
-_WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis"}
+_WRITER_KEYS = {"tensor", "kind", "component", "hidden_axis", "skip_when"}
 _PLACEHOLDERS = {"layer": r"(?P<layer>\d+)", "n": r"\d+"}
 
 
@@ -98,12 +104,14 @@ def parse_family(data: Any, source: str) -> Arch:
         decoder_layers=_string(data, "decoder_layers", source, "model.layers"),
         output_embedding=_string(data, "output_embedding", source, "lm_head.weight"),
         normalised_block_outputs=_flag(data, "normalised_block_outputs", source),
-        residual_multiplier=_string(data, "residual_multiplier", source, None),
+        residual_multiplier=_multiplier(data, source),
+        hybrid=_flag(data, "hybrid", source),
         notes=_string(data, "notes", source, ""),
         **_fused_experts(data.get("fused_experts"), tuple(model_types), source),
         module_renames=_renames(data.get("module_renames"), source),
         input_scalers=_input_scalers(data.get("input_scalers"), source),
         checkpoint_prefixes=prefixes,
+        peft_refuses=_names(data.get("peft_refuses", []), "peft_refuses", source),
     )
 
 
@@ -143,6 +151,20 @@ def _string(data: dict, key: str, source: str, default: str | None = "") -> Any:
     return value
 
 
+def _multiplier(data: dict, source: str) -> str | None:
+    value = _string(data, "residual_multiplier", source, None)
+    if value is not None and not re.fullmatch(r"[A-Za-z_]\w*(\[\d+\])?", value):
+        raise AbliterateError(f"{source}: residual_multiplier {value!r} is a config key, or key[i] for element i "
+                              "of a list")
+    return value
+
+
+def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(_is_name(v) for v in value):
+        raise AbliterateError(f"{source}: {key} must be a list of names")
+    return tuple(value)
+
+
 def _flag(data: dict, key: str, source: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
@@ -171,11 +193,15 @@ def _writers(entry: Any, where: str) -> tuple[Writer, ...]:
     if (kind == "tensor") != (axis is not None) or axis not in (None, -1, -2, "auto"):
         raise AbliterateError(f"{where}: kind tensor needs hidden_axis -2 ([..., d, in]), -1 ([..., d]) or auto "
                               "(the axis of size d, refused when both are); the other kinds imply it")
+    skip = entry.get("skip_when")
+    if skip is not None and not _is_name(skip):
+        raise AbliterateError(f"{where}: skip_when is the config key whose value, when set, means these tensors do not "
+                              "write into the residual stream")
     if kind == "linear":
-        return Writer(pattern + r"\.weight", component, -2), Writer(pattern + r"\.bias", component, -1)
+        return Writer(pattern + r"\.weight", component, -2, skip), Writer(pattern + r"\.bias", component, -1, skip)
     if kind == "conv1d":
-        return Writer(pattern + r"\.weight", component, -1), Writer(pattern + r"\.bias", component, -1)
-    return (Writer(pattern, component, -1 if kind == "embedding" else None if axis == "auto" else axis),)
+        return Writer(pattern + r"\.weight", component, -1, skip), Writer(pattern + r"\.bias", component, -1, skip)
+    return (Writer(pattern, component, -1 if kind == "embedding" else None if axis == "auto" else axis, skip),)
 
 
 def _pattern(name: str, where: str) -> str:

@@ -29,9 +29,16 @@ class Writer:
     pattern: str
     component: str  # one of COMPONENTS
     hidden_axis: int | None  # -2 or -1, see the module docstring; None: read it from the shape
+    # a config key that, when set (not null), means these tensors write elsewhere (Nemotron-H's experts into a latent
+    # space when moe_latent_size is set): the writer does not apply to that checkpoint
+    skip_when: str | None = None
 
     def match(self, name: str) -> re.Match[str] | None:
         return re.fullmatch(self.pattern, name)
+
+    def applies(self, config: dict) -> bool:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        return self.skip_when is None or (text.get(self.skip_when) is None and config.get(self.skip_when) is None)
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,14 @@ class Arch:
     # Families that normalise a block's output before adding it to the residual (Gemma 2/3, OLMo 2/3, GLM-4,
     # EXAONE 4): the edit removes r from the block output *before* that norm, not from the residual stream.
     normalised_block_outputs: bool = False
-    # The config key of a scalar multiplying every block output before the residual add (Granite): an edit is
-    # unaffected (the product is linear), but a bias written to steer must be divided by it.
+    # The config key of a scalar multiplying every block output before the residual add (Granite; "key[i]": element
+    # i of a list, Falcon-H1's MLP multiplier): an edit is unaffected (the product is linear), but a bias written
+    # to steer on the MLP output must be divided by it.
     residual_multiplier: str | None = None
+    # Hybrid stacks whose layers may lack a component (Nemotron-H: one mixer per layer, Mamba, attention, MLP or MoE):
+    # each layer needs a writer of some component rather than one of each (hooks go where a layer has its modules
+    # in every family).
+    hybrid: bool = False
     notes: str = ""
     # Where transformers 5 holds MoE experts in memory (fused parameters, for adapters: peft targets in-memory
     # names), for the model types in `fused_expert_types` (a family file may cover dense types too).
@@ -126,6 +138,9 @@ class Arch:
     # (in-memory, on-disk) substrings of module names transformers renames on loading (Mixtral's .mlp.), applied
     # in order, each to the result of the ones before (list the longer of two overlapping parts first)
     module_renames: tuple[tuple[str, str], ...] = ()
+    # Module leaf names peft refuses to adapt in these model types (peft 0.22: a Mamba mixer's out_proj in falcon_h1
+    # and nemotron_h, which its fused training kernel reads directly): an adapter editing one is refused
+    peft_refuses: tuple[str, ...] = ()
     # For norm-preserving adapters: which module's output rows carry each writer's input features (first match)
     input_scalers: tuple[InputScaler, ...] = ()
     # Vision-language checkpoints: (in-memory prefix, its on-disk prefixes) of the language model (and lm_head), as
@@ -156,8 +171,8 @@ class Arch:
 
     def renamed_in_memory(self, disk_name: str) -> str:
         """An on-disk module or tensor name with every `module_renames` part undone, in order."""
-        for memory, disk in self.module_renames:
-            disk_name = disk_name.replace(disk, memory)
+        for memory, disk in self.module_renames:  # a module name ends where a part's trailing dot would be
+            disk_name = (disk_name + ".").replace(disk, memory)[:-1]
         return disk_name
 
     def experts_for(self, model_type: str | None) -> tuple[ExpertParam, ...]:

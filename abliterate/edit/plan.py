@@ -106,7 +106,8 @@ def plan_edit(ckpt: Checkpoint, options: EditOptions, *, hidden_size: int | None
         raise AbliterateError(f"unknown component(s) {sorted(unknown)}; choose from {', '.join(COMPONENTS)}")
     _check_options(options, ckpt.num_layers)
     arch = None if options.targets else arch_for_config(ckpt.config)
-    writers = _override_writers(options.targets) if options.targets else arch.writers  # type: ignore[union-attr]
+    writers = _override_writers(options.targets) if options.targets else tuple(
+        w for w in arch.writers if w.applies(ckpt.config))  # type: ignore[union-attr]
     edits: dict[str, TensorEdit] = {}
     matched, mtp = 0, set()
     quantised = quantised_tensors(ckpt)
@@ -262,11 +263,14 @@ def _check_editable(info: TensorInfo, axis: int, d: int) -> None:
 
 def _check_every_layer_has_writers(ckpt: Checkpoint, arch: Arch, writers: tuple[Writer, ...],
                                    names: dict[str, str]) -> None:
+    """Each layer has an attn and an mlp writer (a hybrid family's: a writer of either, its layers differing)."""
     seen: dict[str, set[int]] = {c: set() for c in ("attn", "mlp") if any(w.component == c for w in writers)}
     for name in names.values():
         found = _match(writers, name)
         if found and found[1] is not None and found[0].component in seen:
             seen[found[0].component].add(found[1])
+    if arch.hybrid:
+        seen = {"attn or mlp": set().union(*seen.values())}
     for component, layers in seen.items():
         missing = sorted(set(range(ckpt.num_layers)) - layers)
         if missing:

@@ -76,6 +76,11 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
+        # Nemotron-H's config.json may give only its layer pattern: a list of layer kinds, or a string, one per layer
+        for key in ("layers_block_type", "hybrid_override_pattern"):
+            pattern = self.text_config.get(key)
+            if not any(k in self.text_config for k in NUM_LAYERS_KEYS) and isinstance(pattern, (list, str)):
+                return len(pattern)
         return _first_int(self.text_config, NUM_LAYERS_KEYS, self.root, "number of layers")
 
     def other_files(self) -> tuple[list[Path], list[Path]]:

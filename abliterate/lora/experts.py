@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 
-from abliterate.arch.table import arch_for_config
+from abliterate.arch.table import COMPONENTS, arch_for_config
 from abliterate.arch.writers import ExpertParam
 from abliterate.errors import AbliterateError
 
-__all__ = ["PEFT_RENAMED_LEAVES", "expert_layout", "expert_param_for_disk", "experts_model_type", "looks_like_expert"]
+__all__ = ["PEFT_RENAMED_LEAVES", "check_peft_accepts", "expert_layout", "expert_param_for_disk", "experts_model_type",
+           "looks_like_expert"]
 
 
 def expert_layout(model_type: str | None) -> tuple[ExpertParam, ...]:
@@ -33,6 +34,21 @@ def experts_model_type(ckpt) -> str | None:
     if expert_layout(outer):
         return outer
     return ckpt.text_config.get("model_type") or outer
+
+
+def check_peft_accepts(model_type: str | None, name: str, module: str, component: str) -> None:
+    """Refuse an edit of `name` whose in-memory `module` peft will not adapt in this model type (the family file's
+    `peft_refuses`), naming the components an adapter can carry."""
+    try:
+        refused = arch_for_config({"model_type": model_type}).peft_refuses
+    except AbliterateError:
+        return
+    if module.rsplit(".", 1)[-1] in refused:
+        rest = ",".join(c for c in COMPONENTS if c != component)
+        raise AbliterateError(
+            f"peft refuses a LoRA on {module.rsplit('.', 1)[-1]} modules of {model_type} models (Mamba mixers), so the "
+            f"edit of {name} cannot go into an adapter: write the weights (drop --adapter), or pass --components "
+            f"{rest} (recipe key apply.components; leaving {component} unedited)")
 
 
 # On loading an adapter into an MoE model, peft 0.21 rewrites target_modules ending in these v4 expert names into

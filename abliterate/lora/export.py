@@ -55,6 +55,7 @@ from abliterate.io.direction_file import Direction
 from abliterate.io.safetensors_format import atomic_folder
 from abliterate.lora.experts import (
     PEFT_RENAMED_LEAVES,
+    check_peft_accepts,
     expert_layout,
     expert_param_for_disk,
     experts_model_type,
@@ -123,6 +124,8 @@ def export_adapter(ckpt: Checkpoint, plan: EditPlan, direction: Direction, out: 
     targets = {e.name: _target_for(model_type, e, experts, memory) for e in edits}
     if plan.arch is not None and plan.arch.module_renames:  # peft adapts the names transformers gives on loading
         targets = {n: replace(t, target=plan.arch.renamed_in_memory(t.target)) for n, t in targets.items()}
+    for e in edits:
+        check_peft_accepts(model_type, e.name, targets[e.name].target.removesuffix(".weight"), e.component)
     _check_biases_have_their_layer(edits, targets)
     export = _Export()
     total = sum(e.info.nbytes for e in edits)

@@ -296,11 +296,13 @@ def _resolve_param(ckpt: Checkpoint, model_type: str | None, key: str) -> _Param
 
 
 def _disk_forms(ckpt: Checkpoint, memory: str) -> list[str]:
-    """Every on-disk form of an in-memory name (a vision-language checkpoint's older language-model prefixes)."""
+    """Every on-disk form of an in-memory name (a vision-language checkpoint's older language-model prefixes; a layer
+    prefix the family renames, Nemotron-H's model. stored as backbone.)."""
     try:
-        return arch_for_config(ckpt.config).disk_names(memory)
+        arch = arch_for_config(ckpt.config)
     except AbliterateError:
         return [memory]
+    return list(dict.fromkeys([*arch.disk_names(memory), arch.renamed_on_disk(memory + ".")[:-1]]))
 
 
 def _count_experts(ckpt: Checkpoint, layout: ExpertParam, prefix: str) -> int:

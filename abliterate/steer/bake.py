@@ -62,14 +62,17 @@ def output_projection(ckpt: Checkpoint, layer: int) -> tuple[str, str]:
                               "a bias there is not a constant addition; steer with hooks (`abliterate steer chat`)")
     weights = []
     for writer in arch.writers:
-        if writer.component != "mlp" or not writer.pattern.endswith(r"\.weight"):
+        if writer.component != "mlp" or not writer.pattern.endswith(r"\.weight") or not writer.applies(ckpt.config):
             continue
         for name in ckpt.tensors:
             m = writer.match(name)
             if m and "layer" in m.groupdict() and int(m["layer"]) == layer:
                 weights.append(name)
+    if not weights:
+        raise AbliterateError(f"layer {layer} of this {ckpt.config.get('model_type')} model has no MLP writing into "
+                              "the residual stream; baking supports dense MLPs only; steer with hooks instead")
     if len(weights) != 1:
-        found = ", ".join(weights) or "none"
+        found = ", ".join(weights)
         raise AbliterateError(f"layer {layer} has {len(weights)} MLP output projections ({found}); "
                               "baking supports dense MLPs only (not mixture-of-experts); steer with hooks instead")
     return weights[0], weights[0][: -len("weight")] + "bias"
@@ -80,7 +83,11 @@ def residual_scale(ckpt: Checkpoint) -> float:
     key = arch_for_config(ckpt.config).residual_multiplier
     if key is None:
         return 1.0
-    value = ckpt.config.get(key, 1.0)  # transformers' default for the families that have one
+    name, _, index = key.partition("[")  # "mlp_multipliers[1]": Falcon-H1's MLP output multiplier
+    value = ckpt.config.get(name, 1.0)  # transformers' default for the families that have one
+    if index:
+        i = int(index.rstrip("]"))
+        value = value[i] if isinstance(value, list) and len(value) > i else value
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0:
         raise AbliterateError(f"config.json's {key} is {value!r}; baking divides the vector by it, so it must be a "
                               "finite non-zero number")
