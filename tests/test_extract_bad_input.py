@@ -33,7 +33,8 @@ def extract_fails(model: Path, harmful: Path, harmless: Path, out: Path, *extra:
 def test_an_empty_prompt_file_is_refused(refusing_model, harmless_file, tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     line = extract_fails(refusing_model, tmp_path / "empty.txt", harmless_file, tmp_path / "d.safetensors")
-    assert "empty.txt" in line and ("no prompts" in line or "empty" in line)
+    # the option and file at fault, what is wrong and the fix (the path's own digits and name cannot satisfy this)
+    assert f"--harmful: {tmp_path / 'empty.txt'}: contains no prompts" in line and "Add at least 8." in line
 
 
 def test_an_unknown_prompt_file_format_is_refused(refusing_model, harmless_file, tmp_path):
@@ -60,7 +61,7 @@ def test_a_csv_file_without_the_prompt_column_is_refused(refusing_model, harmles
 def test_fewer_than_eight_prompts_are_refused(refusing_model, harmless_file, tmp_path):
     (tmp_path / "few.txt").write_text("\n".join(toy_prompts().harmful_train[:5]))
     line = extract_fails(refusing_model, tmp_path / "few.txt", harmless_file, tmp_path / "d.safetensors")
-    assert "few.txt" in line and "8" in line
+    assert f"--harmful: {tmp_path / 'few.txt'}: found 5 prompts, need at least 8." in line
 
 
 @pytest.mark.parametrize("head", ["BertModel", "BertForMaskedLM"])

@@ -3,6 +3,7 @@ and its card shows the front and a recipe that rebuilds the weights byte for byt
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from abliterate.search.borderline import borderline_prompts
@@ -22,6 +23,16 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
     assert "## Search" in card and "**(chosen)**" in card and "--search 6 --max-kl 0.5" in card
     assert "](search_front.png)" in card and "  search_front.png" in (out / "SHA256SUMS").read_text()
     assert (out / "search_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: a dev dependency
+    rows = front_rows(card)
+    chosen = next(row for row in rows if row["chosen"])
+    assert chosen["kl"] <= 0.5  # within --max-kl
+    # the fewest refusals among the front's trials within the limit, and fewer than the unedited model's
+    assert chosen["refused"] == min(row["refused"] for row in rows if row["kl"] <= 0.5)
+    # fewer refusals than the unedited model (its rate on the held-out prompts, from the card's evaluation), both
+    # at the chosen point on the validation prompts and with the written weights on the held-out ones
+    rate, baseline = evaluated(card, "refusal rate, held-out harmful prompts")
+    assert 100 * chosen["refused"] / chosen["of"] < baseline and rate < baseline
+    assert evaluated(card, "KL to baseline, first reply token")[0] <= 0.5
     local = [str(tmp_path), str(refusing_model), *prompt_files.values()]
     assert not [p for p in local if p in card]  # no path of the publisher's disk anywhere in the card
     recipe = (out / "abliterate-recipe.yaml").read_text()
@@ -34,6 +45,24 @@ def test_whole_job_with_search_applies_the_chosen_point_and_its_recipe_rebuilds_
     for name in shards:
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     assert run_cli("verify", str(out))[0] == 0
+
+
+def front_rows(card: str) -> list[dict]:
+    """The card's search table: {chosen, refused, of, kl} per trial on the front."""
+    rows = []
+    for line in card.split("## Search", 1)[1].split("\n## ", 1)[0].splitlines():
+        m = re.match(r"\| (\d+)( \*\*\(chosen\)\*\*)? \| (\d+)/(\d+) \|.*\| ([\d.]+) \| [^|]* \|$", line)
+        if m:
+            rows.append({"chosen": bool(m[2]), "refused": int(m[3]), "of": int(m[4]), "kl": float(m[5])})
+    assert rows, card
+    return rows
+
+
+def evaluated(card: str, metric: str) -> tuple[float, float]:
+    """(edited, baseline) of one row of the card's evaluation table."""
+    line = next(line for line in card.splitlines() if line.startswith(f"| {metric}"))
+    value, baseline = re.match(r"\| [^|]* \| ([\d.]+) %? ?\(baseline ([\d.]+)", line).groups()
+    return float(value), float(baseline)
 
 
 def test_reproduce_command_names_the_uploaded_direction_and_no_local_path(refusing_model, prompt_files,  # noqa: F811

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -57,9 +59,30 @@ def test_search_scorer_uses_the_objectives_asked_for(models):
     settings = SearchSettings(batch_size=4, max_new_tokens=10, kl_objective="continuation", kl_tokens=6,
                               refusal_objective="count")
     count, kl = Scorer(lm, harmful, harmless, settings).first_token(r, EditOptions())
-    fast_score, fast_kl = Scorer(lm, harmful, harmless, SearchSettings(batch_size=4)).first_token(r, EditOptions())
+    fast = Scorer(lm, harmful, harmless, SearchSettings(batch_size=4))
+    fast_score, fast_kl = fast.first_token(r, EditOptions())
+    unedited_odds = first_token_refusal_log_odds(lm, harmful, fast.refusal_ids)
     with ablate(lm.model, lm.arch, r, num_layers=lm.num_layers):
         expected = refusal_stats(lm, harmful, "harmful", EvalSettings(max_new_tokens=10, batch_size=4)).refused
         reference = kl_to_baseline(lm, baseline, harmless, EvalSettings(kl_tokens=6, batch_size=4), quiet=True)
+        edited_odds = first_token_refusal_log_odds(lm, harmful, fast.refusal_ids)
     assert count == expected and kl == pytest.approx(reference.continuation, rel=1e-5)
-    assert fast_kl == pytest.approx(reference.first_token, rel=1e-4) and fast_score != count
+    # the default objective is the mean first-token refusal log-odds under the edit, computed here one unpadded
+    # prompt at a time; the edit lowers it by far more than the tolerance
+    assert fast_kl == pytest.approx(reference.first_token, rel=1e-4)
+    assert fast_score == pytest.approx(edited_odds, abs=1e-4) and unedited_odds - edited_odds > 1.0
+
+
+def first_token_refusal_log_odds(lm, instructions, refusal_ids) -> float:
+    """Mean over prompts of log(p / (1 - p)), p the next-token probability of the refusal tokens after the chat
+    template's generation prompt."""
+    odds = []
+    for text in instructions:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+        ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(lm.model(ids).logits[0, -1].double(), -1)
+        p = logprobs[refusal_ids].exp().sum().item()
+        odds.append(math.log(p / (1 - p)))
+    return sum(odds) / len(odds)

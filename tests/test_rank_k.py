@@ -190,7 +190,12 @@ def test_verify_accepts_a_rank_k_edit_and_catches_a_rank_1_one(rank_k_edit, tmp_
     save_direction(tmp_path / "first.safetensors", q[0], {})
     result = CliRunner().invoke(cli, ["verify", str(original), str(edited), "--direction",
                                       str(tmp_path / "first.safetensors")])
-    assert result.exit_code != 0
+    # a reported violation (verify exits 1 on one, as its --help says), not a crash: every edited tensor named
+    lines = result.output.splitlines()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    failed = [line for line in lines if line.startswith("FAIL ")]
+    assert failed and all("differs from the recomputed projection" in line for line in failed), result.output
+    assert lines[-1].endswith(f"{len(failed)} problem(s)") and f"{len(failed)} edited" in lines[-1], result.output
 
 
 def test_rank_k_adapter_is_a_rank_k_lora_computing_what_the_edited_checkpoint_computes(rank_k_edit):
