@@ -61,7 +61,7 @@ def front_rows(card: str) -> list[dict]:
 def evaluated(card: str, metric: str) -> tuple[float, float]:
     """(edited, baseline) of one row of the card's evaluation table."""
     line = next(line for line in card.splitlines() if line.startswith(f"| {metric}"))
-    value, baseline = re.match(r"\| [^|]* \| ([\d.]+) %? ?\(baseline ([\d.]+)", line).groups()
+    value, baseline = re.match(r"\| [^|]* \| ([\d.]+)[^|]*?\(baseline ([\d.]+)", line).groups()  # rates carry a CI
     return float(value), float(baseline)
 
 
